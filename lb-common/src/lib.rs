@@ -1,0 +1,217 @@
+//! Types shared by the BPF programs (lb-ebpf) and userspace (lb-userspace).
+//!
+//! Every struct here is the layout of a BPF map key or value, so all are `#[repr(C)]` with
+//! explicit padding: the kernel compares keys byte by byte, and an implicit hole would make
+//! two equal keys differ. Addresses and ports are kept in network byte order, exactly as the
+//! `bpf_sock_addr` context carries them, so the hot path never swaps bytes.
+#![no_std]
+
+/// Names of the maps, as pinned under the pin path (bpffs file names).
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const SLOTS: &str = "SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONN_COUNTS: &str = "CONN_COUNTS";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        CONN_COUNTS,
+        SERVICE_STATS,
+        SERVICE_NAMES,
+        SOCKETS,
+    ];
+}
+
+/// Capacity limits. They size the maps, so changing one needs `socklb-agent cleanup` first
+/// (the loader refuses to reuse a pinned map of another size).
+pub mod limits {
+    /// Service frontends (one per ClusterIP, port and protocol).
+    pub const MAX_SERVICES: u32 = 65_536;
+    /// Backend entries, including draining ones that still hold connections.
+    pub const MAX_BACKENDS: u32 = 262_144;
+    /// Active slots over all services (a backend in service rotation takes one slot).
+    pub const MAX_SLOTS: u32 = 262_144;
+    /// Backends one frontend may have; larger sets are rejected with an error naming the
+    /// Service. Bounds how long the userspace slot rewrite of one Service takes, not the
+    /// BPF path (least-conn scans a bounded window, see `LEAST_CONN_WINDOW`).
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 8_192;
+    /// How many slots least-conn inspects per connect. Services with at most this many
+    /// backends get an exact least-connections choice; larger ones compare a window of this
+    /// many consecutive slots starting at a random slot (a "power of d choices" with d = 32),
+    /// which keeps the per-connect cost bounded while staying close to exact.
+    pub const LEAST_CONN_WINDOW: u32 = 32;
+}
+
+/// IP protocol numbers as they appear in `bpf_sock_addr.protocol`.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// How a Service picks a backend for a new connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    /// Uniform random draw per connection (what kube-proxy, Cilium and Calico do).
+    Random = 0,
+    /// Fewest live connections, ties broken at random.
+    LeastConn = 1,
+}
+
+impl Algorithm {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Random),
+            1 => Some(Self::LeastConn),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::LeastConn => "least-conn",
+        }
+    }
+}
+
+/// Key of the `SERVICES` map: a Service frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// ClusterIP, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the `SERVICES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Stable id of this frontend: index into `SERVICE_STATS`, part of `SlotKey`.
+    pub id: u32,
+    /// Number of active slots (`SlotKey.index` in `0..count`). Zero means the Service has no
+    /// ready backend and connects are refused.
+    pub count: u32,
+    /// `Algorithm` as u8.
+    pub algorithm: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of the `SLOTS` map: slot `index` of frontend `service_id`. The value is a backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub index: u32,
+}
+
+/// Backend states, for `Backend.state`.
+pub mod backend_state {
+    /// In its Service's slots: gets new connections.
+    pub const ACTIVE: u8 = 0;
+    /// Out of rotation (removed or not ready); kept until its last connection closes so the
+    /// id is not reused while sockets still refer to it.
+    pub const DRAINING: u8 = 1;
+}
+
+/// Value of the `BACKENDS` map, keyed by backend id (`0..MAX_BACKENDS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Pod address, network byte order.
+    pub addr: u32,
+    /// Pod port, network byte order.
+    pub port: u16,
+    pub state: u8,
+    pub _pad: u8,
+    /// Frontend this backend belongs to.
+    pub service_id: u32,
+}
+
+/// Per-frontend counters in `SERVICE_STATS` (indexed by service id), bumped atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Connects rewritten to a backend.
+    pub connects: u64,
+    /// Connects refused because the Service had no backend.
+    pub refused: u64,
+}
+
+/// Userspace-only metadata of a frontend (`SERVICE_NAMES`, keyed by service id), so
+/// `socklbctl` can name what it shows while the agent is stopped. NUL-padded strings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub namespace: [u8; 64],
+    pub name: [u8; 64],
+    pub port_name: [u8; 16],
+}
+
+/// Socket-local storage (`SOCKETS`, a `BPF_MAP_TYPE_SK_STORAGE`) of a socket that socklb
+/// assigned to a backend. The kernel frees it with the socket, so unlike an LRU map no live
+/// entry can be evicted.
+///
+/// Exactly-once uncounting without a compare-and-swap: every path that clears `live` runs
+/// serialised with the others on the same socket. connect4 and the TCP connect callback run
+/// under the socket lock inside connect(); TCP state callbacks run under the socket lock; and
+/// sock_release (no lock) only acts on sockets that are not `tracked`, which never get state
+/// callbacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// 1 while the socket counts against `backend_id` in `CONN_COUNTS`.
+    pub live: u8,
+    /// 1 once TCP state callbacks are on for this socket: from then on only they uncount it.
+    pub tracked: u8,
+    pub vport: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// The Service address the application asked for (network byte order), shown back to it by
+    /// getpeername and recvmsg.
+    pub vip: u32,
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+
+impl ServiceName {
+    pub const fn empty() -> Self {
+        Self {
+            namespace: [0; 64],
+            name: [0; 64],
+            port_name: [0; 16],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all types are repr(C), Copy, and have no implicit padding (checked below).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for SockState {}
+
+    const _: () = {
+        assert!(size_of::<ServiceKey>() == 8);
+        assert!(size_of::<Service>() == 12);
+        assert!(size_of::<SlotKey>() == 8);
+        assert!(size_of::<Backend>() == 12);
+        assert!(size_of::<ServiceStats>() == 16);
+        assert!(size_of::<ServiceName>() == 144);
+        assert!(size_of::<SockState>() == 24);
+    };
+}

@@ -1,0 +1,361 @@
+//! socklb's BPF programs, attached to a cgroup v2 directory.
+//!
+//! - `connect4` rewrites a connect to a Service VIP:port into a connect to a chosen backend, so
+//!   there is no per-packet NAT and no conntrack entry. It also counts the connection against the
+//!   backend from that moment (`CONN_COUNTS`), which is what least-conn balances on.
+//! - `getpeername4` and `recvmsg4` show the application the Service address it asked for.
+//! - `sock_ops` asks for TCP state callbacks on the sockets socklb assigned and stops counting a
+//!   connection when it leaves ESTABLISHED (closed, reset, refused, timed out).
+//! - `sock_release` stops counting when the application closes a socket that never got that far
+//!   (a connect that failed before SYN, a connected UDP socket).
+//!
+//! Per-socket state lives in socket-local storage (`SOCKETS`), freed by the kernel with the socket.
+//!
+//! Oldest kernel: 5.18 (bpf_link cgroup attach 5.7, getpeername hooks 5.8, sock_release 5.9,
+//! `bpf_sock_ops.sk` 5.10, `bpf_loop` 5.17, `bpf_set_retval` 5.18).
+#![no_std]
+#![no_main]
+// The BPF target has no compare-and-swap, so core::sync::atomic offers no read-modify-write
+// methods; the intrinsic maps straight onto BPF's atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr::{self, read_volatile, write_volatile},
+};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_ESTABLISHED,
+        BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT, bpf_sock,
+    },
+    btf_maps::{Array, HashMap, SkStorage},
+    helpers::generated::{bpf_get_prandom_u32, bpf_loop, bpf_set_retval, bpf_sk_storage_get},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
+};
+use lb_common::{
+    Algorithm, Backend, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState,
+    limits::{LEAST_CONN_WINDOW, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS},
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map(pin_by_name)]
+static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(pin_by_name)]
+static SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map(pin_by_name)]
+static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
+
+/// Live connections per backend id. Only the programs write it (atomic add/sub); userspace reads.
+#[btf_map(pin_by_name)]
+static CONN_COUNTS: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
+
+#[btf_map(pin_by_name)]
+static SERVICE_STATS: Array<ServiceStats, { MAX_SERVICES as usize }> = Array::new();
+
+/// Written and read by userspace only; declared here so it is created and pinned with the rest.
+#[btf_map(pin_by_name)]
+static SERVICE_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(pin_by_name)]
+static SOCKETS: SkStorage<SockState> = SkStorage::new();
+
+/// Allow the syscall (cgroup program verdict).
+const ALLOW: i32 = 1;
+/// Reject the syscall; the errno is the one set with `bpf_set_retval`.
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { try_connect4(&ctx) }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    unsafe { show_service_address(&ctx) };
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    unsafe { show_service_address(&ctx) };
+    ALLOW
+}
+
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    unsafe { track_tcp_state(&ctx) };
+    ALLOW as u32
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    let state = unsafe { storage_of(ctx.sock) };
+    // A tracked socket is uncounted by its state callbacks, which may run concurrently with
+    // this (unlocked) hook; see `SockState`.
+    if !state.is_null() && unsafe { (*state).tracked } == 0 {
+        unsafe { release(state) };
+    }
+    ALLOW
+}
+
+unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let key = ServiceKey {
+        addr: unsafe { (*sa).user_ip4 },
+        port: unsafe { (*sa).user_port } as u16,
+        proto: unsafe { (*sa).protocol } as u8,
+        _pad: 0,
+    };
+    let previous = SOCKETS.get_ptr_mut(ctx);
+    if !previous.is_null() {
+        // The socket is connecting again (UDP re-connect, or a TCP connect retried after a
+        // failure that happened before any state change): its earlier assignment ends here.
+        unsafe { release(previous) };
+    }
+    let Some(service) = (unsafe { SERVICES.get(&key) }) else {
+        return ALLOW;
+    };
+    let Some((backend_id, backend)) = (unsafe { pick_backend(service) }) else {
+        bump_stats(service.id, |s| unsafe { &raw mut (*s).refused });
+        // Fail at once, like kube-proxy's REJECT rule, instead of letting the connect to an
+        // unrouted VIP hang or leave the node.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REJECT;
+    };
+
+    let state = SOCKETS.get_or_insert_ptr_mut(ctx, None);
+    if !state.is_null() {
+        if let Some(count) = CONN_COUNTS.get_ptr_mut(backend_id) {
+            unsafe { add(count, 1) };
+        }
+        unsafe {
+            *state = SockState {
+                live: 1,
+                tracked: 0,
+                vport: key.port,
+                backend_id,
+                service_id: service.id,
+                vip: key.addr,
+                backend_addr: backend.addr,
+                backend_port: backend.port,
+                _pad: 0,
+            };
+        }
+    }
+    bump_stats(service.id, |s| unsafe { &raw mut (*s).connects });
+    // The verifier only accepts full 4-byte stores into these context fields.
+    unsafe {
+        write_volatile(&raw mut (*sa).user_ip4, backend.addr);
+        write_volatile(&raw mut (*sa).user_port, u32::from(backend.port));
+    }
+    ALLOW
+}
+
+/// Chooses a backend of `service`, or `None` if it has none.
+unsafe fn pick_backend(service: &Service) -> Option<(u32, Backend)> {
+    let count = service.count;
+    if count == 0 {
+        return None;
+    }
+    let index = if service.algorithm == Algorithm::LeastConn as u8 {
+        unsafe { least_conn_slot(service.id, count) }?
+    } else {
+        random_below(count)
+    };
+    let backend_id = *(unsafe {
+        SLOTS.get(&SlotKey {
+            service_id: service.id,
+            index,
+        })
+    })?;
+    let backend = *(unsafe { BACKENDS.get(&backend_id) })?;
+    Some((backend_id, backend))
+}
+
+/// Least connections over the Service's slots. With more than `LEAST_CONN_WINDOW` backends it
+/// compares a window of that many consecutive slots from a random start, so the per-connect
+/// cost stays bounded. Ties are broken uniformly at random (reservoir sampling over the tied
+/// slots): with many nodes each deciding on their own counts, a fixed tie-break order would
+/// send every node's next connection to the same pod.
+///
+/// The scan runs under `bpf_loop` so the verifier checks the body once instead of walking
+/// every path through every iteration.
+unsafe fn least_conn_slot(service_id: u32, count: u32) -> Option<u32> {
+    let (start, window) = if count <= LEAST_CONN_WINDOW {
+        (0, count)
+    } else {
+        (random_below(count), LEAST_CONN_WINDOW)
+    };
+    let mut scan = LeastConnScan {
+        service_id,
+        count,
+        start,
+        ties: 0,
+        best: u32::MAX,
+        _pad: 0,
+        best_load: u64::MAX,
+    };
+    let callback = scan_slot as *const () as *mut c_void;
+    unsafe { bpf_loop(window, callback, (&raw mut scan).cast(), 0) };
+    (scan.best != u32::MAX).then_some(scan.best)
+}
+
+/// State of one least-conn scan. Plain integers rather than Options: LLVM spills an Option's
+/// undefined payload, and the verifier rejects reading an uninitialised stack slot.
+#[repr(C)]
+struct LeastConnScan {
+    service_id: u32,
+    count: u32,
+    start: u32,
+    ties: u32,
+    best: u32,
+    _pad: u32,
+    best_load: u64,
+}
+
+/// `bpf_loop` body: looks at slot `start + i` (wrapping) and keeps the least loaded.
+extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
+    const CONTINUE: i64 = 0;
+    let scan = ctx.cast::<LeastConnScan>();
+    // SAFETY: ctx is the LeastConnScan on least_conn_slot's stack, alive during bpf_loop.
+    unsafe {
+        let count = (*scan).count;
+        let mut index = (*scan).start.wrapping_add(i as u32);
+        if index >= count {
+            index = index.wrapping_sub(count);
+        }
+        let key = SlotKey {
+            service_id: (*scan).service_id,
+            index,
+        };
+        let Some(&backend_id) = SLOTS.get(&key) else {
+            return CONTINUE;
+        };
+        let Some(load) = CONN_COUNTS.get_ptr(backend_id) else {
+            return CONTINUE;
+        };
+        let load = read_volatile(load);
+        if load < (*scan).best_load {
+            (*scan).best_load = load;
+            (*scan).best = index;
+            (*scan).ties = 1;
+        } else if load == (*scan).best_load {
+            (*scan).ties += 1;
+            if random_below((*scan).ties) == 0 {
+                (*scan).best = index;
+            }
+        }
+    }
+    CONTINUE
+}
+
+/// getpeername/recvmsg: if the peer is the backend socklb chose for this socket, show the
+/// Service address instead, as if the connection had gone to the VIP.
+unsafe fn show_service_address(ctx: &SockAddrContext) {
+    let state = SOCKETS.get_ptr_mut(ctx);
+    if state.is_null() {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    unsafe {
+        if (*sa).user_ip4 == (*state).backend_addr
+            && (*sa).user_port == u32::from((*state).backend_port)
+        {
+            write_volatile(&raw mut (*sa).user_ip4, (*state).vip);
+            write_volatile(&raw mut (*sa).user_port, u32::from((*state).vport));
+        }
+    }
+}
+
+unsafe fn track_tcp_state(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return;
+    }
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    let state = unsafe { storage_of(sk) };
+    if state.is_null() {
+        return; // not a socket socklb assigned
+    }
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // SYN about to leave: follow this socket's state changes from now on.
+        if ctx
+            .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+            .is_ok()
+        {
+            unsafe { (*state).tracked = 1 };
+        }
+        return;
+    }
+    let new_state = ctx.arg(1);
+    if new_state != BPF_TCP_ESTABLISHED && new_state != BPF_TCP_SYN_SENT && new_state != BPF_TCP_SYN_RECV
+    {
+        // Closing, closed, reset, refused or timed out: no longer a live connection.
+        unsafe { release(state) };
+    }
+}
+
+/// Uncounts a socket's assignment. Callers are serialised per socket (see `SockState`), so
+/// the plain test-and-clear of `live` happens exactly once.
+unsafe fn release(state: *mut SockState) {
+    if unsafe { (*state).live } == 1 {
+        unsafe { (*state).live = 0 };
+        let backend_id = unsafe { (*state).backend_id };
+        if let Some(count) = CONN_COUNTS.get_ptr_mut(backend_id) {
+            unsafe { add(count, u64::MAX) }; // wrapping add of -1
+        }
+    }
+}
+
+unsafe fn storage_of(sk: *mut bpf_sock) -> *mut SockState {
+    // SkStorage's own accessors take a sock_addr context; sock_ops and sock_release hand us the
+    // socket itself. The map's address is what the helper needs.
+    let map = ptr::from_ref::<SkStorage<SockState>>(&SOCKETS).cast_mut().cast();
+    unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) }.cast()
+}
+
+fn bump_stats(service_id: u32, field: impl Fn(*mut ServiceStats) -> *mut u64) {
+    if let Some(stats) = SERVICE_STATS.get_ptr_mut(service_id) {
+        unsafe { add(field(stats), 1) };
+    }
+}
+
+/// Atomic `*counter += delta` (BPF atomic add; the old value is not needed).
+unsafe fn add(counter: *mut u64, delta: u64) {
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta) };
+}
+
+/// Uniform in `0..n` (0 for n = 0; the explicit check also keeps a panic path out of the
+/// object, which the loader would reject).
+fn random_below(n: u32) -> u32 {
+    if n == 0 {
+        0
+    } else {
+        (unsafe { bpf_get_prandom_u32() }) % n
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,516 @@
+//! The cluster model: Services and EndpointSlices in, the frontends socklb should program out.
+//!
+//! The rules are kube-proxy's, because users rely on them: a ClusterIP Service gets one
+//! frontend per port; its backends are the EndpointSlice endpoints of that port that are
+//! ready, or, only if none is ready, those that are serving and terminating. Headless,
+//! ExternalName and other proxies' Services (`service.kubernetes.io/service-proxy-name`) are
+//! left alone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+use lb_common::{Algorithm, limits::MAX_BACKENDS_PER_SERVICE};
+
+use crate::manifest::SERVICE_NAME_LABEL;
+
+/// Service annotation choosing the algorithm (`random` or `least-conn`).
+pub const ALGORITHM_ANNOTATION: &str = "socklb.io/algorithm";
+const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Namespace and name of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            lb_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A Service address as connect() sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+/// One Service port to program: where clients connect, and the pods that may take it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub key: FrontendKey,
+    pub service: ServiceRef,
+    pub port_name: String,
+    pub algorithm: Algorithm,
+    /// Sorted and deduplicated.
+    pub backends: Vec<SocketAddrV4>,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Service {} port {:?} ({})", self.service, self.port_name, self.key)
+    }
+}
+
+/// Everything socklb should program.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+/// The Services and EndpointSlices socklb knows about, from manifests or the API server.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterState {
+    pub services: BTreeMap<ServiceRef, Service>,
+    pub slices: BTreeMap<ServiceRef, EndpointSlice>,
+}
+
+/// A Service that could not be resolved; its previously programmed frontends stay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceError {
+    pub service: ServiceRef,
+    pub message: String,
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Service {}: {}", self.service, self.message)
+    }
+}
+
+/// Computes the frontends to program. A Service in error keeps the frontends it had in
+/// `previous`, so a bad edit never takes down what was working.
+pub fn desired(
+    state: &ClusterState,
+    default_algorithm: Algorithm,
+    previous: &Desired,
+) -> (Desired, Vec<ServiceError>) {
+    let mut slices_by_service: BTreeMap<ServiceRef, Vec<&EndpointSlice>> = BTreeMap::new();
+    for (slice_ref, slice) in &state.slices {
+        if let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            slices_by_service
+                .entry(ServiceRef {
+                    namespace: slice_ref.namespace.clone(),
+                    name: service.clone(),
+                })
+                .or_default()
+                .push(slice);
+        }
+    }
+
+    let mut out = Desired::default();
+    let mut errors = Vec::new();
+    for (service_ref, service) in &state.services {
+        let slices = slices_by_service.get(service_ref).map_or(&[][..], Vec::as_slice);
+        let resolved = resolve_service(service_ref, service, slices, default_algorithm)
+            .and_then(|frontends| claim(&out, frontends));
+        let frontends = match resolved {
+            Ok(frontends) => frontends,
+            Err(message) => {
+                errors.push(ServiceError {
+                    service: service_ref.clone(),
+                    message,
+                });
+                let kept = previous
+                    .frontends
+                    .values()
+                    .filter(|f| &f.service == service_ref)
+                    .cloned()
+                    .collect();
+                claim(&out, kept).unwrap_or_default()
+            }
+        };
+        for frontend in frontends {
+            out.frontends.insert(frontend.key, frontend);
+        }
+    }
+    (out, errors)
+}
+
+/// Checks that no frontend's address is already taken by another Service.
+fn claim(out: &Desired, frontends: Vec<Frontend>) -> Result<Vec<Frontend>, String> {
+    for frontend in &frontends {
+        if let Some(owner) = out.frontends.get(&frontend.key) {
+            return Err(format!(
+                "{} is already used by Service {}",
+                frontend.key, owner.service
+            ));
+        }
+    }
+    Ok(frontends)
+}
+
+/// The frontends of one Service, or why it cannot be programmed. Services socklb does not
+/// handle (headless, ExternalName, another proxy's, IPv6) resolve to no frontends.
+fn resolve_service(
+    service_ref: &ServiceRef,
+    service: &Service,
+    slices: &[&EndpointSlice],
+    default_algorithm: Algorithm,
+) -> Result<Vec<Frontend>, String> {
+    let labels = service.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(PROXY_NAME_LABEL)) {
+        return Ok(Vec::new());
+    }
+    let Some(spec) = &service.spec else {
+        return Err("missing field `spec`".into());
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(Vec::new());
+    }
+    let ip = match spec.cluster_ip.as_deref() {
+        Some("None") => return Ok(Vec::new()), // headless: DNS only
+        None | Some("") => return Err("missing field `spec.clusterIP`".into()),
+        Some(ip) if ip.contains(':') => return Ok(Vec::new()), // IPv6: not handled yet
+        Some(ip) => ip
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("spec.clusterIP {ip:?} is not an IPv4 address"))?,
+    };
+    let algorithm = match service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ALGORITHM_ANNOTATION))
+    {
+        None => default_algorithm,
+        Some(name) => parse_algorithm(name)
+            .ok_or_else(|| format!("annotation {ALGORITHM_ANNOTATION}: unknown algorithm {name:?} (random, least-conn)"))?,
+    };
+
+    let mut frontends = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => continue, // not balanced at the socket layer
+            other => return Err(format!("port {}: unknown protocol {other:?}", port.port)),
+        };
+        let number = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {} out of range", port.port))?;
+        let port_name = port.name.clone().unwrap_or_default();
+        let backends = backends_for_port(port, &port_name, protocol, slices)?;
+        if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+            return Err(format!(
+                "port {port_name:?} has {} backends, more than the {MAX_BACKENDS_PER_SERVICE} one Service port may have",
+                backends.len()
+            ));
+        }
+        frontends.push(Frontend {
+            key: FrontendKey {
+                ip,
+                port: number,
+                protocol,
+            },
+            service: service_ref.clone(),
+            port_name,
+            algorithm,
+            backends,
+        });
+    }
+    Ok(frontends)
+}
+
+pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    match name {
+        "random" => Some(Algorithm::Random),
+        "least-conn" => Some(Algorithm::LeastConn),
+        _ => None,
+    }
+}
+
+/// Backends of one Service port across all its slices, with kube-proxy's fallback: ready
+/// endpoints, or if there are none, serving-and-terminating ones.
+fn backends_for_port(
+    port: &ServicePort,
+    port_name: &str,
+    protocol: Protocol,
+    slices: &[&EndpointSlice],
+) -> Result<Vec<SocketAddrV4>, String> {
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
+        }) else {
+            if slice.endpoints.is_empty() {
+                continue;
+            }
+            let names: Vec<_> = slice
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| format!("{:?}", p.name.as_deref().unwrap_or("")))
+                .collect();
+            return Err(format!(
+                "port {port_name:?} ({}/{protocol}) does not resolve: EndpointSlice {} has no port named {port_name:?} (its ports: {})",
+                port.port,
+                slice.metadata.name.as_deref().unwrap_or("?"),
+                if names.is_empty() { "none".into() } else { names.join(", ") }
+            ));
+        };
+        let number = slice_port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                format!(
+                    "EndpointSlice {} port {port_name:?} has no valid port number",
+                    slice.metadata.name.as_deref().unwrap_or("?")
+                )
+            })?;
+        for endpoint in &slice.endpoints {
+            // kube-proxy uses the first address of an endpoint.
+            let Some(address) = endpoint.addresses.first() else {
+                continue;
+            };
+            let ip: Ipv4Addr = address.parse().map_err(|_| {
+                format!(
+                    "EndpointSlice {}: {address:?} is not an IPv4 address",
+                    slice.metadata.name.as_deref().unwrap_or("?")
+                )
+            })?;
+            let backend = SocketAddrV4::new(ip, number);
+            let (is_ready, serving, is_terminating) = conditions(endpoint);
+            if is_ready {
+                ready.insert(backend);
+            } else if serving && is_terminating {
+                terminating.insert(backend);
+            }
+        }
+    }
+    let chosen = if ready.is_empty() { terminating } else { ready };
+    Ok(chosen.into_iter().collect())
+}
+
+/// (ready, serving, terminating) with the API's defaults for unset conditions.
+fn conditions(endpoint: &Endpoint) -> (bool, bool, bool) {
+    let c = endpoint.conditions.as_ref();
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    (ready, serving, terminating)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{self, Object};
+
+    fn state(yaml: &str) -> ClusterState {
+        let parsed = manifest::parse(std::path::Path::new("t.yaml"), yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let mut state = ClusterState::default();
+        for object in parsed.objects {
+            let id = object.id();
+            let key = ServiceRef {
+                namespace: id.namespace,
+                name: id.name,
+            };
+            match object {
+                Object::Service(s) => state.services.insert(key, s).is_none(),
+                Object::EndpointSlice(s) => state.slices.insert(key, s).is_none(),
+            };
+        }
+        state
+    }
+
+    fn service(name: &str, ip: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns{extra}}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: 80, targetPort: web}}\n  - {{name: dns, port: 53, protocol: UDP}}\n---\n"
+        )
+    }
+
+    fn slice(name: &str, service: &str, endpoints: &[(&str, &str)]) -> String {
+        let mut s = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n"
+        );
+        for (ip, conditions) in endpoints {
+            s += &format!("- addresses: [{ip}]\n  conditions: {{{conditions}}}\n");
+        }
+        s + "---\n"
+    }
+
+    fn backends(d: &Desired, port: u16) -> Vec<String> {
+        d.frontends
+            .values()
+            .filter(|f| f.key.port == port)
+            .flat_map(|f| f.backends.iter().map(ToString::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn one_frontend_per_port_with_ready_endpoints_merged_across_slices() {
+        let s = state(&format!(
+            "{}{}{}",
+            service("web", "10.96.0.10", ""),
+            slice("web-1", "web", &[("10.0.0.1", "ready: true"), ("10.0.0.2", "ready: false")]),
+            slice("web-2", "web", &[("10.0.0.3", ""), ("10.0.0.1", "ready: true")]),
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(d.frontends.len(), 2);
+        assert_eq!(backends(&d, 80), ["10.0.0.1:8080", "10.0.0.3:8080"]);
+        assert_eq!(backends(&d, 53), ["10.0.0.1:5353", "10.0.0.3:5353"]);
+        let udp = d.frontends.values().find(|f| f.key.port == 53).unwrap();
+        assert_eq!(udp.key.protocol, Protocol::Udp);
+        assert_eq!(udp.algorithm, Algorithm::LeastConn);
+    }
+
+    #[test]
+    fn terminating_endpoints_only_when_none_is_ready() {
+        let term = "ready: false, serving: true, terminating: true";
+        let s = state(&format!(
+            "{}{}",
+            service("web", "10.96.0.10", ""),
+            slice("a", "web", &[("10.0.0.1", term), ("10.0.0.2", "ready: true")]),
+        ));
+        let (d, _) = desired(&s, Algorithm::Random, &Desired::default());
+        assert_eq!(backends(&d, 80), ["10.0.0.2:8080"]);
+        let s = state(&format!(
+            "{}{}",
+            service("web", "10.96.0.10", ""),
+            slice("a", "web", &[("10.0.0.1", term), ("10.0.0.2", "ready: false")]),
+        ));
+        let (d, _) = desired(&s, Algorithm::Random, &Desired::default());
+        assert_eq!(backends(&d, 80), ["10.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn algorithm_annotation_and_skipped_services() {
+        let s = state(&format!(
+            "{}{}{}",
+            service("a", "10.96.0.1", ", annotations: {socklb.io/algorithm: random}"),
+            service("headless", "None", ""),
+            service("other", "10.96.0.3", ", labels: {service.kubernetes.io/service-proxy-name: x}"),
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(errors.is_empty());
+        assert_eq!(d.frontends.len(), 2);
+        assert!(d.frontends.values().all(|f| f.algorithm == Algorithm::Random));
+    }
+
+    #[test]
+    fn errors_keep_the_previous_frontends() {
+        let good = state(&format!(
+            "{}{}",
+            service("web", "10.96.0.10", ""),
+            slice("a", "web", &[("10.0.0.1", "")]),
+        ));
+        let (before, _) = desired(&good, Algorithm::LeastConn, &Desired::default());
+        for broken in [
+            service("web", "10.96.0.10", ", annotations: {socklb.io/algorithm: fastest}"),
+            service("web", "10.96.0.10", "").replace("name: http,", "name: web,"),
+            service("web", "not-an-ip", ""),
+        ] {
+            let bad = state(&format!("{broken}{}", slice("a", "web", &[("10.0.0.1", "")])));
+            let (after, errors) = desired(&bad, Algorithm::LeastConn, &before);
+            assert_eq!(errors.len(), 1, "{broken}");
+            assert!(errors[0].to_string().starts_with("Service ns/web: "));
+            assert_eq!(after, before, "{}", errors[0]);
+        }
+    }
+
+    #[test]
+    fn unresolvable_port_is_named() {
+        let s = state(&format!(
+            "{}{}",
+            service("web", "10.96.0.10", "").replace("name: http,", "name: web,"),
+            slice("a", "web", &[("10.0.0.1", "")]),
+        ));
+        let (_, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(
+            errors[0].message.contains("port \"web\" (80/TCP) does not resolve: EndpointSlice a has no port named \"web\""),
+            "{}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn a_taken_address_is_an_error_for_the_second_service() {
+        let s = state(&format!(
+            "{}{}",
+            service("a", "10.96.0.10", ""),
+            service("b", "10.96.0.10", "")
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert_eq!(d.frontends.len(), 2);
+        assert!(d.frontends.values().all(|f| f.service.name == "a"));
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("Service ns/b: 10.96.0.10:"));
+    }
+
+    #[test]
+    fn too_many_backends_is_an_error() {
+        let many: Vec<String> = (0..=MAX_BACKENDS_PER_SERVICE)
+            .map(|i| format!("10.1.{}.{}", i / 256, i % 256))
+            .collect();
+        let endpoints: Vec<(&str, &str)> = many.iter().map(|ip| (ip.as_str(), "")).collect();
+        let s = state(&format!(
+            "{}{}",
+            service("web", "10.96.0.10", ""),
+            slice("a", "web", &endpoints)
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(d.frontends.is_empty());
+        assert!(errors[0].message.contains("8193 backends, more than the 8192"), "{}", errors[0]);
+    }
+}

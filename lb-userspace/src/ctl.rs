@@ -1,0 +1,273 @@
+//! socklbctl: what is programmed, read from the pinned maps (so it works while the agent is
+//! stopped). Each command builds rows of named columns; the same rows print as an aligned
+//! table, as JSON (`-j`) or as pretty JSON (`-p`), like bpftool.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Result, bail};
+use lb_common::{ServiceName, backend_state, map_names};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    datapath::{self, Maps},
+    reconcile::{algorithm_of, backend_addr, frontend_key, name_str},
+};
+
+/// One output row: column name -> value, in column order.
+pub type Row = Map<String, Value>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    PrettyJson,
+}
+
+pub fn render(rows: &[Row], format: Format) -> String {
+    match format {
+        Format::Json => serde_json::to_string(rows).expect("rows serialise") + "\n",
+        Format::PrettyJson => serde_json::to_string_pretty(rows).expect("rows serialise") + "\n",
+        Format::Table => table(rows),
+    }
+}
+
+/// Aligned columns with an upper-case header; numbers right-aligned.
+fn table(rows: &[Row]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let columns: Vec<&String> = first.keys().collect();
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| rows.iter().map(|r| cell(&r[*c]).len()).max().unwrap_or(0).max(c.len()))
+        .collect();
+    let mut out = String::new();
+    let line = |out: &mut String, cells: Vec<(String, bool)>| {
+        let mut l = String::new();
+        for (i, ((text, right), w)) in cells.into_iter().zip(&widths).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            if right {
+                let _ = write!(l, "{text:>w$}");
+            } else {
+                let _ = write!(l, "{text:<w$}");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, columns.iter().map(|c| (c.to_uppercase(), false)).collect());
+    for r in rows {
+        line(
+            &mut out,
+            columns.iter().map(|c| (cell(&r[*c]), r[*c].is_number())).collect(),
+        );
+    }
+    out
+}
+
+fn row(pairs: Vec<(&str, Value)>) -> Row {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+fn service_label(name: Option<&ServiceName>) -> (String, String) {
+    match name {
+        Some(n) => (
+            format!("{}/{}", name_str(&n.namespace), name_str(&n.name)),
+            name_str(&n.port_name),
+        ),
+        None => ("?".into(), String::new()),
+    }
+}
+
+/// `service list`: one row per Service port.
+pub fn service_list(maps: &Maps) -> Result<Vec<Row>> {
+    let p = maps.read_programmed()?;
+    let mut rows = Vec::new();
+    for (key, service) in &p.services {
+        let (name, port_name) = service_label(p.names.get(&service.id));
+        let frontend = frontend_key(key).map_or_else(|| "?".into(), |k| k.to_string());
+        let connections: u64 = p
+            .backends
+            .iter()
+            .filter(|(_, b)| b.service_id == service.id)
+            .map(|(id, _)| maps.connections(*id))
+            .sum();
+        let stats = maps.stats(service.id);
+        rows.push(row(vec![
+            ("service", json!(name)),
+            ("port_name", json!(port_name)),
+            ("frontend", json!(frontend)),
+            ("algorithm", json!(algorithm_of(service).name())),
+            ("backends", json!(service.count)),
+            ("connections", json!(connections)),
+            ("connects", json!(stats.connects)),
+            ("refused", json!(stats.refused)),
+            ("id", json!(service.id)),
+        ]));
+    }
+    rows.sort_by_key(|r| (r["service"].to_string(), r["frontend"].to_string()));
+    Ok(rows)
+}
+
+/// `backend list`: one row per backend, draining ones included, with live connections.
+pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
+    let p = maps.read_programmed()?;
+    let frontends: std::collections::BTreeMap<u32, String> = p
+        .services
+        .iter()
+        .filter_map(|(k, s)| Some((s.id, frontend_key(k)?.to_string())))
+        .collect();
+    let mut rows = Vec::new();
+    for (id, b) in &p.backends {
+        let (name, port_name) = service_label(p.names.get(&b.service_id));
+        let addr = backend_addr(b);
+        let state = if b.state == backend_state::ACTIVE { "active" } else { "draining" };
+        rows.push(row(vec![
+            ("service", json!(name)),
+            ("port_name", json!(port_name)),
+            ("frontend", json!(frontends.get(&b.service_id))),
+            ("ip", json!(addr.ip().to_string())),
+            ("port", json!(addr.port())),
+            ("state", json!(state)),
+            ("connections", json!(maps.connections(*id))),
+            ("id", json!(id)),
+        ]));
+    }
+    rows.sort_by_key(|r| {
+        (
+            r["service"].to_string(),
+            r["port_name"].to_string(),
+            r["ip"].as_str().and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok()),
+            r["port"].as_u64(),
+        )
+    });
+    Ok(rows)
+}
+
+/// `map dump NAME`: the decoded entries of one map.
+pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
+    let p = maps.read_programmed()?;
+    let rows = match name {
+        map_names::SERVICES => p
+            .services
+            .iter()
+            .map(|(k, s)| {
+                row(vec![
+                    ("key", json!(frontend_key(k).map(|k| k.to_string()))),
+                    ("id", json!(s.id)),
+                    ("count", json!(s.count)),
+                    ("algorithm", json!(algorithm_of(s).name())),
+                ])
+            })
+            .collect(),
+        map_names::SLOTS => p
+            .slots
+            .iter()
+            .map(|(k, id)| {
+                row(vec![
+                    ("service_id", json!(k.service_id)),
+                    ("index", json!(k.index)),
+                    ("backend_id", json!(id)),
+                ])
+            })
+            .collect(),
+        map_names::BACKENDS => p
+            .backends
+            .iter()
+            .map(|(id, b)| {
+                row(vec![
+                    ("id", json!(id)),
+                    ("addr", json!(backend_addr(b).to_string())),
+                    ("state", json!(b.state)),
+                    ("service_id", json!(b.service_id)),
+                ])
+            })
+            .collect(),
+        map_names::SERVICE_NAMES => p
+            .names
+            .iter()
+            .map(|(id, n)| {
+                row(vec![
+                    ("id", json!(id)),
+                    ("namespace", json!(name_str(&n.namespace))),
+                    ("name", json!(name_str(&n.name))),
+                    ("port_name", json!(name_str(&n.port_name))),
+                ])
+            })
+            .collect(),
+        // Arrays: only the entries in use (a backend or service refers to them).
+        map_names::CONN_COUNTS => p
+            .backends
+            .keys()
+            .map(|id| row(vec![("backend_id", json!(id)), ("connections", json!(maps.connections(*id)))]))
+            .collect(),
+        map_names::SERVICE_STATS => p
+            .services
+            .values()
+            .map(|s| {
+                let st = maps.stats(s.id);
+                row(vec![
+                    ("service_id", json!(s.id)),
+                    ("connects", json!(st.connects)),
+                    ("refused", json!(st.refused)),
+                ])
+            })
+            .collect(),
+        map_names::SOCKETS => bail!(
+            "{name} is socket-local storage: the kernel only reads it through a socket, so it \
+             cannot be listed (see `backend list` for the live connection counts)"
+        ),
+        other => bail!("unknown map {other:?} (maps: {})", map_names::ALL.join(", ")),
+    };
+    Ok(rows)
+}
+
+/// `prog show`: the attached programs, their links and run statistics.
+pub fn prog_show(pin_path: &Path) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for a in datapath::attached_programs(pin_path)? {
+        let p = a.program.as_ref();
+        rows.push(row(vec![
+            ("name", json!(a.name)),
+            ("link_id", json!(a.link.link_id)),
+            ("prog_id", json!(a.link.prog_id)),
+            ("tag", json!(p.map(|p| format!("{:016x}", p.tag())))),
+            ("cgroup_id", json!(a.link.cgroup_id)),
+            ("xlated_bytes", json!(p.and_then(|p| p.size_translated()))),
+            ("run_cnt", json!(p.map(|p| p.run_count()))),
+            ("run_time_ns", json!(p.map(|p| p.run_time().as_nanos() as u64))),
+        ]));
+    }
+    if rows.is_empty() {
+        bail!("no programs pinned under {}/links", pin_path.display());
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_and_right_aligns_numbers() {
+        let rows = vec![
+            row(vec![("service", json!("ns/web")), ("connections", json!(5))]),
+            row(vec![("service", json!("ns/a-longer-name")), ("connections", json!(12))]),
+        ];
+        assert_eq!(
+            render(&rows, Format::Table),
+            "SERVICE           CONNECTIONS\nns/web                      5\nns/a-longer-name           12\n"
+        );
+        assert_eq!(
+            render(&rows[..1], Format::Json),
+            "[{\"service\":\"ns/web\",\"connections\":5}]\n"
+        );
+    }
+}

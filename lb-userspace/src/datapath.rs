@@ -1,0 +1,353 @@
+//! Loading the BPF programs, attaching them to a cgroup, and the pinned maps and links that
+//! keep them working while the agent is stopped or restarting.
+//!
+//! Layout under the pin path (default /sys/fs/bpf/socklb): one file per map (named as in
+//! `lb_common::map_names`) and `links/<program>` for each attachment. A starting agent reuses
+//! whatever is pinned: maps keep their contents and connection counts, links stay attached. If
+//! a pinned link runs a program from another build, its program is swapped in place with
+//! BPF_LINK_UPDATE, so there is never a moment without a balancer.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, SockOps, links::FdLink,
+        loaded_programs,
+    },
+};
+use lb_common::{
+    Backend, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, map_names,
+};
+use log::info;
+
+use crate::{
+    bpf_sys,
+    reconcile::{Op, Programmed},
+    writer::MapWriter,
+};
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/socklb";
+
+/// The programs, in the order they are attached.
+pub const PROGRAMS: [&str; 5] = [
+    "sock_ops",
+    "sock_release",
+    "getpeername4",
+    "recvmsg4",
+    "connect4",
+];
+
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// What happened to each program when the datapath was set up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    Attached,
+    Adopted,
+    Replaced,
+}
+
+/// Typed handles on the pinned maps.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub names: HashMap<MapData, u32, ServiceName>,
+    pub counts: Array<MapData, u64>,
+    pub stats: Array<MapData, ServiceStats>,
+    /// The socket storage map; only the kernel and sock_diag read it (it cannot be iterated).
+    pub sockets: MapData,
+}
+
+/// Loads the programs and attaches them to `cgroup`, or adopts what an earlier run pinned at
+/// `pin_path`. Returns the maps and what was done per program.
+pub fn install(pin_path: &Path, cgroup: &Path) -> Result<(Maps, Vec<(&'static str, LinkAction)>)> {
+    let cgroup_dir = fs::File::open(cgroup)
+        .with_context(|| format!("cgroup {} cannot be opened", cgroup.display()))?;
+    if fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
+        bail!("{} is not a cgroup v2 directory", cgroup.display());
+    }
+    let cgroup_id = fs::metadata(cgroup)?.ino();
+    ensure_bpffs(pin_path)?;
+    let links_dir = pin_path.join("links");
+    fs::create_dir_all(&links_dir)
+        .with_context(|| format!("cannot create {}", links_dir.display()))?;
+
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_path)
+        .load(BPF_OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the BPF programs with the maps pinned at {} (if they come from an \
+                 incompatible build, run `socklb-agent cleanup` first)",
+                pin_path.display()
+            )
+        })?;
+
+    let mut actions = Vec::new();
+    for name in PROGRAMS {
+        let program = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the BPF object"))?;
+        load(program).with_context(|| format!("loading program {name}"))?;
+        let link_path = links_dir.join(name);
+        let action = if link_path.exists() {
+            adopt(program, &link_path, cgroup_id)
+                .with_context(|| format!("adopting {}", link_path.display()))?
+        } else {
+            attach(program, &cgroup_dir)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?
+                .pin(&link_path)
+                .with_context(|| format!("pinning {}", link_path.display()))?;
+            LinkAction::Attached
+        };
+        info!("{name}: {action:?} ({})", cgroup.display());
+        actions.push((name, action));
+    }
+    Ok((Maps::take(&mut ebpf)?, actions))
+}
+
+fn load(program: &mut Program) -> Result<()> {
+    match program {
+        Program::CgroupSockAddr(p) => p.load()?,
+        Program::SockOps(p) => p.load()?,
+        Program::CgroupSock(p) => p.load()?,
+        other => bail!("unexpected program type {:?}", other.prog_type()),
+    }
+    Ok(())
+}
+
+fn attach(program: &mut Program, cgroup: &fs::File) -> Result<FdLink> {
+    let mode = CgroupAttachMode::Single; // bpf_link attachments always coexist with others
+    Ok(match program {
+        Program::CgroupSockAddr(p) => {
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(CgroupSockAddr::take_link(p, id)?)?
+        }
+        Program::SockOps(p) => {
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(SockOps::take_link(p, id)?)?
+        }
+        Program::CgroupSock(p) => {
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(CgroupSock::take_link(p, id)?)?
+        }
+        other => bail!("unexpected program type {:?}", other.prog_type()),
+    })
+}
+
+/// Keeps a pinned link, swapping in `program` if the link runs different code.
+fn adopt(program: &Program, link_path: &Path, cgroup_id: u64) -> Result<LinkAction> {
+    let link = bpf_sys::obj_get(link_path)?;
+    let info = bpf_sys::link_info(&link)?;
+    if info.cgroup_id != cgroup_id {
+        bail!(
+            "it is attached to another cgroup (id {}, not {cgroup_id}); run `socklb-agent cleanup` \
+             to detach it first",
+            info.cgroup_id
+        );
+    }
+    let ours = program.info()?.tag();
+    let theirs = loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == info.prog_id)
+        .map(|p| p.tag());
+    if theirs == Some(ours) {
+        return Ok(LinkAction::Adopted);
+    }
+    bpf_sys::link_update(&link, program.fd()?)?;
+    Ok(LinkAction::Replaced)
+}
+
+/// Detaches everything and removes the pinned maps (what `socklb-agent cleanup` does).
+/// Connections already made keep working; new ones go where the application asked again.
+pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !pin_path.exists() {
+        return Ok(removed);
+    }
+    let links_dir = pin_path.join("links");
+    // Unpinning the connect hook first stops new assignments before the counters go.
+    for name in PROGRAMS.iter().rev() {
+        let p = links_dir.join(name);
+        if p.exists() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+    }
+    if links_dir.exists() {
+        fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
+    }
+    for name in map_names::ALL {
+        let p = pin_path.join(name);
+        if p.exists() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+    }
+    fs::remove_dir(pin_path).with_context(|| {
+        format!("removing {} (does it hold files socklb did not make?)", pin_path.display())
+    })?;
+    Ok(removed)
+}
+
+/// A pinned link and the program it runs, for `socklbctl prog show`.
+pub struct AttachedProgram {
+    pub name: &'static str,
+    pub link: bpf_sys::CgroupLinkInfo,
+    pub program: Option<aya::programs::ProgramInfo>,
+}
+
+pub fn attached_programs(pin_path: &Path) -> Result<Vec<AttachedProgram>> {
+    let mut out = Vec::new();
+    for name in PROGRAMS {
+        let path = pin_path.join("links").join(name);
+        if !path.exists() {
+            continue;
+        }
+        let link = bpf_sys::obj_get(&path).with_context(|| format!("opening {}", path.display()))?;
+        let info = bpf_sys::link_info(&link)?;
+        let program = loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == info.prog_id);
+        out.push(AttachedProgram {
+            name,
+            link: info,
+            program,
+        });
+    }
+    Ok(out)
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the BPF object"))
+        };
+        Ok(Maps {
+            services: take(map_names::SERVICES)?.try_into()?,
+            slots: take(map_names::SLOTS)?.try_into()?,
+            backends: take(map_names::BACKENDS)?.try_into()?,
+            names: take(map_names::SERVICE_NAMES)?.try_into()?,
+            counts: take(map_names::CONN_COUNTS)?.try_into()?,
+            stats: take(map_names::SERVICE_STATS)?.try_into()?,
+            sockets: map_data(take(map_names::SOCKETS)?)?,
+        })
+    }
+
+    /// Opens the maps an agent pinned, e.g. for socklbctl (works while the agent is stopped).
+    pub fn open_pinned(pin_path: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path = pin_path.join(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!("opening {} (is socklb installed at this pin path?)", path.display())
+            })?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(Maps {
+            services: open(map_names::SERVICES)?.try_into()?,
+            slots: open(map_names::SLOTS)?.try_into()?,
+            backends: open(map_names::BACKENDS)?.try_into()?,
+            names: open(map_names::SERVICE_NAMES)?.try_into()?,
+            counts: open(map_names::CONN_COUNTS)?.try_into()?,
+            stats: open(map_names::SERVICE_STATS)?.try_into()?,
+            sockets: map_data(open(map_names::SOCKETS)?)?,
+        })
+    }
+
+    /// Reads everything the agent writes, to adopt it after a restart.
+    pub fn read_programmed(&self) -> Result<Programmed> {
+        Ok(Programmed {
+            services: self.services.iter().collect::<Result<_, _>>()?,
+            names: self.names.iter().collect::<Result<_, _>>()?,
+            slots: self.slots.iter().collect::<Result<_, _>>()?,
+            backends: self.backends.iter().collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Live connections of a backend. The counter is unsigned and wraps; a value above
+    /// i64::MAX can only come from a drift below zero, shown as 0.
+    pub fn connections(&self, backend_id: u32) -> u64 {
+        match self.counts.get(&backend_id, 0) {
+            Ok(n) if n <= i64::MAX as u64 => n,
+            _ => 0,
+        }
+    }
+
+    pub fn stats(&self, service_id: u32) -> ServiceStats {
+        self.stats.get(&service_id, 0).unwrap_or_default()
+    }
+}
+
+impl MapWriter for Maps {
+    fn write(&mut self, op: &Op) -> Result<()> {
+        match op {
+            Op::PutName(id, n) => self.names.insert(id, n, 0)?,
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0)?,
+            Op::PutSlot(k, id) => self.slots.insert(k, id, 0)?,
+            Op::PutService(k, s) => self.services.insert(k, s, 0)?,
+            Op::ResetStats(id) => self.stats.set(*id, &ServiceStats::default(), 0)?,
+            Op::DeleteService(k) => self.services.remove(k)?,
+            Op::DeleteSlot(k) => self.slots.remove(k)?,
+            Op::DeleteBackend(id) => self.backends.remove(id)?,
+            Op::DeleteName(id) => self.names.remove(id)?,
+        }
+        Ok(())
+    }
+}
+
+fn map_data(map: Map) -> Result<MapData> {
+    match map {
+        Map::SkStorage(data) => Ok(data),
+        _ => bail!("the SOCKETS map is not socket-local storage"),
+    }
+}
+
+fn fs_magic(path: &Path) -> Result<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statfs fills the zeroed struct; c is a valid NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64)
+}
+
+/// Mounts bpffs at /sys/fs/bpf if the pin path lives there and nothing is mounted yet (as on
+/// a fresh node or container host; kubelet setups usually mount it already).
+fn ensure_bpffs(pin_path: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    let probe = pin_path.ancestors().find(|p| p.exists()).unwrap_or(root);
+    if fs_magic(probe)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    if !pin_path.starts_with(root) {
+        bail!(
+            "{} is not on a BPF filesystem (mount bpffs there, or use a pin path under /sys/fs/bpf)",
+            pin_path.display()
+        );
+    }
+    let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+    // SAFETY: all pointers are valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
+    }
+    info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}

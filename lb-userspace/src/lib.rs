@@ -1,0 +1,37 @@
+//! socklb userspace: the agent that programs the BPF maps, and socklbctl that reads them.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! manifest / manifest_dir   YAML files -> Service and EndpointSlice objects
+//!        |
+//! cluster                   objects -> desired frontends (Service ports and their pods)
+//!        |
+//! reconcile                 desired + what the maps hold -> ordered map writes (pure)
+//!        |
+//! writer                    applies the writes, keeps the mirror of the maps exact
+//!        |
+//! datapath                  pinned BPF maps and programs on the cgroup (lb-ebpf)
+//! ```
+//!
+//! `agent` runs that loop; `recount` and `sockdiag` check the connection counts against the
+//! live sockets after a restart; `ctl` is socklbctl's reading side.
+
+pub mod agent;
+mod bpf_sys;
+pub mod cluster;
+pub mod ctl;
+pub mod datapath;
+pub mod manifest;
+pub mod manifest_dir;
+pub mod reconcile;
+pub mod recount;
+pub mod sockdiag;
+pub mod writer;
+
+/// Logging to stderr, `info` unless RUST_LOG says otherwise.
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+}

@@ -1,0 +1,218 @@
+//! A directory of manifests as the cluster state (the agent's standalone mode).
+//!
+//! Every load re-reads all `*.yaml`, `*.yml` and `*.json` files. A file that is not valid YAML
+//! keeps the objects it last had; an invalid object keeps its last good version. So a bad edit
+//! is reported and changes nothing, and fixing it applies the new content.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    cluster::{ClusterState, ServiceRef},
+    manifest::{self, Kind, ManifestError, Object},
+};
+
+pub struct ManifestDir {
+    dir: PathBuf,
+    /// Last good objects of each file.
+    files: BTreeMap<PathBuf, Vec<Object>>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ManifestDir {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads the directory. Errors are per file or object; a directory that cannot be
+    /// listed is an error for the whole load, and the previous state stays.
+    pub fn load(&mut self) -> (ClusterState, Vec<ManifestError>) {
+        let mut errors = Vec::new();
+        match manifest_files(&self.dir) {
+            Ok(paths) => {
+                let mut files = BTreeMap::new();
+                for path in paths {
+                    let previous = self.files.remove(&path).unwrap_or_default();
+                    let objects = match fs::read_to_string(&path) {
+                        Ok(text) => {
+                            let parsed = manifest::parse(&path, &text);
+                            let objects = merge(previous, parsed.objects, &parsed.errors, parsed.syntax_error);
+                            errors.extend(parsed.errors);
+                            objects
+                        }
+                        Err(e) => {
+                            errors.push(ManifestError {
+                                file: path.display().to_string(),
+                                object: None,
+                                message: format!("cannot read: {e}"),
+                            });
+                            previous
+                        }
+                    };
+                    files.insert(path, objects);
+                }
+                self.files = files;
+            }
+            Err(e) => errors.push(ManifestError {
+                file: self.dir.display().to_string(),
+                object: None,
+                message: format!("cannot list directory: {e}"),
+            }),
+        }
+        let state = self.state(&mut errors);
+        (state, errors)
+    }
+
+    /// The cluster state from all files. The same object in two files is an error; the one in
+    /// the first file (by name) counts.
+    fn state(&self, errors: &mut Vec<ManifestError>) -> ClusterState {
+        let mut state = ClusterState::default();
+        let mut seen: BTreeMap<_, &Path> = BTreeMap::new();
+        for (path, objects) in &self.files {
+            for object in objects {
+                let id = object.id();
+                if let Some(first) = seen.get(&id) {
+                    errors.push(ManifestError {
+                        file: path.display().to_string(),
+                        object: Some(id.to_string()),
+                        message: format!("also defined in {}; that one is used", first.display()),
+                    });
+                    continue;
+                }
+                seen.insert(id.clone(), path);
+                let key = ServiceRef {
+                    namespace: id.namespace,
+                    name: id.name,
+                };
+                match (object, id.kind) {
+                    (Object::Service(s), Kind::Service) => {
+                        state.services.insert(key, s.clone());
+                    }
+                    (Object::EndpointSlice(s), Kind::EndpointSlice) => {
+                        state.slices.insert(key, s.clone());
+                    }
+                    _ => unreachable!("id kind follows the object"),
+                }
+            }
+        }
+        state
+    }
+}
+
+/// The objects a file holds now: the freshly parsed good ones, plus the last good version of
+/// each object that is in error. If the YAML could not be read at all, everything stays.
+fn merge(
+    previous: Vec<Object>,
+    parsed: Vec<Object>,
+    errors: &[ManifestError],
+    syntax_error: bool,
+) -> Vec<Object> {
+    if syntax_error {
+        return previous;
+    }
+    let failed: BTreeSet<&str> = errors.iter().filter_map(|e| e.object.as_deref()).collect();
+    let present: BTreeSet<String> = parsed.iter().map(|o| o.id().to_string()).collect();
+    let mut objects = parsed;
+    objects.extend(previous.into_iter().filter(|o| {
+        let id = o.id().to_string();
+        failed.contains(id.as_str()) && !present.contains(&id)
+    }));
+    objects
+}
+
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_manifest = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+        // Editors' temporary files (.web.yaml.swp, .#web.yaml) are skipped by the extension
+        // check or start with a dot.
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if is_manifest && !hidden && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("socklb-md-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn cluster_ip(s: &ClusterState) -> Option<String> {
+        s.services.values().next()?.spec.as_ref()?.cluster_ip.clone()
+    }
+
+    #[test]
+    fn bad_edits_keep_the_last_good_objects_until_fixed() {
+        let d = dir();
+        let file = d.join("web.yaml");
+        fs::write(&file, SVC).unwrap();
+        let mut m = ManifestDir::new(&d);
+        let (s, e) = m.load();
+        assert!(e.is_empty());
+        assert_eq!(cluster_ip(&s).as_deref(), Some("10.96.0.10"));
+
+        // Broken YAML: everything in the file stays.
+        fs::write(&file, "kind: Service\n  : : nope").unwrap();
+        let (s, e) = m.load();
+        assert_eq!(e.len(), 1);
+        assert_eq!(cluster_ip(&s).as_deref(), Some("10.96.0.10"));
+
+        // An unknown field: that object keeps its last good version.
+        fs::write(&file, SVC.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.11, typo: 1")).unwrap();
+        let (s, e) = m.load();
+        assert!(e[0].to_string().contains("Service ns/web: unknown field"), "{}", e[0]);
+        assert_eq!(cluster_ip(&s).as_deref(), Some("10.96.0.10"));
+
+        // Fixed: the new content applies.
+        fs::write(&file, SVC.replace("10.96.0.10", "10.96.0.11")).unwrap();
+        let (s, e) = m.load();
+        assert!(e.is_empty());
+        assert_eq!(cluster_ip(&s).as_deref(), Some("10.96.0.11"));
+
+        // Removed: gone.
+        fs::remove_file(&file).unwrap();
+        let (s, _) = m.load();
+        assert!(s.services.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn duplicates_across_files_are_reported_and_the_first_wins() {
+        let d = dir();
+        fs::write(d.join("a.yaml"), SVC).unwrap();
+        fs::write(d.join("b.yml"), SVC.replace("10.96.0.10", "10.96.0.99")).unwrap();
+        fs::write(d.join("notes.txt"), "not a manifest").unwrap();
+        let (s, e) = ManifestDir::new(&d).load();
+        assert_eq!(cluster_ip(&s).as_deref(), Some("10.96.0.10"));
+        assert_eq!(e.len(), 1);
+        assert!(e[0].to_string().contains("b.yml: Service ns/web: also defined in"));
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,806 @@
+//! The reconciler: from the desired frontends and what the maps hold now, the ordered list of
+//! map operations that gets from one to the other. Pure: no I/O, so it is unit-tested on its own.
+//!
+//! Order matters because the BPF programs read the maps while they are being written. A connect
+//! must never see a half-written Service, so for each frontend: backends first, then slots, then
+//! the service entry (whose `count` makes new slots visible), then the slots past the new count
+//! are deleted and backends that left are marked draining. Removing a frontend deletes its
+//! service entry first. Every intermediate state only points at backends that exist.
+//!
+//! Ids are stable: a frontend keeps its service id and a pod keeps its backend id (and so its
+//! connection count) for as long as they are programmed, and a draining backend's id is only
+//! reused after its last connection closed (`gc`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use lb_common::{
+    Algorithm, Backend, Service, ServiceKey, ServiceName, SlotKey, backend_state,
+    limits::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS},
+};
+
+use crate::cluster::{Desired, Frontend, FrontendKey, Protocol};
+
+/// A mirror of the maps socklb writes (SERVICES, SERVICE_NAMES, SLOTS, BACKENDS).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Programmed {
+    pub services: BTreeMap<ServiceKey, Service>,
+    pub names: BTreeMap<u32, ServiceName>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    PutName(u32, ServiceName),
+    PutBackend(u32, Backend),
+    PutSlot(SlotKey, u32),
+    PutService(ServiceKey, Service),
+    /// Zero a reused service id's counters.
+    ResetStats(u32),
+    DeleteService(ServiceKey),
+    DeleteSlot(SlotKey),
+    DeleteBackend(u32),
+    DeleteName(u32),
+}
+
+/// The ops for one frontend (or one clean-up), applied in order; if one fails the rest of
+/// its group is skipped so the old service entry stays in charge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub what: String,
+    pub ops: Vec<Op>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub changes: Vec<Change>,
+    /// Frontends left as they were because a map would overflow.
+    pub errors: Vec<String>,
+}
+
+impl Programmed {
+    /// What applying `op` does to the maps.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutName(id, name) => drop(self.names.insert(*id, *name)),
+            Op::PutBackend(id, b) => drop(self.backends.insert(*id, *b)),
+            Op::PutSlot(k, id) => drop(self.slots.insert(*k, *id)),
+            Op::PutService(k, s) => drop(self.services.insert(*k, *s)),
+            Op::ResetStats(_) => {}
+            Op::DeleteService(k) => drop(self.services.remove(k)),
+            Op::DeleteSlot(k) => drop(self.slots.remove(k)),
+            Op::DeleteBackend(id) => drop(self.backends.remove(id)),
+            Op::DeleteName(id) => drop(self.names.remove(id)),
+        }
+    }
+}
+
+pub fn map_key(key: &FrontendKey) -> ServiceKey {
+    ServiceKey {
+        addr: u32::from(key.ip).to_be(),
+        port: key.port.to_be(),
+        proto: key.protocol.number(),
+        _pad: 0,
+    }
+}
+
+/// The frontend a map key stands for (None for a protocol socklb never writes).
+pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
+    Some(FrontendKey {
+        ip: Ipv4Addr::from(u32::from_be(key.addr)),
+        port: u16::from_be(key.port),
+        protocol: Protocol::from_number(key.proto)?,
+    })
+}
+
+pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(b.addr)), u16::from_be(b.port))
+}
+
+pub fn service_name(f: &Frontend) -> ServiceName {
+    let mut n = ServiceName::empty();
+    copy_str(&mut n.namespace, &f.service.namespace);
+    copy_str(&mut n.name, &f.service.name);
+    copy_str(&mut n.port_name, &f.port_name);
+    n
+}
+
+/// NUL-padded copy, truncated to leave a terminating NUL (Kubernetes names always fit).
+fn copy_str(dst: &mut [u8], src: &str) {
+    let n = src.len().min(dst.len() - 1);
+    dst[..n].copy_from_slice(&src.as_bytes()[..n]);
+}
+
+pub fn name_str(field: &[u8]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+/// Computes the plan. `connections(backend_id)` is the live count, used to tell when a
+/// draining backend can go.
+pub fn plan(desired: &Desired, current: &Programmed, connections: &dyn Fn(u32) -> u64) -> Plan {
+    let mut planner = Planner::new(current);
+    let mut plan = Plan::default();
+
+    for (key, service) in &current.services {
+        let wanted = frontend_key(key).is_some_and(|k| desired.frontends.contains_key(&k));
+        if !wanted {
+            plan.changes.push(planner.remove(*key, *service));
+        }
+    }
+    // Frontends already programmed first, so updates never lose capacity to new Services.
+    let (existing, new): (Vec<_>, Vec<_>) = desired
+        .frontends
+        .values()
+        .partition(|f| current.services.contains_key(&map_key(&f.key)));
+    for frontend in existing.into_iter().chain(new) {
+        match planner.upsert(frontend) {
+            Ok(Some(change)) => plan.changes.push(change),
+            Ok(None) => {}
+            Err(e) => plan.errors.push(format!("{frontend}: {e}; left as it was")),
+        }
+    }
+    if let Some(change) = planner.repair() {
+        plan.changes.push(change);
+    }
+    if let Some(change) = gc(current, &planner, connections) {
+        plan.changes.push(change);
+    }
+    plan
+}
+
+/// Tracks ids and map fill while the plan is built.
+struct Planner<'a> {
+    current: &'a Programmed,
+    /// Slots per service id, by index (`u32::MAX` where a slot is missing), including any
+    /// past the service's count left by an interrupted run.
+    slots: HashMap<u32, Vec<u32>>,
+    /// (service id, pod) -> backend id.
+    backend_ids: HashMap<(u32, SocketAddrV4), u32>,
+    service_ids: IdAllocator,
+    backend_ids_free: IdAllocator,
+    /// Service ids of removed frontends (their slots are deleted by the removal).
+    removed_service_ids: BTreeSet<u32>,
+    /// Service ids of the desired frontends.
+    wanted_service_ids: BTreeSet<u32>,
+    /// Backend ids the desired frontends use.
+    wanted_backends: BTreeSet<u32>,
+    services: usize,
+    slot_count: usize,
+}
+
+impl<'a> Planner<'a> {
+    fn new(current: &'a Programmed) -> Self {
+        let mut slots: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (k, id) in &current.slots {
+            let v = slots.entry(k.service_id).or_default();
+            let i = k.index as usize;
+            if v.len() <= i {
+                v.resize(i + 1, u32::MAX);
+            }
+            v[i] = *id;
+        }
+        let backend_ids = current
+            .backends
+            .iter()
+            .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
+            .collect();
+        let used_service_ids = current
+            .services
+            .values()
+            .map(|s| s.id)
+            .chain(current.names.keys().copied())
+            .chain(current.backends.values().map(|b| b.service_id))
+            .chain(current.slots.keys().map(|k| k.service_id));
+        Planner {
+            current,
+            slots,
+            backend_ids,
+            service_ids: IdAllocator::new(used_service_ids, MAX_SERVICES),
+            backend_ids_free: IdAllocator::new(current.backends.keys().copied(), MAX_BACKENDS),
+            removed_service_ids: BTreeSet::new(),
+            wanted_service_ids: BTreeSet::new(),
+            wanted_backends: BTreeSet::new(),
+            services: current.services.len(),
+            slot_count: current.slots.len(),
+        }
+    }
+
+    fn remove(&mut self, key: ServiceKey, service: Service) -> Change {
+        let mut ops = vec![Op::DeleteService(key)];
+        let old = self.slots.remove(&service.id).unwrap_or_default();
+        for (index, _) in old.iter().enumerate().filter(|(_, id)| **id != u32::MAX) {
+            ops.push(Op::DeleteSlot(slot(service.id, index)));
+            self.slot_count -= 1;
+        }
+        self.services -= 1;
+        self.removed_service_ids.insert(service.id);
+        let what = frontend_key(&key).map_or_else(|| format!("{key:?}"), |k| k.to_string());
+        Change {
+            what: format!("remove {what}"),
+            ops,
+        }
+    }
+
+    fn upsert(&mut self, f: &Frontend) -> Result<Option<Change>, String> {
+        let key = map_key(&f.key);
+        let existing = self.current.services.get(&key).copied();
+        if existing.is_none() && self.services >= MAX_SERVICES as usize {
+            return Err(format!("map SERVICES is full ({MAX_SERVICES} entries)"));
+        }
+        let old = existing
+            .and_then(|s| self.slots.get(&s.id))
+            .cloned()
+            .unwrap_or_default();
+        let old_count = existing.map_or(0, |s| s.count as usize).min(old.len());
+        let old_present = old.iter().filter(|id| **id != u32::MAX).count();
+        let slot_total = self.slot_count - old_present + f.backends.len();
+        if slot_total > MAX_SLOTS as usize {
+            return Err(format!("map SLOTS is full ({MAX_SLOTS} entries)"));
+        }
+        let fresh = f
+            .backends
+            .iter()
+            .filter(|addr| {
+                existing.is_none_or(|s| !self.backend_ids.contains_key(&(s.id, **addr)))
+            })
+            .count();
+        if fresh > self.backend_ids_free.free() {
+            return Err(format!("map BACKENDS is full ({MAX_BACKENDS} entries)"));
+        }
+        if existing.is_none() && self.service_ids.free() == 0 {
+            return Err(format!("no free service id (all {MAX_SERVICES} in use)"));
+        }
+
+        // Nothing can fail from here on.
+        let service_id = match existing {
+            Some(s) => s.id,
+            None => self.service_ids.take(),
+        };
+        // A pod already known to this frontend keeps its backend id, and so its count.
+        let mut backend_ops = Vec::new();
+        let mut ids = Vec::with_capacity(f.backends.len());
+        for addr in &f.backends {
+            let id = match self.backend_ids.get(&(service_id, *addr)) {
+                Some(&id) => {
+                    let known = self.current.backends.get(&id);
+                    if known.is_none_or(|b| b.state != backend_state::ACTIVE) {
+                        backend_ops.push(Op::PutBackend(id, backend(*addr, service_id)));
+                    }
+                    id
+                }
+                None => {
+                    let id = self.backend_ids_free.take();
+                    backend_ops.push(Op::PutBackend(id, backend(*addr, service_id)));
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        let new_slots = assign_slots(&old[..old_count], &ids);
+        let mut ops = Vec::new();
+        let name = service_name(f);
+        if self.current.names.get(&service_id) != Some(&name) {
+            ops.push(Op::PutName(service_id, name));
+        }
+        if existing.is_none() {
+            ops.push(Op::ResetStats(service_id));
+        }
+        ops.extend(backend_ops);
+        for (index, id) in new_slots.iter().enumerate() {
+            if old.get(index) != Some(id) {
+                ops.push(Op::PutSlot(slot(service_id, index), *id));
+            }
+        }
+        let entry = Service {
+            id: service_id,
+            count: new_slots.len() as u32,
+            algorithm: f.algorithm as u8,
+            _pad: [0; 3],
+        };
+        if existing != Some(entry) {
+            ops.push(Op::PutService(key, entry));
+        }
+        for (index, id) in old.iter().enumerate().skip(new_slots.len()) {
+            if *id != u32::MAX {
+                ops.push(Op::DeleteSlot(slot(service_id, index)));
+            }
+        }
+
+        self.wanted_service_ids.insert(service_id);
+        self.wanted_backends.extend(&ids);
+        self.services += usize::from(existing.is_none());
+        self.slot_count = slot_total;
+        for (addr, id) in f.backends.iter().zip(&ids) {
+            self.backend_ids.insert((service_id, *addr), *id);
+        }
+        self.slots.insert(service_id, new_slots);
+        Ok((!ops.is_empty()).then(|| Change {
+            what: f.to_string(),
+            ops,
+        }))
+    }
+
+    /// Marks backends no desired frontend uses as draining, and deletes slots that belong to
+    /// no frontend (left over by an interrupted run).
+    fn repair(&self) -> Option<Change> {
+        let orphan_slots = self.current.slots.keys().filter(|k| {
+            !self.wanted_service_ids.contains(&k.service_id)
+                && !self.removed_service_ids.contains(&k.service_id)
+        });
+        let mut ops: Vec<Op> = orphan_slots.map(|k| Op::DeleteSlot(*k)).collect();
+        for (id, b) in &self.current.backends {
+            if b.state == backend_state::ACTIVE && !self.wanted_backends.contains(id) {
+                let draining = Backend {
+                    state: backend_state::DRAINING,
+                    ..*b
+                };
+                ops.push(Op::PutBackend(*id, draining));
+            }
+        }
+        (!ops.is_empty()).then(|| Change {
+            what: "drain backends that left their Service".into(),
+            ops,
+        })
+    }
+}
+
+/// Hands out the lowest free ids below `max`, in increasing order.
+struct IdAllocator {
+    used: BTreeSet<u32>,
+    next: u32,
+    max: u32,
+}
+
+impl IdAllocator {
+    fn new(used: impl Iterator<Item = u32>, max: u32) -> Self {
+        let used = used.filter(|id| *id < max).collect();
+        IdAllocator { used, next: 0, max }
+    }
+
+    fn free(&self) -> usize {
+        (self.max as usize).saturating_sub(self.used.len())
+    }
+
+    /// The lowest free id. Callers check `free()` first.
+    fn take(&mut self) -> u32 {
+        while self.used.contains(&self.next) {
+            self.next += 1;
+        }
+        assert!(self.next < self.max, "checked by free()");
+        self.used.insert(self.next);
+        self.next
+    }
+}
+
+/// Deletes draining backends whose last connection has closed, and the names of service ids
+/// nothing refers to any more. A backend goes only if it was already draining and out of every
+/// slot before this plan: a connect racing with the slot rewrite that took it out may still
+/// look it up, and if that rewrite failed part-way a slot may still point at it.
+fn gc(current: &Programmed, planner: &Planner<'_>, connections: &dyn Fn(u32) -> u64) -> Option<Change> {
+    let in_slots: BTreeSet<u32> = current.slots.values().copied().collect();
+    let mut ops = Vec::new();
+    let mut kept_service_ids = planner.wanted_service_ids.clone();
+    for (id, b) in &current.backends {
+        let unused = b.state == backend_state::DRAINING
+            && !planner.wanted_backends.contains(id)
+            && !in_slots.contains(id);
+        if unused && connections(*id) == 0 {
+            ops.push(Op::DeleteBackend(*id));
+        } else {
+            kept_service_ids.insert(b.service_id);
+        }
+    }
+    for id in current.names.keys() {
+        if !kept_service_ids.contains(id) {
+            ops.push(Op::DeleteName(*id));
+        }
+    }
+    (!ops.is_empty()).then(|| Change {
+        what: "forget drained backends".into(),
+        ops,
+    })
+}
+
+/// New slot contents: backends that stay keep their slot where they can, newcomers fill the
+/// holes. Keeps the number of slot writes (and the churn seen by concurrent connects) small.
+fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
+    let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
+    let mut placed = BTreeSet::new();
+    let mut slots: Vec<Option<u32>> = vec![None; wanted.len()];
+    for (index, id) in old.iter().enumerate().take(wanted.len()) {
+        if wanted_set.contains(id) && placed.insert(*id) {
+            slots[index] = Some(*id);
+        }
+    }
+    let mut rest = wanted.iter().filter(|id| !placed.contains(*id));
+    slots
+        .into_iter()
+        .map(|s| s.or_else(|| rest.next().copied()).expect("as many ids as slots"))
+        .collect()
+}
+
+fn backend(addr: SocketAddrV4, service_id: u32) -> Backend {
+    Backend {
+        addr: u32::from(*addr.ip()).to_be(),
+        port: addr.port().to_be(),
+        state: backend_state::ACTIVE,
+        _pad: 0,
+        service_id,
+    }
+}
+
+fn slot(service_id: u32, index: usize) -> SlotKey {
+    SlotKey {
+        service_id,
+        index: index as u32,
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+/// The algorithm stored in a service entry (unknown values read as random).
+pub fn algorithm_of(s: &Service) -> Algorithm {
+    Algorithm::from_u8(s.algorithm).unwrap_or(Algorithm::Random)
+}
+
+/// The frontends the maps hold, read back: after a restart this stands in for the desired
+/// state of the previous run, so a Service that is in error at start keeps what it had.
+pub fn programmed_frontends(p: &Programmed) -> Desired {
+    let mut desired = Desired::default();
+    for (key, service) in &p.services {
+        let Some(key) = frontend_key(key) else {
+            continue;
+        };
+        let name = p.names.get(&service.id).copied().unwrap_or(ServiceName::empty());
+        let mut backends: Vec<SocketAddrV4> = (0..service.count)
+            .filter_map(|index| {
+                let id = p.slots.get(&SlotKey {
+                    service_id: service.id,
+                    index,
+                })?;
+                p.backends.get(id).map(backend_addr)
+            })
+            .collect();
+        backends.sort();
+        backends.dedup();
+        let frontend = Frontend {
+            key,
+            service: crate::cluster::ServiceRef {
+                namespace: name_str(&name.namespace),
+                name: name_str(&name.name),
+            },
+            port_name: name_str(&name.port_name),
+            algorithm: algorithm_of(service),
+            backends,
+        };
+        desired.frontends.insert(key, frontend);
+    }
+    desired
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        cluster::ServiceRef,
+        writer::{self, MapWriter},
+    };
+
+    fn frontend(vip: u8, backends: &[u8]) -> Frontend {
+        let mut backends: Vec<SocketAddrV4> = backends
+            .iter()
+            .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, *b), 8080))
+            .collect();
+        backends.sort();
+        backends.dedup();
+        Frontend {
+            key: FrontendKey {
+                ip: Ipv4Addr::new(10, 96, 0, vip),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            service: ServiceRef {
+                namespace: "ns".into(),
+                name: format!("svc{vip}"),
+            },
+            port_name: "http".into(),
+            algorithm: Algorithm::LeastConn,
+            backends,
+        }
+    }
+
+    fn desired(frontends: impl IntoIterator<Item = Frontend>) -> Desired {
+        Desired {
+            frontends: frontends.into_iter().map(|f| (f.key, f)).collect(),
+        }
+    }
+
+    /// Every slot a connect can see points at a backend of the same service.
+    fn check_visible(p: &Programmed) {
+        for (key, s) in &p.services {
+            for index in 0..s.count {
+                let id = p.slots.get(&SlotKey { service_id: s.id, index });
+                let b = id.and_then(|id| p.backends.get(id));
+                assert!(
+                    b.is_some_and(|b| b.service_id == s.id),
+                    "{key:?} slot {index} -> {id:?} is not a backend of service {}",
+                    s.id
+                );
+            }
+        }
+    }
+
+    /// Applies op by op, checking what a concurrent connect could see after each.
+    struct Checked<'a>(&'a mut Programmed);
+    impl MapWriter for Checked<'_> {
+        fn write(&mut self, op: &Op) -> anyhow::Result<()> {
+            self.0.apply(op);
+            check_visible(self.0);
+            Ok(())
+        }
+    }
+
+    fn step(d: &Desired, p: &mut Programmed, conns: &dyn Fn(u32) -> u64) -> Plan {
+        let plan = super::plan(d, p, conns);
+        let mut mirror = p.clone();
+        let applied = writer::apply(&plan, &mut Checked(p), &mut mirror);
+        assert!(applied.errors.is_empty());
+        assert_eq!(&mirror, p);
+        plan
+    }
+
+    /// `step` without the per-op check, for the map-size tests.
+    fn fill(d: &Desired, p: &mut Programmed) {
+        let plan = super::plan(d, p, &none);
+        assert!(plan.errors.is_empty());
+        let mut mirror = p.clone();
+        assert!(writer::apply(&plan, p, &mut mirror).errors.is_empty());
+    }
+
+    fn assert_programs(d: &Desired, p: &Programmed) {
+        assert_eq!(&programmed_frontends(p), d);
+        for (key, s) in &p.services {
+            let slots = p.slots.keys().filter(|k| k.service_id == s.id).count();
+            assert_eq!(slots, s.count as usize, "{key:?}: slots beyond count");
+        }
+        let in_slots: BTreeSet<u32> = p.slots.values().copied().collect();
+        for (id, b) in &p.backends {
+            assert_eq!(b.state == backend_state::ACTIVE, in_slots.contains(id), "backend {id}");
+        }
+    }
+
+    fn ops(plan: &Plan) -> Vec<&Op> {
+        plan.changes.iter().flat_map(|c| &c.ops).collect()
+    }
+
+    fn none(_: u32) -> u64 {
+        0
+    }
+
+    #[test]
+    fn a_new_service_is_written_backends_first_and_entry_last() {
+        let mut p = Programmed::default();
+        let d = desired([frontend(1, &[1, 2, 3])]);
+        let plan = step(&d, &mut p, &none);
+        let kinds: Vec<&str> = ops(&plan)
+            .iter()
+            .map(|op| match op {
+                Op::PutName(..) => "name",
+                Op::ResetStats(..) => "stats",
+                Op::PutBackend(..) => "backend",
+                Op::PutSlot(..) => "slot",
+                Op::PutService(..) => "service",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["name", "stats", "backend", "backend", "backend", "slot", "slot", "slot", "service"]
+        );
+        assert_programs(&d, &p);
+        assert!(super::plan(&d, &p, &none).changes.is_empty(), "a second plan has nothing to do");
+    }
+
+    #[test]
+    fn scale_up_keeps_slots_and_ids_of_the_pods_already_there() {
+        let mut p = Programmed::default();
+        step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
+        let before = p.backends.clone();
+        let d = desired([frontend(1, &[1, 2, 3, 4, 5, 6])]);
+        let plan = step(&d, &mut p, &none);
+        let slot_writes: Vec<u32> = ops(&plan)
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutSlot(k, _) => Some(k.index),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(slot_writes, [3, 4, 5]);
+        for (id, b) in &before {
+            assert_eq!(p.backends.get(id), Some(b));
+        }
+        assert_programs(&d, &p);
+    }
+
+    #[test]
+    fn a_removed_pod_drains_and_is_forgotten_after_its_last_connection() {
+        let mut p = Programmed::default();
+        step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
+        let gone = *p.backends.iter().find(|(_, b)| backend_addr(b).ip().octets()[3] == 1).unwrap().0;
+        let d = desired([frontend(1, &[2, 3])]);
+        let plan = step(&d, &mut p, &|_| 1);
+        // The last slot moves into the hole; the count drops before the tail slot goes.
+        let o = ops(&plan);
+        let service = o.iter().position(|op| matches!(op, Op::PutService(..))).unwrap();
+        let delete = o.iter().position(|op| matches!(op, Op::DeleteSlot(..))).unwrap();
+        assert!(service < delete);
+        assert_eq!(p.backends[&gone].state, backend_state::DRAINING);
+        assert_programs(&d, &p);
+
+        // Still one connection: kept. Last one closed: forgotten.
+        assert!(step(&d, &mut p, &|id| u64::from(id == gone)).changes.is_empty());
+        let plan = step(&d, &mut p, &none);
+        assert_eq!(ops(&plan), [&Op::DeleteBackend(gone)]);
+        assert!(!p.backends.contains_key(&gone));
+    }
+
+    #[test]
+    fn a_pod_that_comes_back_keeps_its_id_and_so_its_count() {
+        let mut p = Programmed::default();
+        step(&desired([frontend(1, &[1, 2])]), &mut p, &none);
+        let ids: BTreeMap<SocketAddrV4, u32> =
+            p.backends.iter().map(|(id, b)| (backend_addr(b), *id)).collect();
+        step(&desired([frontend(1, &[2])]), &mut p, &|_| 3);
+        let d = desired([frontend(1, &[1, 2])]);
+        step(&d, &mut p, &|_| 3);
+        let again: BTreeMap<SocketAddrV4, u32> =
+            p.backends.iter().map(|(id, b)| (backend_addr(b), *id)).collect();
+        assert_eq!(ids, again);
+        assert_programs(&d, &p);
+    }
+
+    #[test]
+    fn removing_a_service_deletes_its_entry_before_its_slots() {
+        let mut p = Programmed::default();
+        step(&desired([frontend(1, &[1]), frontend(2, &[1, 2])]), &mut p, &none);
+        let d = desired([frontend(1, &[1])]);
+        let plan = step(&d, &mut p, &none);
+        assert!(matches!(plan.changes[0].ops[0], Op::DeleteService(_)));
+        assert_programs(&d, &p);
+        // Its backends drain, then go, then its name.
+        step(&d, &mut p, &none);
+        step(&d, &mut p, &none);
+        assert_eq!(p.names.len(), 1);
+        assert_eq!(p.backends.len(), 1);
+    }
+
+    #[test]
+    fn a_full_map_refuses_new_services_and_keeps_the_others() {
+        let mut p = Programmed::default();
+        let many = |n: u32| {
+            (0..n).map(|i| {
+                let mut f = frontend(0, &[]);
+                f.key.ip = Ipv4Addr::from(0x0a60_0000 + i);
+                f
+            })
+        };
+        fill(&desired(many(MAX_SERVICES)), &mut p);
+        let before = p.clone();
+        let plan = super::plan(&desired(many(MAX_SERVICES + 1)), &p, &none);
+        assert!(plan.changes.is_empty());
+        assert_eq!(plan.errors.len(), 1);
+        assert!(plan.errors[0].contains("map SERVICES is full (65536 entries)"), "{}", plan.errors[0]);
+        assert!(plan.errors[0].starts_with("Service ns/svc0 port \"http\" (10.97.0.0:80/TCP)"));
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn too_many_slots_overall_is_refused_for_the_newcomer_only() {
+        let mut p = Programmed::default();
+        let per_service = lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize;
+        let big = |vip: u8| {
+            let mut f = frontend(vip, &[]);
+            f.backends = (0..per_service as u32)
+                .map(|i| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + i), 8080))
+                .collect();
+            f
+        };
+        let full: Vec<Frontend> = (0..(MAX_SLOTS as usize / per_service) as u8).map(big).collect();
+        fill(&desired(full.clone()), &mut p);
+        assert_eq!(p.slots.len(), MAX_SLOTS as usize);
+        let mut more = full;
+        more.push(frontend(250, &[1]));
+        let plan = super::plan(&desired(more), &p, &none);
+        assert!(plan.changes.is_empty());
+        assert!(plan.errors[0].contains("map SLOTS is full"), "{:?}", plan.errors);
+    }
+
+    /// A writer that fails after a number of successful writes.
+    struct FailAfter(usize, Programmed);
+    impl MapWriter for FailAfter {
+        fn write(&mut self, op: &Op) -> anyhow::Result<()> {
+            if self.0 == 0 {
+                anyhow::bail!("E2BIG");
+            }
+            self.0 -= 1;
+            self.1.apply(op);
+            check_visible(&self.1);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_entry_in_charge_and_the_next_plan_finishes() {
+        let mut p = Programmed::default();
+        step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
+        let d = desired([frontend(1, &[4, 5, 6])]);
+        let the_plan = super::plan(&d, &p, &none);
+        for fail_at in 0..ops(&the_plan).len() {
+            let mut mirror = p.clone();
+            let mut maps = FailAfter(fail_at, p.clone());
+            let applied = writer::apply(&the_plan, &mut maps, &mut mirror);
+            assert!(applied.errors[0].contains("E2BIG"));
+            assert_eq!(mirror, maps.1);
+            // Retrying from what was written converges (the drained pods go in a later round).
+            for _ in 0..3 {
+                step(&d, &mut mirror, &none);
+            }
+            assert_programs(&d, &mirror);
+        }
+    }
+
+    #[test]
+    fn stray_slots_and_backends_from_an_interrupted_run_are_repaired() {
+        let mut p = Programmed::default();
+        let d = desired([frontend(1, &[1, 2])]);
+        step(&d, &mut p, &none);
+        p.slots.insert(SlotKey { service_id: 9, index: 0 }, 0);
+        p.slots.insert(SlotKey { service_id: 0, index: 7 }, 0);
+        p.backends.insert(42, backend(SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 9), 80), 9));
+        step(&d, &mut p, &none);
+        step(&d, &mut p, &none);
+        assert_programs(&d, &p);
+        assert!(!p.backends.contains_key(&42));
+    }
+
+    proptest! {
+        /// After any sequence of desired states, with connections open or not, the maps end
+        /// up holding exactly the desired state, and no write along the way lets a connect
+        /// see a slot that points nowhere.
+        #[test]
+        fn maps_converge_to_any_sequence_of_desired_states(
+            states in prop::collection::vec(
+                prop::collection::btree_map(1u8..6, prop::collection::vec(1u8..12, 0..8), 0..5),
+                1..8,
+            ),
+            busy in prop::collection::btree_set(0u32..40, 0..10),
+        ) {
+            let mut p = Programmed::default();
+            for state in states {
+                let d = desired(state.iter().map(|(vip, backends)| frontend(*vip, backends)));
+                step(&d, &mut p, &|id| u64::from(busy.contains(&id)));
+                assert_programs(&d, &p);
+                // Once every connection closed, drained backends and unused names go.
+                step(&d, &mut p, &none);
+                step(&d, &mut p, &none);
+                assert_programs(&d, &p);
+                prop_assert_eq!(p.backends.len(), p.slots.len());
+                prop_assert_eq!(p.names.len(), p.services.len());
+            }
+        }
+    }
+}
