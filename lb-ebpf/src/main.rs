@@ -28,9 +28,9 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_ESTABLISHED,
-        BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT, bpf_sock,
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT,
+        bpf_sock,
     },
     btf_maps::{Array, HashMap, SkStorage},
     helpers::generated::{bpf_get_prandom_u32, bpf_loop, bpf_set_retval, bpf_sk_storage_get},
@@ -303,7 +303,9 @@ unsafe fn track_tcp_state(ctx: &SockOpsContext) {
         return;
     }
     let new_state = ctx.arg(1);
-    if new_state != BPF_TCP_ESTABLISHED && new_state != BPF_TCP_SYN_SENT && new_state != BPF_TCP_SYN_RECV
+    if new_state != BPF_TCP_ESTABLISHED
+        && new_state != BPF_TCP_SYN_SENT
+        && new_state != BPF_TCP_SYN_RECV
     {
         // Closing, closed, reset, refused or timed out: no longer a live connection.
         unsafe { release(state) };
@@ -325,7 +327,9 @@ unsafe fn release(state: *mut SockState) {
 unsafe fn storage_of(sk: *mut bpf_sock) -> *mut SockState {
     // SkStorage's own accessors take a sock_addr context; sock_ops and sock_release hand us the
     // socket itself. The map's address is what the helper needs.
-    let map = ptr::from_ref::<SkStorage<SockState>>(&SOCKETS).cast_mut().cast();
+    let map = ptr::from_ref::<SkStorage<SockState>>(&SOCKETS)
+        .cast_mut()
+        .cast();
     unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) }.cast()
 }
 

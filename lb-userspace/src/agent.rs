@@ -58,7 +58,9 @@ pub async fn run(config: Config) -> Result<()> {
                     warn!("backend {id}: count was {was}, {now} live sockets found; corrected");
                 }
                 for id in &r.unsettled {
-                    warn!("backend {id}: count disagrees with the live sockets but kept changing; left as is");
+                    warn!(
+                        "backend {id}: count disagrees with the live sockets but kept changing; left as is"
+                    );
                 }
             }
             Err(e) => warn!("could not check connection counts against live sockets: {e:#}"),
@@ -80,7 +82,10 @@ pub async fn run(config: Config) -> Result<()> {
         last_errors: Vec::new(),
     };
     agent.reconcile(&mut maps, &mut programmed, true);
-    info!("synced: {} service ports programmed", programmed.services.len());
+    info!(
+        "synced: {} service ports programmed",
+        programmed.services.len()
+    );
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

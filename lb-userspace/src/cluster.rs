@@ -96,7 +96,11 @@ pub struct Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Service {} port {:?} ({})", self.service, self.port_name, self.key)
+        write!(
+            f,
+            "Service {} port {:?} ({})",
+            self.service, self.port_name, self.key
+        )
     }
 }
 
@@ -154,7 +158,9 @@ pub fn desired(
     let mut out = Desired::default();
     let mut errors = Vec::new();
     for (service_ref, service) in &state.services {
-        let slices = slices_by_service.get(service_ref).map_or(&[][..], Vec::as_slice);
+        let slices = slices_by_service
+            .get(service_ref)
+            .map_or(&[][..], Vec::as_slice);
         let resolved = resolve_service(service_ref, service, slices, default_algorithm)
             .and_then(|frontends| claim(&out, frontends));
         let frontends = match resolved {
@@ -226,8 +232,11 @@ fn resolve_service(
         .and_then(|a| a.get(ALGORITHM_ANNOTATION))
     {
         None => default_algorithm,
-        Some(name) => parse_algorithm(name)
-            .ok_or_else(|| format!("annotation {ALGORITHM_ANNOTATION}: unknown algorithm {name:?} (random, least-conn)"))?,
+        Some(name) => parse_algorithm(name).ok_or_else(|| {
+            format!(
+                "annotation {ALGORITHM_ANNOTATION}: unknown algorithm {name:?} (random, least-conn)"
+            )
+        })?,
     };
 
     let mut frontends = Vec::new();
@@ -304,7 +313,11 @@ fn backends_for_port(
                 "port {port_name:?} ({}/{protocol}) does not resolve: EndpointSlice {} has no port named {port_name:?} (its ports: {})",
                 port.port,
                 slice.metadata.name.as_deref().unwrap_or("?"),
-                if names.is_empty() { "none".into() } else { names.join(", ") }
+                if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                }
             ));
         };
         let number = slice_port
@@ -366,8 +379,8 @@ mod tests {
                 name: id.name,
             };
             match object {
-                Object::Service(s) => state.services.insert(key, s).is_none(),
-                Object::EndpointSlice(s) => state.slices.insert(key, s).is_none(),
+                Object::Service(s) => state.services.insert(key, *s).is_none(),
+                Object::EndpointSlice(s) => state.slices.insert(key, *s).is_none(),
             };
         }
         state
@@ -402,8 +415,16 @@ mod tests {
         let s = state(&format!(
             "{}{}{}",
             service("web", "10.96.0.10", ""),
-            slice("web-1", "web", &[("10.0.0.1", "ready: true"), ("10.0.0.2", "ready: false")]),
-            slice("web-2", "web", &[("10.0.0.3", ""), ("10.0.0.1", "ready: true")]),
+            slice(
+                "web-1",
+                "web",
+                &[("10.0.0.1", "ready: true"), ("10.0.0.2", "ready: false")]
+            ),
+            slice(
+                "web-2",
+                "web",
+                &[("10.0.0.3", ""), ("10.0.0.1", "ready: true")]
+            ),
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(errors.is_empty(), "{errors:?}");
@@ -421,14 +442,22 @@ mod tests {
         let s = state(&format!(
             "{}{}",
             service("web", "10.96.0.10", ""),
-            slice("a", "web", &[("10.0.0.1", term), ("10.0.0.2", "ready: true")]),
+            slice(
+                "a",
+                "web",
+                &[("10.0.0.1", term), ("10.0.0.2", "ready: true")]
+            ),
         ));
         let (d, _) = desired(&s, Algorithm::Random, &Desired::default());
         assert_eq!(backends(&d, 80), ["10.0.0.2:8080"]);
         let s = state(&format!(
             "{}{}",
             service("web", "10.96.0.10", ""),
-            slice("a", "web", &[("10.0.0.1", term), ("10.0.0.2", "ready: false")]),
+            slice(
+                "a",
+                "web",
+                &[("10.0.0.1", term), ("10.0.0.2", "ready: false")]
+            ),
         ));
         let (d, _) = desired(&s, Algorithm::Random, &Desired::default());
         assert_eq!(backends(&d, 80), ["10.0.0.1:8080"]);
@@ -438,14 +467,26 @@ mod tests {
     fn algorithm_annotation_and_skipped_services() {
         let s = state(&format!(
             "{}{}{}",
-            service("a", "10.96.0.1", ", annotations: {socklb.io/algorithm: random}"),
+            service(
+                "a",
+                "10.96.0.1",
+                ", annotations: {socklb.io/algorithm: random}"
+            ),
             service("headless", "None", ""),
-            service("other", "10.96.0.3", ", labels: {service.kubernetes.io/service-proxy-name: x}"),
+            service(
+                "other",
+                "10.96.0.3",
+                ", labels: {service.kubernetes.io/service-proxy-name: x}"
+            ),
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(errors.is_empty());
         assert_eq!(d.frontends.len(), 2);
-        assert!(d.frontends.values().all(|f| f.algorithm == Algorithm::Random));
+        assert!(
+            d.frontends
+                .values()
+                .all(|f| f.algorithm == Algorithm::Random)
+        );
     }
 
     #[test]
@@ -457,11 +498,18 @@ mod tests {
         ));
         let (before, _) = desired(&good, Algorithm::LeastConn, &Desired::default());
         for broken in [
-            service("web", "10.96.0.10", ", annotations: {socklb.io/algorithm: fastest}"),
+            service(
+                "web",
+                "10.96.0.10",
+                ", annotations: {socklb.io/algorithm: fastest}",
+            ),
             service("web", "10.96.0.10", "").replace("name: http,", "name: web,"),
             service("web", "not-an-ip", ""),
         ] {
-            let bad = state(&format!("{broken}{}", slice("a", "web", &[("10.0.0.1", "")])));
+            let bad = state(&format!(
+                "{broken}{}",
+                slice("a", "web", &[("10.0.0.1", "")])
+            ));
             let (after, errors) = desired(&bad, Algorithm::LeastConn, &before);
             assert_eq!(errors.len(), 1, "{broken}");
             assert!(errors[0].to_string().starts_with("Service ns/web: "));
@@ -478,7 +526,9 @@ mod tests {
         ));
         let (_, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(
-            errors[0].message.contains("port \"web\" (80/TCP) does not resolve: EndpointSlice a has no port named \"web\""),
+            errors[0].message.contains(
+                "port \"web\" (80/TCP) does not resolve: EndpointSlice a has no port named \"web\""
+            ),
             "{}",
             errors[0]
         );
@@ -511,6 +561,12 @@ mod tests {
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(d.frontends.is_empty());
-        assert!(errors[0].message.contains("8193 backends, more than the 8192"), "{}", errors[0]);
+        assert!(
+            errors[0]
+                .message
+                .contains("8193 backends, more than the 8192"),
+            "{}",
+            errors[0]
+        );
     }
 }

@@ -44,7 +44,13 @@ fn table(rows: &[Row]) -> String {
     };
     let widths: Vec<usize> = columns
         .iter()
-        .map(|c| rows.iter().map(|r| cell(&r[*c]).len()).max().unwrap_or(0).max(c.len()))
+        .map(|c| {
+            rows.iter()
+                .map(|r| cell(&r[*c]).len())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
         .collect();
     let mut out = String::new();
     let line = |out: &mut String, cells: Vec<(String, bool)>| {
@@ -62,11 +68,17 @@ fn table(rows: &[Row]) -> String {
         out.push_str(l.trim_end());
         out.push('\n');
     };
-    line(&mut out, columns.iter().map(|c| (c.to_uppercase(), false)).collect());
+    line(
+        &mut out,
+        columns.iter().map(|c| (c.to_uppercase(), false)).collect(),
+    );
     for r in rows {
         line(
             &mut out,
-            columns.iter().map(|c| (cell(&r[*c]), r[*c].is_number())).collect(),
+            columns
+                .iter()
+                .map(|c| (cell(&r[*c]), r[*c].is_number()))
+                .collect(),
         );
     }
     out
@@ -128,7 +140,11 @@ pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
     for (id, b) in &p.backends {
         let (name, port_name) = service_label(p.names.get(&b.service_id));
         let addr = backend_addr(b);
-        let state = if b.state == backend_state::ACTIVE { "active" } else { "draining" };
+        let state = if b.state == backend_state::ACTIVE {
+            "active"
+        } else {
+            "draining"
+        };
         rows.push(row(vec![
             ("service", json!(name)),
             ("port_name", json!(port_name)),
@@ -144,7 +160,9 @@ pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
         (
             r["service"].to_string(),
             r["port_name"].to_string(),
-            r["ip"].as_str().and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok()),
+            r["ip"]
+                .as_str()
+                .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok()),
             r["port"].as_u64(),
         )
     });
@@ -206,7 +224,12 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
         map_names::CONN_COUNTS => p
             .backends
             .keys()
-            .map(|id| row(vec![("backend_id", json!(id)), ("connections", json!(maps.connections(*id)))]))
+            .map(|id| {
+                row(vec![
+                    ("backend_id", json!(id)),
+                    ("connections", json!(maps.connections(*id))),
+                ])
+            })
             .collect(),
         map_names::SERVICE_STATS => p
             .services
@@ -224,7 +247,10 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
             "{name} is socket-local storage: the kernel only reads it through a socket, so it \
              cannot be listed (see `backend list` for the live connection counts)"
         ),
-        other => bail!("unknown map {other:?} (maps: {})", map_names::ALL.join(", ")),
+        other => bail!(
+            "unknown map {other:?} (maps: {})",
+            map_names::ALL.join(", ")
+        ),
     };
     Ok(rows)
 }
@@ -242,7 +268,10 @@ pub fn prog_show(pin_path: &Path) -> Result<Vec<Row>> {
             ("cgroup_id", json!(a.link.cgroup_id)),
             ("xlated_bytes", json!(p.and_then(|p| p.size_translated()))),
             ("run_cnt", json!(p.map(|p| p.run_count()))),
-            ("run_time_ns", json!(p.map(|p| p.run_time().as_nanos() as u64))),
+            (
+                "run_time_ns",
+                json!(p.map(|p| p.run_time().as_nanos() as u64)),
+            ),
         ]));
     }
     if rows.is_empty() {
@@ -258,8 +287,14 @@ mod tests {
     #[test]
     fn table_aligns_columns_and_right_aligns_numbers() {
         let rows = vec![
-            row(vec![("service", json!("ns/web")), ("connections", json!(5))]),
-            row(vec![("service", json!("ns/a-longer-name")), ("connections", json!(12))]),
+            row(vec![
+                ("service", json!("ns/web")),
+                ("connections", json!(5)),
+            ]),
+            row(vec![
+                ("service", json!("ns/a-longer-name")),
+                ("connections", json!(12)),
+            ]),
         ];
         assert_eq!(
             render(&rows, Format::Table),

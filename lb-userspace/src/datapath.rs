@@ -23,9 +23,7 @@ use aya::{
         loaded_programs,
     },
 };
-use lb_common::{
-    Backend, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, map_names,
-};
+use lb_common::{Backend, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, map_names};
 use log::info;
 
 use crate::{
@@ -197,7 +195,10 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     fs::remove_dir(pin_path).with_context(|| {
-        format!("removing {} (does it hold files socklb did not make?)", pin_path.display())
+        format!(
+            "removing {} (does it hold files socklb did not make?)",
+            pin_path.display()
+        )
     })?;
     Ok(removed)
 }
@@ -216,7 +217,8 @@ pub fn attached_programs(pin_path: &Path) -> Result<Vec<AttachedProgram>> {
         if !path.exists() {
             continue;
         }
-        let link = bpf_sys::obj_get(&path).with_context(|| format!("opening {}", path.display()))?;
+        let link =
+            bpf_sys::obj_get(&path).with_context(|| format!("opening {}", path.display()))?;
         let info = bpf_sys::link_info(&link)?;
         let program = loaded_programs()
             .filter_map(Result::ok)
@@ -252,7 +254,10 @@ impl Maps {
         let open = |name: &str| -> Result<Map> {
             let path = pin_path.join(name);
             let data = MapData::from_pin(&path).with_context(|| {
-                format!("opening {} (is socklb installed at this pin path?)", path.display())
+                format!(
+                    "opening {} (is socklb installed at this pin path?)",
+                    path.display()
+                )
             })?;
             Ok(Map::from_map_data(data)?)
         };
@@ -343,7 +348,13 @@ fn ensure_bpffs(pin_path: &Path) -> Result<()> {
     let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
     // SAFETY: all pointers are valid NUL-terminated strings.
     let rc = unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");

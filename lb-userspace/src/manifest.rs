@@ -2,8 +2,8 @@
 //!
 //! A file may hold several documents separated by `---`, and a document may be the `kind: List`
 //! that `kubectl get -o yaml` writes. Each object is checked strictly, as `kubectl apply
-//! --validate=strict` would: an unknown field or kind is an error naming the file and object,
-//! and only that object is dropped, so one typo does not take a whole file down.
+//! --validate=strict` would: an unknown field or kind is an error naming the file and object.
+//! Every object is checked, so one pass reports every mistake in a file.
 
 use std::{fmt, path::Path};
 
@@ -14,8 +14,8 @@ use serde_json::Value;
 /// An object read from a manifest.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
 
 impl Object {
@@ -71,13 +71,11 @@ impl fmt::Display for ManifestError {
     }
 }
 
-/// What a file yielded: its good objects, and an error for each bad one. `syntax_error` means
-/// the YAML itself could not be read, so nothing in the file can be trusted.
+/// What a file yielded: its good objects, and an error for each bad one.
 #[derive(Debug, Default)]
 pub struct Parsed {
     pub objects: Vec<Object>,
     pub errors: Vec<ManifestError>,
-    pub syntax_error: bool,
 }
 
 /// Parses the text of one manifest file.
@@ -95,7 +93,6 @@ pub fn parse(file: &Path, text: &str) -> Parsed {
                     object: None,
                     message: format!("invalid YAML: {e}"),
                 });
-                parsed.syntax_error = true;
                 return parsed;
             }
         }
@@ -114,7 +111,10 @@ fn collect(file: &str, where_: &str, value: Value, parsed: &mut Parsed) {
         message,
     };
     let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
-    let api_version = value.get("apiVersion").and_then(Value::as_str).map(str::to_owned);
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let label = describe(&value, where_);
     let result = match (kind.as_deref(), api_version.as_deref()) {
         (Some("List"), _) => {
@@ -135,14 +135,20 @@ fn collect(file: &str, where_: &str, value: Value, parsed: &mut Parsed) {
             }
             return;
         }
-        (Some("Service"), Some("v1")) => strict::<Service>(value).map(Object::Service),
+        (Some("Service"), Some("v1")) => {
+            strict::<Service>(value).map(|s| Object::Service(Box::new(s)))
+        }
         (Some("EndpointSlice"), Some("discovery.k8s.io/v1")) => {
-            strict::<EndpointSlice>(value).map(Object::EndpointSlice)
+            strict::<EndpointSlice>(value).map(|s| Object::EndpointSlice(Box::new(s)))
         }
         (Some(kind @ ("Service" | "EndpointSlice")), version) => Err(format!(
             "unsupported apiVersion {:?} for {kind} (expected {})",
             version.unwrap_or(""),
-            if kind == "Service" { "v1" } else { "discovery.k8s.io/v1" }
+            if kind == "Service" {
+                "v1"
+            } else {
+                "discovery.k8s.io/v1"
+            }
         )),
         (Some(kind), _) => Err(format!(
             "unknown kind {kind:?}: socklb reads Service and EndpointSlice"
@@ -253,23 +259,28 @@ mod tests {
         assert!(p.objects.is_empty());
         assert_eq!(p.errors.len(), 1);
         let msg = p.errors[0].to_string();
-        assert!(msg.starts_with("m.yaml: Service shop/web: unknown field"), "{msg}");
+        assert!(
+            msg.starts_with("m.yaml: Service shop/web: unknown field"),
+            "{msg}"
+        );
         assert!(msg.contains("spec.clusterIPP"), "{msg}");
     }
 
     #[test]
     fn bad_object_does_not_drop_its_neighbours() {
-        let p = parse_str(&format!("{}---\n{SLICE}", SERVICE.replace("port: 80", "port: eighty")));
+        let p = parse_str(&format!(
+            "{}---\n{SLICE}",
+            SERVICE.replace("port: 80", "port: eighty")
+        ));
         assert_eq!(p.objects.len(), 1);
         assert_eq!(p.errors.len(), 1);
         assert_eq!(p.errors[0].object.as_deref(), Some("Service shop/web"));
-        assert!(!p.syntax_error);
     }
 
     #[test]
-    fn invalid_yaml_is_a_syntax_error() {
+    fn invalid_yaml_is_reported_with_the_file() {
         let p = parse_str("kind: Service\n  bad: : indentation\n");
-        assert!(p.syntax_error);
+        assert!(p.objects.is_empty());
         assert!(p.errors[0].to_string().starts_with("m.yaml: invalid YAML"));
     }
 
@@ -280,14 +291,27 @@ mod tests {
         );
         let msgs: Vec<_> = p.errors.iter().map(ToString::to_string).collect();
         assert_eq!(msgs.len(), 3, "{msgs:?}");
-        assert!(msgs[0].contains("Deployment default/web: unknown kind"), "{msgs:?}");
-        assert!(msgs[1].contains("Service (document 2): missing field `metadata.name`"), "{msgs:?}");
-        assert!(msgs[2].contains("document 3: missing field `kind`"), "{msgs:?}");
+        assert!(
+            msgs[0].contains("Deployment default/web: unknown kind"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[1].contains("Service (document 2): missing field `metadata.name`"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[2].contains("document 3: missing field `kind`"),
+            "{msgs:?}"
+        );
     }
 
     #[test]
     fn slice_needs_its_service_label() {
         let p = parse_str(&SLICE.replace("kubernetes.io/service-name", "app"));
-        assert!(p.errors[0].message.contains("missing label kubernetes.io/service-name"));
+        assert!(
+            p.errors[0]
+                .message
+                .contains("missing label kubernetes.io/service-name")
+        );
     }
 }

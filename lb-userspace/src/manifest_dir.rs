@@ -1,11 +1,12 @@
 //! A directory of manifests as the cluster state (the agent's standalone mode).
 //!
-//! Every load re-reads all `*.yaml`, `*.yml` and `*.json` files. A file that is not valid YAML
-//! keeps the objects it last had; an invalid object keeps its last good version. So a bad edit
-//! is reported and changes nothing, and fixing it applies the new content.
+//! Every load re-reads all `*.yaml`, `*.yml` and `*.json` files. A file applies as a whole or
+//! not at all: if anything in it is wrong (bad YAML, an unknown kind or field, a missing field),
+//! every error is reported and the file keeps the objects it last had (none if it is new). So a
+//! bad edit changes nothing, whichever object it broke, and fixing it applies the new content.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
 };
@@ -45,9 +46,12 @@ impl ManifestDir {
                     let objects = match fs::read_to_string(&path) {
                         Ok(text) => {
                             let parsed = manifest::parse(&path, &text);
-                            let objects = merge(previous, parsed.objects, &parsed.errors, parsed.syntax_error);
-                            errors.extend(parsed.errors);
-                            objects
+                            if parsed.errors.is_empty() {
+                                parsed.objects
+                            } else {
+                                errors.extend(parsed.errors);
+                                previous
+                            }
                         }
                         Err(e) => {
                             errors.push(ManifestError {
@@ -95,10 +99,10 @@ impl ManifestDir {
                 };
                 match (object, id.kind) {
                     (Object::Service(s), Kind::Service) => {
-                        state.services.insert(key, s.clone());
+                        state.services.insert(key, (**s).clone());
                     }
                     (Object::EndpointSlice(s), Kind::EndpointSlice) => {
-                        state.slices.insert(key, s.clone());
+                        state.slices.insert(key, (**s).clone());
                     }
                     _ => unreachable!("id kind follows the object"),
                 }
@@ -106,27 +110,6 @@ impl ManifestDir {
         }
         state
     }
-}
-
-/// The objects a file holds now: the freshly parsed good ones, plus the last good version of
-/// each object that is in error. If the YAML could not be read at all, everything stays.
-fn merge(
-    previous: Vec<Object>,
-    parsed: Vec<Object>,
-    errors: &[ManifestError],
-    syntax_error: bool,
-) -> Vec<Object> {
-    if syntax_error {
-        return previous;
-    }
-    let failed: BTreeSet<&str> = errors.iter().filter_map(|e| e.object.as_deref()).collect();
-    let present: BTreeSet<String> = parsed.iter().map(|o| o.id().to_string()).collect();
-    let mut objects = parsed;
-    objects.extend(previous.into_iter().filter(|o| {
-        let id = o.id().to_string();
-        failed.contains(id.as_str()) && !present.contains(&id)
-    }));
-    objects
 }
 
 fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -158,14 +141,24 @@ mod tests {
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
 
     fn dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("socklb-md-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let d = std::env::temp_dir().join(format!(
+            "socklb-md-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
     }
 
     fn cluster_ip(s: &ClusterState) -> Option<String> {
-        s.services.values().next()?.spec.as_ref()?.cluster_ip.clone()
+        s.services
+            .values()
+            .next()?
+            .spec
+            .as_ref()?
+            .cluster_ip
+            .clone()
     }
 
     #[test]
@@ -184,10 +177,18 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(cluster_ip(&s).as_deref(), Some("10.96.0.10"));
 
-        // An unknown field: that object keeps its last good version.
-        fs::write(&file, SVC.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.11, typo: 1")).unwrap();
+        // An unknown field: the file keeps its last good content.
+        fs::write(
+            &file,
+            SVC.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.11, typo: 1"),
+        )
+        .unwrap();
         let (s, e) = m.load();
-        assert!(e[0].to_string().contains("Service ns/web: unknown field"), "{}", e[0]);
+        assert!(
+            e[0].to_string().contains("Service ns/web: unknown field"),
+            "{}",
+            e[0]
+        );
         assert_eq!(cluster_ip(&s).as_deref(), Some("10.96.0.10"));
 
         // Fixed: the new content applies.
@@ -212,7 +213,10 @@ mod tests {
         let (s, e) = ManifestDir::new(&d).load();
         assert_eq!(cluster_ip(&s).as_deref(), Some("10.96.0.10"));
         assert_eq!(e.len(), 1);
-        assert!(e[0].to_string().contains("b.yml: Service ns/web: also defined in"));
+        assert!(
+            e[0].to_string()
+                .contains("b.yml: Service ns/web: also defined in")
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 }

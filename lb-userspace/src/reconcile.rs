@@ -246,9 +246,7 @@ impl<'a> Planner<'a> {
         let fresh = f
             .backends
             .iter()
-            .filter(|addr| {
-                existing.is_none_or(|s| !self.backend_ids.contains_key(&(s.id, **addr)))
-            })
+            .filter(|addr| existing.is_none_or(|s| !self.backend_ids.contains_key(&(s.id, **addr))))
             .count();
         if fresh > self.backend_ids_free.free() {
             return Err(format!("map BACKENDS is full ({MAX_BACKENDS} entries)"));
@@ -382,7 +380,11 @@ impl IdAllocator {
 /// nothing refers to any more. A backend goes only if it was already draining and out of every
 /// slot before this plan: a connect racing with the slot rewrite that took it out may still
 /// look it up, and if that rewrite failed part-way a slot may still point at it.
-fn gc(current: &Programmed, planner: &Planner<'_>, connections: &dyn Fn(u32) -> u64) -> Option<Change> {
+fn gc(
+    current: &Programmed,
+    planner: &Planner<'_>,
+    connections: &dyn Fn(u32) -> u64,
+) -> Option<Change> {
     let in_slots: BTreeSet<u32> = current.slots.values().copied().collect();
     let mut ops = Vec::new();
     let mut kept_service_ids = planner.wanted_service_ids.clone();
@@ -421,7 +423,10 @@ fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
     let mut rest = wanted.iter().filter(|id| !placed.contains(*id));
     slots
         .into_iter()
-        .map(|s| s.or_else(|| rest.next().copied()).expect("as many ids as slots"))
+        .map(|s| {
+            s.or_else(|| rest.next().copied())
+                .expect("as many ids as slots")
+        })
         .collect()
 }
 
@@ -461,7 +466,11 @@ pub fn programmed_frontends(p: &Programmed) -> Desired {
         let Some(key) = frontend_key(key) else {
             continue;
         };
-        let name = p.names.get(&service.id).copied().unwrap_or(ServiceName::empty());
+        let name = p
+            .names
+            .get(&service.id)
+            .copied()
+            .unwrap_or(ServiceName::empty());
         let mut backends: Vec<SocketAddrV4> = (0..service.count)
             .filter_map(|index| {
                 let id = p.slots.get(&SlotKey {
@@ -533,7 +542,10 @@ mod tests {
     fn check_visible(p: &Programmed) {
         for (key, s) in &p.services {
             for index in 0..s.count {
-                let id = p.slots.get(&SlotKey { service_id: s.id, index });
+                let id = p.slots.get(&SlotKey {
+                    service_id: s.id,
+                    index,
+                });
                 let b = id.and_then(|id| p.backends.get(id));
                 assert!(
                     b.is_some_and(|b| b.service_id == s.id),
@@ -579,7 +591,11 @@ mod tests {
         }
         let in_slots: BTreeSet<u32> = p.slots.values().copied().collect();
         for (id, b) in &p.backends {
-            assert_eq!(b.state == backend_state::ACTIVE, in_slots.contains(id), "backend {id}");
+            assert_eq!(
+                b.state == backend_state::ACTIVE,
+                in_slots.contains(id),
+                "backend {id}"
+            );
         }
     }
 
@@ -609,10 +625,15 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            ["name", "stats", "backend", "backend", "backend", "slot", "slot", "slot", "service"]
+            [
+                "name", "stats", "backend", "backend", "backend", "slot", "slot", "slot", "service"
+            ]
         );
         assert_programs(&d, &p);
-        assert!(super::plan(&d, &p, &none).changes.is_empty(), "a second plan has nothing to do");
+        assert!(
+            super::plan(&d, &p, &none).changes.is_empty(),
+            "a second plan has nothing to do"
+        );
     }
 
     #[test]
@@ -640,19 +661,34 @@ mod tests {
     fn a_removed_pod_drains_and_is_forgotten_after_its_last_connection() {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
-        let gone = *p.backends.iter().find(|(_, b)| backend_addr(b).ip().octets()[3] == 1).unwrap().0;
+        let gone = *p
+            .backends
+            .iter()
+            .find(|(_, b)| backend_addr(b).ip().octets()[3] == 1)
+            .unwrap()
+            .0;
         let d = desired([frontend(1, &[2, 3])]);
         let plan = step(&d, &mut p, &|_| 1);
         // The last slot moves into the hole; the count drops before the tail slot goes.
         let o = ops(&plan);
-        let service = o.iter().position(|op| matches!(op, Op::PutService(..))).unwrap();
-        let delete = o.iter().position(|op| matches!(op, Op::DeleteSlot(..))).unwrap();
+        let service = o
+            .iter()
+            .position(|op| matches!(op, Op::PutService(..)))
+            .unwrap();
+        let delete = o
+            .iter()
+            .position(|op| matches!(op, Op::DeleteSlot(..)))
+            .unwrap();
         assert!(service < delete);
         assert_eq!(p.backends[&gone].state, backend_state::DRAINING);
         assert_programs(&d, &p);
 
         // Still one connection: kept. Last one closed: forgotten.
-        assert!(step(&d, &mut p, &|id| u64::from(id == gone)).changes.is_empty());
+        assert!(
+            step(&d, &mut p, &|id| u64::from(id == gone))
+                .changes
+                .is_empty()
+        );
         let plan = step(&d, &mut p, &none);
         assert_eq!(ops(&plan), [&Op::DeleteBackend(gone)]);
         assert!(!p.backends.contains_key(&gone));
@@ -662,13 +698,19 @@ mod tests {
     fn a_pod_that_comes_back_keeps_its_id_and_so_its_count() {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2])]), &mut p, &none);
-        let ids: BTreeMap<SocketAddrV4, u32> =
-            p.backends.iter().map(|(id, b)| (backend_addr(b), *id)).collect();
+        let ids: BTreeMap<SocketAddrV4, u32> = p
+            .backends
+            .iter()
+            .map(|(id, b)| (backend_addr(b), *id))
+            .collect();
         step(&desired([frontend(1, &[2])]), &mut p, &|_| 3);
         let d = desired([frontend(1, &[1, 2])]);
         step(&d, &mut p, &|_| 3);
-        let again: BTreeMap<SocketAddrV4, u32> =
-            p.backends.iter().map(|(id, b)| (backend_addr(b), *id)).collect();
+        let again: BTreeMap<SocketAddrV4, u32> = p
+            .backends
+            .iter()
+            .map(|(id, b)| (backend_addr(b), *id))
+            .collect();
         assert_eq!(ids, again);
         assert_programs(&d, &p);
     }
@@ -676,7 +718,11 @@ mod tests {
     #[test]
     fn removing_a_service_deletes_its_entry_before_its_slots() {
         let mut p = Programmed::default();
-        step(&desired([frontend(1, &[1]), frontend(2, &[1, 2])]), &mut p, &none);
+        step(
+            &desired([frontend(1, &[1]), frontend(2, &[1, 2])]),
+            &mut p,
+            &none,
+        );
         let d = desired([frontend(1, &[1])]);
         let plan = step(&d, &mut p, &none);
         assert!(matches!(plan.changes[0].ops[0], Op::DeleteService(_)));
@@ -703,7 +749,11 @@ mod tests {
         let plan = super::plan(&desired(many(MAX_SERVICES + 1)), &p, &none);
         assert!(plan.changes.is_empty());
         assert_eq!(plan.errors.len(), 1);
-        assert!(plan.errors[0].contains("map SERVICES is full (65536 entries)"), "{}", plan.errors[0]);
+        assert!(
+            plan.errors[0].contains("map SERVICES is full (65536 entries)"),
+            "{}",
+            plan.errors[0]
+        );
         assert!(plan.errors[0].starts_with("Service ns/svc0 port \"http\" (10.97.0.0:80/TCP)"));
         assert_eq!(p, before);
     }
@@ -719,14 +769,20 @@ mod tests {
                 .collect();
             f
         };
-        let full: Vec<Frontend> = (0..(MAX_SLOTS as usize / per_service) as u8).map(big).collect();
+        let full: Vec<Frontend> = (0..(MAX_SLOTS as usize / per_service) as u8)
+            .map(big)
+            .collect();
         fill(&desired(full.clone()), &mut p);
         assert_eq!(p.slots.len(), MAX_SLOTS as usize);
         let mut more = full;
         more.push(frontend(250, &[1]));
         let plan = super::plan(&desired(more), &p, &none);
         assert!(plan.changes.is_empty());
-        assert!(plan.errors[0].contains("map SLOTS is full"), "{:?}", plan.errors);
+        assert!(
+            plan.errors[0].contains("map SLOTS is full"),
+            "{:?}",
+            plan.errors
+        );
     }
 
     /// A writer that fails after a number of successful writes.
@@ -768,9 +824,24 @@ mod tests {
         let mut p = Programmed::default();
         let d = desired([frontend(1, &[1, 2])]);
         step(&d, &mut p, &none);
-        p.slots.insert(SlotKey { service_id: 9, index: 0 }, 0);
-        p.slots.insert(SlotKey { service_id: 0, index: 7 }, 0);
-        p.backends.insert(42, backend(SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 9), 80), 9));
+        p.slots.insert(
+            SlotKey {
+                service_id: 9,
+                index: 0,
+            },
+            0,
+        );
+        p.slots.insert(
+            SlotKey {
+                service_id: 0,
+                index: 7,
+            },
+            0,
+        );
+        p.backends.insert(
+            42,
+            backend(SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 9), 80), 9),
+        );
         step(&d, &mut p, &none);
         step(&d, &mut p, &none);
         assert_programs(&d, &p);

@@ -27,7 +27,10 @@ pub struct Recount {
 pub fn verify(maps: &mut Maps, cgroup: &Path) -> Result<Recount> {
     let backends: Vec<u32> = maps.backends.keys().collect::<Result<_, _>>()?;
     let counts = |maps: &Maps| -> BTreeMap<u32, u64> {
-        backends.iter().map(|id| (*id, maps.connections(*id))).collect()
+        backends
+            .iter()
+            .map(|id| (*id, maps.connections(*id)))
+            .collect()
     };
     let before = counts(maps);
     let (first, namespaces, sockets) = live_sockets(maps, cgroup)?;

@@ -7,8 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    io,
+    fs, io,
     net::{IpAddr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     os::unix::fs::MetadataExt as _,
@@ -18,8 +17,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb_common::SockState;
 use netlink_packet_core::{
-    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_DUMP, NLM_F_REQUEST, Nla, NlasIterator,
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
+    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable, Nla, NlasIterator,
 };
 use netlink_packet_sock_diag::{
     SOCK_DIAG_BY_FAMILY, SockDiagMessage,
@@ -77,7 +76,11 @@ pub fn netns_of_cgroup(cgroup: &Path) -> Result<Vec<fs::File>> {
 
 /// Dumps the TCP and UDP IPv4 sockets of `netns` that have an entry in the socket storage map
 /// (`map_fd`, kernel id `map_id`).
-pub fn dump_assigned(netns: &fs::File, map_fd: BorrowedFd<'_>, map_id: u32) -> Result<Vec<AssignedSocket>> {
+pub fn dump_assigned(
+    netns: &fs::File,
+    map_fd: BorrowedFd<'_>,
+    map_id: u32,
+) -> Result<Vec<AssignedSocket>> {
     let netns = netns.try_clone()?;
     let map_fd = map_fd.try_clone_to_owned()?;
     std::thread::scope(|s| {
@@ -128,7 +131,10 @@ fn dump_protocol(protocol: u8, map_fd: BorrowedFd<'_>, map_id: u32) -> Result<Ve
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
 
-    let fd_attr = DefaultNla::new(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, (map_fd.as_raw_fd() as u32).to_ne_bytes().to_vec());
+    let fd_attr = DefaultNla::new(
+        SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
+        (map_fd.as_raw_fd() as u32).to_ne_bytes().to_vec(),
+    );
     let mut nested = vec![0; fd_attr.buffer_len()];
     fd_attr.emit(&mut nested);
     let request = DumpRequest {
@@ -191,9 +197,10 @@ fn assigned(
         _ => None,
     })?;
     let storage = storage_value(&storages, map_id)?;
-    let (IpAddr::V4(local), IpAddr::V4(remote)) =
-        (r.header.socket_id.source_address, r.header.socket_id.destination_address)
-    else {
+    let (IpAddr::V4(local), IpAddr::V4(remote)) = (
+        r.header.socket_id.source_address,
+        r.header.socket_id.destination_address,
+    ) else {
         return None;
     };
     Some(AssignedSocket {
@@ -217,7 +224,12 @@ fn storage_value(attrs: &[u8], map_id: u32) -> Option<SockState> {
         let mut value = None;
         for field in NlasIterator::new(storage.value()).filter_map(Result::ok) {
             match field.kind() {
-                SK_DIAG_BPF_STORAGE_MAP_ID => id = field.value().get(..4).map(|b| u32::from_ne_bytes(b.try_into().unwrap())),
+                SK_DIAG_BPF_STORAGE_MAP_ID => {
+                    id = field
+                        .value()
+                        .get(..4)
+                        .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+                }
                 SK_DIAG_BPF_STORAGE_MAP_VALUE => value = Some(field.value().to_vec()),
                 _ => {}
             }

@@ -1,1 +1,78 @@
+//! socklb's test bed: the real pieces the privileged tests, the demo and the benchmarks run on.
+//!
+//! Everything lives in network namespaces that a test creates and deletes, with no default
+//! route, so a connect socklb does not rewrite fails locally (ENETUNREACH) instead of leaving
+//! the machine. Service VIPs and pod addresses exist only inside them.
+//!
+//! - `netns`, `cgroup`: RAII network namespaces and cgroup v2 directories.
+//! - `pod`: "pods", real TCP/UDP servers in a namespace that answer with their name and count
+//!   what they see.
+//! - `client`: drives `socklb-client` processes that run inside the cgroup and namespace.
+//! - `agent`: runs `socklb-agent` on a manifest directory, and reads `socklbctl -j`.
+//! - `kube_proxy`: the kube-proxy iptables chain for the same Services, as the baseline.
+//! - `manifests`: Service and EndpointSlice YAML for a set of pods.
+//! - `testbed`: all of the above for one test, removed when dropped.
 
+pub mod agent;
+pub mod cgroup;
+pub mod client;
+pub mod kube_proxy;
+pub mod manifests;
+pub mod netns;
+pub mod pod;
+pub mod privileges;
+pub mod testbed;
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+/// A name unique to this process and call, short enough for netns and chain names.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "sl{}-{}-{}",
+        prefix,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A binary of this workspace, built next to the running one (`cargo xtask test` and
+/// `cargo xtask demo` build them all first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    panic!(
+        "{name} not found next to {}; build the workspace binaries first (cargo build --workspace --bins, which `cargo xtask test` does)",
+        exe.display()
+    );
+}
+
+/// Polls `f` until it returns Some, for at most `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -8,7 +8,12 @@ use lb_common::Algorithm;
 use lb_userspace::{agent, cluster::parse_algorithm, datapath};
 
 #[derive(Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -43,7 +48,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(Command::Cleanup { pin_path }) = cli.command {
         let removed = datapath::uninstall(&pin_path)?;
-        log::info!("removed {} pinned objects under {}", removed.len(), pin_path.display());
+        log::info!(
+            "removed {} pinned objects under {}",
+            removed.len(),
+            pin_path.display()
+        );
         return Ok(());
     }
     let config = agent::Config {

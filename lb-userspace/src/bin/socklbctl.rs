@@ -71,13 +71,21 @@ fn main() -> Result<()> {
         _ => Format::Table,
     };
     let rows = match cli.command {
-        Command::Prog { command: ProgCommand::Show } => ctl::prog_show(&cli.pin_path)?,
+        Command::Prog {
+            command: ProgCommand::Show,
+        } => ctl::prog_show(&cli.pin_path)?,
         command => {
             let maps = Maps::open_pinned(&cli.pin_path)?;
             match command {
-                Command::Service { command: List::List } => ctl::service_list(&maps)?,
-                Command::Backend { command: List::List } => ctl::backend_list(&maps)?,
-                Command::Map { command: MapCommand::Dump { name } } => ctl::map_dump(&maps, &name)?,
+                Command::Service {
+                    command: List::List,
+                } => ctl::service_list(&maps)?,
+                Command::Backend {
+                    command: List::List,
+                } => ctl::backend_list(&maps)?,
+                Command::Map {
+                    command: MapCommand::Dump { name },
+                } => ctl::map_dump(&maps, &name)?,
                 Command::Prog { .. } => unreachable!("handled above"),
             }
         }

@@ -1,0 +1,239 @@
+//! socklb-client: a client process the tests run inside a cgroup and network namespace. It
+//! reads one JSON command per line on stdin and answers one JSON line on stdout:
+//!
+//! - `{"cmd":"open","target":"VIP:PORT","count":N,"proto":"tcp"|"udp","timeout_ms":T}` opens N
+//!   connections at once (all threads released together), makes one request on each, keeps them
+//!   open, and answers with each one's pod, peer address (getpeername) and error if any.
+//! - `{"cmd":"request","rounds":K}` sends K more requests on every open connection.
+//! - `{"cmd":"churn","target":"VIP:PORT","count":N}` connects, makes a request and closes, N
+//!   times in a row.
+//! - `{"cmd":"close"}` closes every open connection.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    sync::{Arc, Barrier},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[derive(Deserialize)]
+struct Command {
+    cmd: String,
+    target: Option<SocketAddr>,
+    #[serde(default)]
+    count: usize,
+    #[serde(default)]
+    proto: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    rounds: usize,
+}
+
+#[derive(Serialize, Default)]
+struct Outcome {
+    ok: bool,
+    pod: Option<String>,
+    peer: Option<String>,
+    /// UDP: where the answer came from, as recvmsg reports it.
+    from: Option<String>,
+    error: Option<String>,
+    errno: Option<i32>,
+    millis: u64,
+}
+
+enum Conn {
+    Tcp(BufReader<TcpStream>),
+    Udp(UdpSocket),
+}
+
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n";
+
+fn main() {
+    let mut open: Vec<Conn> = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let reply = match serde_json::from_str::<Command>(&line) {
+            Err(e) => json!({ "error": e.to_string() }),
+            Ok(c) => match c.cmd.as_str() {
+                "open" => {
+                    let (outcomes, conns) = open_many(&c);
+                    open.extend(conns);
+                    json!({ "results": outcomes })
+                }
+                "request" => {
+                    let mut pods: BTreeMap<String, u64> = BTreeMap::new();
+                    let mut errors = 0;
+                    for _ in 0..c.rounds {
+                        for conn in &mut open {
+                            match conn {
+                                Conn::Tcp(s) => match http_request(s) {
+                                    Ok(pod) => *pods.entry(pod).or_default() += 1,
+                                    Err(_) => errors += 1,
+                                },
+                                Conn::Udp(s) => match udp_request(s) {
+                                    Ok(pod) => *pods.entry(pod).or_default() += 1,
+                                    Err(_) => errors += 1,
+                                },
+                            }
+                        }
+                    }
+                    json!({ "pods": pods, "errors": errors })
+                }
+                "churn" => churn(&c),
+                "close" => {
+                    let n = open.len();
+                    open.clear();
+                    json!({ "closed": n })
+                }
+                other => json!({ "error": format!("unknown command {other}") }),
+            },
+        };
+        println!("{reply}");
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn open_many(c: &Command) -> (Vec<Outcome>, Vec<Conn>) {
+    let Some(target) = c.target else {
+        return (Vec::new(), Vec::new());
+    };
+    let udp = c.proto.as_deref() == Some("udp");
+    let timeout = c.timeout_ms.map(Duration::from_millis);
+    let barrier = Arc::new(Barrier::new(c.count));
+    let handles: Vec<_> = (0..c.count)
+        .map(|_| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                if udp {
+                    open_udp(target)
+                } else {
+                    open_tcp(target, timeout)
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    let mut conns = Vec::new();
+    for h in handles {
+        let (outcome, conn) = h.join().expect("client thread");
+        outcomes.push(outcome);
+        conns.extend(conn);
+    }
+    (outcomes, conns)
+}
+
+fn open_tcp(target: SocketAddr, timeout: Option<Duration>) -> (Outcome, Option<Conn>) {
+    let start = Instant::now();
+    let stream = match timeout {
+        Some(t) => TcpStream::connect_timeout(&target, t),
+        None => TcpStream::connect(target),
+    };
+    let mut outcome = Outcome::default();
+    let conn = match stream {
+        Ok(stream) => {
+            outcome.peer = stream.peer_addr().ok().map(|a| a.to_string());
+            let mut reader = BufReader::new(stream);
+            match http_request(&mut reader) {
+                Ok(pod) => {
+                    outcome.ok = true;
+                    outcome.pod = Some(pod);
+                }
+                Err(e) => outcome.error = Some(e.to_string()),
+            }
+            Some(Conn::Tcp(reader))
+        }
+        Err(e) => {
+            outcome.errno = e.raw_os_error();
+            outcome.error = Some(e.to_string());
+            None
+        }
+    };
+    outcome.millis = start.elapsed().as_millis() as u64;
+    (outcome, conn)
+}
+
+fn open_udp(target: SocketAddr) -> (Outcome, Option<Conn>) {
+    let start = Instant::now();
+    let mut outcome = Outcome::default();
+    let result = (|| -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        outcome.peer = s.peer_addr().ok().map(|a| a.to_string());
+        s.send(b"hello")?;
+        let mut buf = [0u8; 256];
+        let (n, from) = s.recv_from(&mut buf)?;
+        outcome.pod = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+        outcome.from = Some(from.to_string());
+        Ok(s)
+    })();
+    outcome.millis = start.elapsed().as_millis() as u64;
+    match result {
+        Ok(s) => {
+            outcome.ok = true;
+            (outcome, Some(Conn::Udp(s)))
+        }
+        Err(e) => {
+            outcome.errno = e.raw_os_error();
+            outcome.error = Some(e.to_string());
+            (outcome, None)
+        }
+    }
+}
+
+/// One HTTP/1.1 request on a keep-alive connection; returns the body (the pod name).
+fn http_request(s: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    s.get_mut().write_all(REQUEST)?;
+    let mut length = 0;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if s.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    s.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
+}
+
+fn udp_request(s: &UdpSocket) -> std::io::Result<String> {
+    s.send(b"hello")?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn churn(c: &Command) -> serde_json::Value {
+    let Some(target) = c.target else {
+        return json!({ "error": "no target" });
+    };
+    let mut ok = 0;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for _ in 0..c.count {
+        match TcpStream::connect(target) {
+            Ok(stream) => {
+                let mut r = BufReader::new(stream);
+                match http_request(&mut r) {
+                    Ok(_) => ok += 1,
+                    Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+                }
+            }
+            Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    json!({ "ok": ok, "errors": errors })
+}

@@ -1,0 +1,139 @@
+//! Drives a `socklb-client` process running inside a test's cgroup and network namespace.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddrV4,
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{cgroup::Cgroup, netns::Netns};
+
+/// One connect as the client saw it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Outcome {
+    pub ok: bool,
+    pub pod: Option<String>,
+    pub peer: Option<String>,
+    pub from: Option<String>,
+    pub error: Option<String>,
+    pub errno: Option<i32>,
+    pub millis: u64,
+}
+
+pub struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Client {
+    /// Starts a client in `netns`, and in `cgroup` if given (outside it, socklb leaves its
+    /// connections alone).
+    pub fn spawn(netns: &Netns, cgroup: Option<&Cgroup>) -> Result<Client> {
+        let ns = netns.fd().try_clone_to_owned()?;
+        let procs = cgroup.map(Cgroup::procs_file).transpose()?;
+        let mut command = Command::new(crate::bin("socklb-client"));
+        command.stdin(Stdio::piped()).stdout(Stdio::piped());
+        // SAFETY: between fork and exec only async-signal-safe calls on fds opened before.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    crate::cgroup::join_from_child(procs)?;
+                }
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().context("starting socklb-client")?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Client {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn call(&mut self, command: Value) -> Result<Value> {
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("socklb-client exited");
+        }
+        let reply: Value = serde_json::from_str(&line)?;
+        if let Some(e) = reply.get("error") {
+            bail!("socklb-client: {e}");
+        }
+        Ok(reply)
+    }
+
+    /// Opens `count` TCP connections at once and keeps them.
+    pub fn open(&mut self, target: SocketAddrV4, count: usize) -> Result<Vec<Outcome>> {
+        self.open_with(json!({ "cmd": "open", "target": target.to_string(), "count": count }))
+    }
+
+    /// Opens `count` connections with extra options (`proto`, `timeout_ms`).
+    pub fn open_with(&mut self, command: Value) -> Result<Vec<Outcome>> {
+        let reply = self.call(command)?;
+        Ok(serde_json::from_value(reply["results"].clone())?)
+    }
+
+    /// Sends `rounds` requests on every open connection; requests per pod.
+    pub fn requests(&mut self, rounds: usize) -> Result<BTreeMap<String, u64>> {
+        let reply = self.call(json!({ "cmd": "request", "rounds": rounds }))?;
+        if reply["errors"].as_u64() != Some(0) {
+            bail!("requests failed: {reply}");
+        }
+        Ok(serde_json::from_value(reply["pods"].clone())?)
+    }
+
+    /// `count` connect-request-close cycles; returns (successes, errors by message).
+    pub fn churn(
+        &mut self,
+        target: SocketAddrV4,
+        count: usize,
+    ) -> Result<(u64, BTreeMap<String, u64>)> {
+        let reply =
+            self.call(json!({ "cmd": "churn", "target": target.to_string(), "count": count }))?;
+        Ok((
+            reply["ok"].as_u64().unwrap_or(0),
+            serde_json::from_value(reply["errors"].clone())?,
+        ))
+    }
+
+    pub fn close_all(&mut self) -> Result<u64> {
+        let reply = self.call(json!({ "cmd": "close" }))?;
+        Ok(reply["closed"].as_u64().unwrap_or(0))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pod name -> number of outcomes that reached it.
+pub fn per_pod(outcomes: &[Outcome]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for o in outcomes {
+        if let Some(pod) = &o.pod {
+            *m.entry(pod.clone()).or_default() += 1;
+        }
+    }
+    m
+}

@@ -1,0 +1,135 @@
+//! The baseline: kube-proxy's iptables mode for the same Services, installed inside a test
+//! namespace with iptables-restore. Chains and rules are shaped as kube-proxy writes them
+//! (pkg/proxy/iptables/proxier.go): `KUBE-SERVICES` matches the ClusterIP and port and jumps to
+//! `KUBE-SVC-<hash>`, which picks an endpoint chain `KUBE-SEP-<hash>` with the probability
+//! ladder 1/n, 1/(n-1), ... and a last unconditional rule; each `KUBE-SEP` DNATs to its pod.
+//! The pick happens once per connection, so long-lived connections never move.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::Result;
+use data_encoding::BASE32;
+use sha2::{Digest, Sha256};
+
+use crate::netns::Netns;
+
+/// One Service port as kube-proxy sees it.
+#[derive(Clone, Debug)]
+pub struct ChainService {
+    /// "namespace/name:port", kube-proxy's ServicePortName.
+    pub port_name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// "tcp" or "udp".
+    pub protocol: &'static str,
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+/// kube-proxy's chain-name hash: base32(sha256(text)) cut to 16 characters.
+fn hash(text: &str) -> String {
+    BASE32.encode(&Sha256::digest(text.as_bytes()))[..16].to_owned()
+}
+
+/// The nat table kube-proxy would write for `services`, as iptables-restore input.
+pub fn rules(services: &[ChainService]) -> String {
+    let mut chains = vec![
+        "KUBE-SERVICES".to_owned(),
+        "KUBE-MARK-MASQ".to_owned(),
+        "KUBE-POSTROUTING".to_owned(),
+    ];
+    let mut rules = vec![
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES".to_owned(),
+        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING".to_owned(),
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000".to_owned(),
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN".to_owned(),
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000".to_owned(),
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_owned(),
+    ];
+    for s in services {
+        let proto_upper = s.protocol.to_uppercase();
+        let svc_chain = format!(
+            "KUBE-SVC-{}",
+            hash(&format!("{}{proto_upper}", s.port_name))
+        );
+        chains.push(svc_chain.clone());
+        rules.push(format!(
+            "-A KUBE-SERVICES -d {}/32 -p {p} -m comment --comment \"{} cluster IP\" -m {p} --dport {} -j {svc_chain}",
+            s.vip, s.port_name, s.port, p = s.protocol
+        ));
+        let n = s.endpoints.len();
+        for (i, ep) in s.endpoints.iter().enumerate() {
+            let sep_chain = format!(
+                "KUBE-SEP-{}",
+                hash(&format!("{}{proto_upper}{ep}", s.port_name))
+            );
+            chains.push(sep_chain.clone());
+            let pick = if i + 1 < n {
+                format!(
+                    " -m statistic --mode random --probability {:.10}",
+                    1.0 / (n - i) as f64
+                )
+            } else {
+                String::new()
+            };
+            rules.push(format!(
+                "-A {svc_chain} -m comment --comment \"{} -> {ep}\"{pick} -j {sep_chain}",
+                s.port_name
+            ));
+            rules.push(format!(
+                "-A {sep_chain} -s {}/32 -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
+                ep.ip(),
+                s.port_name
+            ));
+            rules.push(format!(
+                "-A {sep_chain} -p {p} -m comment --comment \"{}\" -m {p} -j DNAT --to-destination {ep}",
+                s.port_name,
+                p = s.protocol
+            ));
+        }
+    }
+    let mut out = String::from("*nat\n");
+    for c in chains {
+        out += &format!(":{c} - [0:0]\n");
+    }
+    for r in rules {
+        out += &r;
+        out.push('\n');
+    }
+    out + "COMMIT\n"
+}
+
+/// Installs the chain in `netns`, with a route for the Service range to loopback (inside the
+/// namespace only) so a connect to a VIP reaches the nat OUTPUT hook.
+pub fn install(netns: &Netns, services: &[ChainService]) -> Result<()> {
+    netns.ip(&["route", "add", "10.96.0.0/12", "dev", "lo"])?;
+    netns.run_with_input("iptables-restore", &[], &rules(services))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probability_ladder_and_chain_names_follow_kube_proxy() {
+        let text = rules(&[ChainService {
+            port_name: "demo/web:http".into(),
+            vip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: "tcp",
+            endpoints: (1..=3)
+                .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, i), 8080))
+                .collect(),
+        }]);
+        assert!(text.contains("--probability 0.3333333333 -j KUBE-SEP-"));
+        assert!(text.contains("--probability 0.5000000000 -j KUBE-SEP-"));
+        assert_eq!(
+            text.matches("--probability").count(),
+            2,
+            "last endpoint unconditional"
+        );
+        assert!(text.contains("-j DNAT --to-destination 10.244.0.3:8080"));
+        let svc = text.lines().find(|l| l.starts_with(":KUBE-SVC-")).unwrap();
+        assert_eq!(svc.len(), ":KUBE-SVC-".len() + 16 + " - [0:0]".len());
+    }
+}

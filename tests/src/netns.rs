@@ -1,0 +1,117 @@
+//! Network namespaces made for one test and deleted with it. They have a loopback interface
+//! and no default route: pods and VIPs are addresses inside, nothing routes out.
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub struct Netns {
+    name: String,
+    file: File,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Netns> {
+        let name = crate::unique(prefix);
+        run("ip", &["netns", "add", &name])?;
+        let file = File::open(format!("/run/netns/{name}"))?;
+        let ns = Netns { name, file };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Adds `ip` as a local address (a "pod" lives there).
+    pub fn add_address(&self, ip: Ipv4Addr) -> Result<()> {
+        self.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// A command that runs inside the namespace (nsenter keeps the host's /sys, unlike
+    /// `ip netns exec`, so the cgroup mount stays visible).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg(program);
+        c
+    }
+
+    /// Runs `program args` inside the namespace, feeding `stdin`.
+    pub fn run_with_input(&self, program: &str, args: &[&str], stdin: &str) -> Result<Output> {
+        use std::io::Write as _;
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{program} {args:?} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    /// Moves the calling thread into the namespace (sockets it creates belong there).
+    pub fn enter_current_thread(&self) -> Result<()> {
+        // SAFETY: setns affects only the calling thread.
+        if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        Ok(())
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

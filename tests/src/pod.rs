@@ -1,0 +1,178 @@
+//! "Pods": real servers listening on a pod address inside a test namespace. Each answers with
+//! its name, and counts the connections it accepted, how many are open, and the requests it
+//! served: the backends' own view that the tests check socklb's maps against.
+//!
+//! TCP pods speak enough HTTP/1.1 with keep-alive for wrk and for `socklb-client`: every
+//! request head (ended by an empty line) gets `200 OK` with the pod name as the body. UDP pods
+//! answer each datagram with their name.
+//!
+//! The listener is created on a short-lived thread that entered the namespace; the socket
+//! stays in that namespace while the serving threads run in the test process as usual.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Shutdown, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+};
+
+use anyhow::Result;
+
+use crate::netns::Netns;
+
+#[derive(Default)]
+pub struct PodStats {
+    pub accepted: AtomicU64,
+    pub open: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+pub struct Pod {
+    pub name: String,
+    pub addr: SocketAddrV4,
+    pub stats: Arc<PodStats>,
+    listener: Listener,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+impl Pod {
+    /// A TCP (HTTP/1.1) pod at `addr`, which must be an address of `netns`.
+    pub fn tcp(netns: &Netns, name: &str, addr: SocketAddrV4) -> Result<Pod> {
+        let listener = in_netns(netns, move || TcpListener::bind(addr))?;
+        let stats = Arc::new(PodStats::default());
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accept = listener.try_clone()?;
+        let (name_, stats_, conns_) = (name.to_owned(), stats.clone(), connections.clone());
+        thread::spawn(move || {
+            // Ends when Drop shuts the listener down.
+            for stream in accept.incoming() {
+                let Ok(stream) = stream else { break };
+                stats_.accepted.fetch_add(1, Ordering::Relaxed);
+                stats_.open.fetch_add(1, Ordering::Relaxed);
+                if let Ok(clone) = stream.try_clone() {
+                    conns_.lock().expect("lock").push(clone);
+                }
+                let (name, stats) = (name_.clone(), stats_.clone());
+                thread::spawn(move || {
+                    let _ = serve_http(stream, &name, &stats);
+                    stats.open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        });
+        Ok(Pod {
+            name: name.to_owned(),
+            addr,
+            stats,
+            listener: Listener::Tcp(listener),
+            connections,
+        })
+    }
+
+    /// A UDP pod at `addr`: answers each datagram with its name.
+    pub fn udp(netns: &Netns, name: &str, addr: SocketAddrV4) -> Result<Pod> {
+        let socket = in_netns(netns, move || UdpSocket::bind(addr))?;
+        let stats = Arc::new(PodStats::default());
+        let serve = socket.try_clone()?;
+        let (name_, stats_) = (name.to_owned(), stats.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            // Clients never send empty datagrams; a 0-byte read is the shutdown from Drop.
+            while let Ok((n, from)) = serve.recv_from(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                stats_.requests.fetch_add(1, Ordering::Relaxed);
+                let _ = serve.send_to(name_.as_bytes(), from);
+            }
+        });
+        Ok(Pod {
+            name: name.to_owned(),
+            addr,
+            stats,
+            listener: Listener::Udp(socket),
+            connections: Arc::default(),
+        })
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.stats.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn open(&self) -> u64 {
+        self.stats.open.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.stats.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        // shutdown(2) wakes the thread blocked in accept/recv, which then ends.
+        let fd = match &self.listener {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Udp(u) => u.as_raw_fd(),
+        };
+        // SAFETY: fd is owned by self.listener, alive until the end of this function.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        for c in self.connections.lock().expect("lock").drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn serve_http(stream: TcpStream, name: &str, stats: &PodStats) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    let body = format!("{name}\n");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut line = String::new();
+    loop {
+        // One request head: lines up to an empty one.
+        let mut got_any = false;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(()); // the client closed
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            got_any = true;
+        }
+        if got_any {
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            out.write_all(response.as_bytes())?;
+        }
+    }
+}
+
+/// Runs `f` on a thread inside `netns`, so the socket it creates lives there.
+fn in_netns<T: Send + 'static>(
+    netns: &Netns,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    let fd = netns.fd().try_clone_to_owned()?;
+    thread::spawn(move || -> Result<T> {
+        // SAFETY: setns on this short-lived thread only.
+        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(f()?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}

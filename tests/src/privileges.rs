@@ -1,0 +1,52 @@
+//! Whether the privileged tests can run: root, cgroup v2, and the tools they use. Outside CI a
+//! missing piece skips the test with a message; in CI (`CI=true`) it fails it, so a
+//! misconfigured runner can never pass by skipping.
+
+use std::{path::Path, process::Command};
+
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+
+/// True if the test can go on.
+pub fn check(test: &str) -> bool {
+    let missing = missing();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join("; ");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: privileged test cannot run in CI: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why} (run as root after `cargo xtask setup`)");
+    false
+}
+
+fn missing() -> Vec<String> {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("not running as root".to_owned());
+    }
+    if !Path::new(CGROUP_ROOT).join("cgroup.procs").exists() {
+        missing.push(format!("no cgroup v2 hierarchy at {CGROUP_ROOT}"));
+    }
+    for tool in ["ip", "nsenter", "iptables-restore"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            missing.push(format!("{tool} not installed"));
+        }
+    }
+    missing
+}
+
+/// Returns from the calling test if it cannot run here (and fails it in CI).
+#[macro_export]
+macro_rules! require_privileges {
+    () => {
+        if !$crate::privileges::check(module_path!()) {
+            return;
+        }
+    };
+}

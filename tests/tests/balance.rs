@@ -1,0 +1,135 @@
+//! Balancing, judged by the pods' own view (each pod counts the connections it accepted).
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+};
+
+use socklb_tests::{
+    client::per_pod,
+    manifests::{ServiceSpec, pod_ips},
+    require_privileges,
+    testbed::Testbed,
+};
+
+#[test]
+fn least_conn_spreads_a_burst_evenly_and_a_scale_up_fills_the_new_pods_first() {
+    require_privileges!();
+    let mut bed = Testbed::new("lc").unwrap();
+    let first = pod_ips(6, 3);
+    bed.add_pods(&first, 8080).unwrap();
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 6, 10), 80);
+    let mut spec = ServiceSpec::new("web", *vip.ip(), 80, 8080, &first);
+    bed.write_service(&spec).unwrap();
+    bed.start_agent(&[]).unwrap();
+
+    // Two client processes open 15 long-lived connections each, all at the same moment.
+    let clients: Vec<_> = (0..2).map(|_| bed.client().unwrap()).collect();
+    let opened: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            thread::spawn(move || {
+                let outcomes = c.open(vip, 15).unwrap();
+                (c, outcomes)
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for h in opened {
+        let (c, outcomes) = h.join().unwrap();
+        assert!(outcomes.iter().all(|o| o.ok), "{outcomes:?}");
+        clients.push(c);
+    }
+    let accepted = bed.accepted();
+    for (pod, n) in &accepted {
+        assert!(
+            (9..=11).contains(n),
+            "{pod} accepted {n}; all: {accepted:?}"
+        );
+    }
+
+    // Scale up to six pods while those 30 connections stay open.
+    let second = pod_ips(6, 6)[3..].to_vec();
+    bed.add_pods(&second, 8080).unwrap();
+    spec.pods = pod_ips(6, 6);
+    bed.write_service(&spec).unwrap();
+    bed.agent().wait_backends("demo/web", &spec.pods).unwrap();
+    let before: BTreeMap<String, u64> = bed.accepted().into_iter().collect();
+
+    // New connections go only to the least-loaded pods until they have caught up: one at a
+    // time, each must land on a pod with the fewest open connections.
+    let mut c = bed.client().unwrap();
+    for _ in 0..30 {
+        let open: BTreeMap<String, u64> = bed.accepted().into_iter().collect();
+        let least = open.values().min().copied().unwrap();
+        let o = c.open(vip, 1).unwrap().remove(0);
+        let pod = o.pod.unwrap();
+        assert_eq!(
+            open[&pod], least,
+            "{pod} had {} open, least was {least}: {open:?}",
+            open[&pod]
+        );
+    }
+    for (pod, n) in bed.accepted() {
+        let added = n - before[&pod];
+        if pod.ends_with("-1") || pod.ends_with("-2") || pod.ends_with("-3") {
+            assert_eq!(
+                added, 0,
+                "{pod} was already loaded and got {added} of the new connections"
+            );
+        } else {
+            assert_eq!(n, 10, "{pod} caught up to the mean");
+        }
+    }
+    // The old connections are still where they were, and working.
+    for c in &mut clients {
+        assert_eq!(c.requests(1).unwrap().values().sum::<u64>(), 15);
+    }
+}
+
+#[test]
+fn random_is_uniform_by_a_chi_square_test() {
+    require_privileges!();
+    let mut bed = Testbed::new("rnd").unwrap();
+    let pods = pod_ips(7, 3);
+    bed.add_pods(&pods, 8080).unwrap();
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 7, 10), 80);
+    let mut spec = ServiceSpec::new("web", *vip.ip(), 80, 8080, &pods);
+    spec.algorithm = Some("random");
+    bed.write_service(&spec).unwrap();
+    bed.start_agent(&[]).unwrap();
+
+    // 30 bursts of 100 connections: 3,000 independent draws.
+    let mut c = bed.client().unwrap();
+    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+    let mut bursts_within_one = 0;
+    for _ in 0..30 {
+        let burst = per_pod(&c.open(vip, 100).unwrap());
+        c.close_all().unwrap();
+        let (lo, hi) = (burst.values().min().unwrap(), burst.values().max().unwrap());
+        if burst.len() == 3 && hi - lo <= 1 {
+            bursts_within_one += 1;
+        }
+        for (pod, n) in burst {
+            *totals.entry(pod).or_default() += n;
+        }
+    }
+    let n: u64 = totals.values().sum();
+    assert_eq!(n, 3000);
+    let expected = n as f64 / 3.0;
+    let chi2: f64 = totals
+        .values()
+        .map(|o| (*o as f64 - expected).powi(2) / expected)
+        .sum();
+    // Critical value of chi-square with 2 degrees of freedom at p = 0.0001.
+    assert!(
+        chi2 < 18.42,
+        "chi-square {chi2:.2} rejects uniformity: {totals:?}"
+    );
+    // And it is a draw, not least-conn in disguise: bursts are not all near-perfectly even.
+    assert!(
+        bursts_within_one < 15,
+        "{bursts_within_one} of 30 bursts were even to within one"
+    );
+}

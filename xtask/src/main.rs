@@ -1,0 +1,94 @@
+//! Project tasks: `cargo xtask setup | test | demo`.
+//!
+//! Every task but `setup` runs the set-up first, so the two README commands work on a fresh
+//! machine. The set-up is idempotent and takes well under a second once done.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "socklb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the pinned toolchains, bpf-linker and the Debian packages the tests use.
+    Setup,
+    /// Lint, build and run every test (unit and privileged end-to-end tests).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// The kube-proxy chain vs socklb random vs socklb least-conn, side by side.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    let tools = setup::run(&root)?;
+    match cli.task {
+        Task::Setup => Ok(()),
+        Task::Test { filter } => test(&tools, filter.as_deref()),
+        Task::Demo => {
+            cargo(&tools, &["build", "--release", "--bins"])?;
+            step(
+                "demo",
+                Command::new(root.join("target/release/socklb-demo")),
+            )
+        }
+    }
+}
+
+fn test(tools: &setup::Tools, filter: Option<&str>) -> Result<()> {
+    let start = Instant::now();
+    cargo(tools, &["fmt", "--all", "--check"])?;
+    cargo(tools, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    setup::clippy_bpf(tools)?;
+    // The end-to-end tests run the agent, socklbctl and socklb-client binaries.
+    cargo(tools, &["build", "--bins"])?;
+    let mut args = vec!["test", "--no-fail-fast"];
+    if let Some(f) = filter {
+        args.extend(["--", f]);
+    }
+    cargo(tools, &args)?;
+    println!("xtask: all tests passed in {:.0?}", start.elapsed());
+    Ok(())
+}
+
+/// Runs cargo with bpf-linker on PATH (lb-userspace's build script builds the BPF object).
+fn cargo(tools: &setup::Tools, args: &[&str]) -> Result<()> {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args).env("PATH", tools.path_env());
+    step(&format!("cargo {}", args.join(" ")), c)
+}
+
+fn step(what: &str, mut command: Command) -> Result<()> {
+    println!("xtask: {what}");
+    let status = command
+        .status()
+        .with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}

@@ -1,0 +1,225 @@
+//! The set-up: the BPF nightly (pinned in lb-ebpf/rust-toolchain.toml) with rust-src,
+//! bpf-linker built against that nightly's own LLVM, and the Debian packages the tests and the
+//! demo use. The userspace toolchain is pinned in rust-toolchain.toml; rustup installs it
+//! before cargo even starts this program.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages: what provides the commands the tests and the demo run.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("util-linux", "nsenter"),
+    ("iptables", "iptables-restore"),
+    ("bpftool", "bpftool"),
+    ("wrk", "wrk"),
+];
+
+/// Where the set-up put things.
+pub struct Tools {
+    pub nightly: String,
+    bpf_linker_dir: PathBuf,
+}
+
+impl Tools {
+    /// PATH with our bpf-linker first, so no other bpf-linker (for another LLVM) is used.
+    pub fn path_env(&self) -> String {
+        let path = std::env::var("PATH").unwrap_or_default();
+        format!("{}:{path}", self.bpf_linker_dir.join("bin").display())
+    }
+}
+
+pub fn run(root: &Path) -> Result<Tools> {
+    let nightly = pinned_nightly(root)?;
+    ensure_nightly(&nightly)?;
+    let bpf_linker_dir = ensure_bpf_linker(&nightly)?;
+    ensure_packages()?;
+    Ok(Tools {
+        nightly,
+        bpf_linker_dir,
+    })
+}
+
+fn pinned_nightly(root: &Path) -> Result<String> {
+    let file = root.join("lb-ebpf/rust-toolchain.toml");
+    let text = fs::read_to_string(&file)?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .with_context(|| format!("no channel in {}", file.display()))
+}
+
+fn output(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_nightly(nightly: &str) -> Result<()> {
+    const COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", nightly, "--installed"],
+    )
+    .unwrap_or_default();
+    let has = |c: &str| installed.lines().any(|l| l.starts_with(c));
+    if COMPONENTS.iter().all(|c| has(c)) {
+        return Ok(());
+    }
+    println!(
+        "setup: installing the BPF toolchain {nightly} with {}",
+        COMPONENTS.join(", ")
+    );
+    output(
+        "rustup",
+        &["toolchain", "install", nightly, "--profile", "minimal"],
+    )?;
+    let mut args = vec!["component", "add", "--toolchain", nightly];
+    args.extend(COMPONENTS);
+    output("rustup", &args)?;
+    Ok(())
+}
+
+/// bpf-linker must use the same LLVM as the nightly that compiles the BPF crate. No Debian
+/// package has that LLVM, but the nightly ships it as a shared library: a prefix directory with
+/// symlinks to it is what bpf-linker's build needs (its rpath keeps pointing there).
+fn ensure_bpf_linker(nightly: &str) -> Result<PathBuf> {
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    let dir = Path::new(&home)
+        .join(".cache/socklb")
+        .join(format!("bpf-linker-{BPF_LINKER_VERSION}-{nightly}"));
+    let linker = dir.join("bin/bpf-linker");
+    if Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(dir);
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {nightly}'s LLVM (about a minute)"
+    );
+    let toolchain = format!("+{nightly}");
+    let sysroot = output("rustc", &[&toolchain, "--print", "sysroot"])?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let libllvm = fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let version = output("rustc", &[&toolchain, "-vV"])?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV printed no LLVM version")?
+        .to_owned();
+    let prefix = dir.join("llvm");
+    fs::create_dir_all(prefix.join("lib"))?;
+    for name in ["libLLVM.so", libllvm.as_str()] {
+        let link = prefix.join("lib").join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&libllvm), &link)?;
+    }
+    let status = Command::new("cargo")
+        .args(["install", "--root"])
+        .arg(&dir)
+        .args([
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix)
+        .status()?;
+    if !status.success() {
+        bail!("building bpf-linker failed");
+    }
+    Ok(dir)
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, command)| !has_command(command))
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "Debian packages missing: {} (run as root to install them)",
+            missing.join(" ")
+        );
+    }
+    println!("setup: installing Debian packages {}", missing.join(" "));
+    output("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?;
+    if !status.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn has_command(command: &str) -> bool {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|dir| Path::new(dir).join(command).exists())
+}
+
+/// Lints the BPF crate for its own target (the host clippy run cannot build it).
+pub fn clippy_bpf(tools: &Tools) -> Result<()> {
+    println!("xtask: clippy on lb-ebpf (bpfel-unknown-none)");
+    let arch = format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH);
+    let status = Command::new("cargo")
+        .arg(format!("+{}", tools.nightly))
+        .args([
+            "clippy",
+            "--package",
+            "lb-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args([
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            "target/bpf-clippy",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("PATH", tools.path_env())
+        .env("CARGO_ENCODED_RUSTFLAGS", arch)
+        .status()?;
+    if !status.success() {
+        bail!("clippy on lb-ebpf failed");
+    }
+    Ok(())
+}
