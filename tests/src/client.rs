@@ -36,22 +36,9 @@ impl Client {
     /// Starts a client in `netns`, and in `cgroup` if given (outside it, socklb leaves its
     /// connections alone).
     pub fn spawn(netns: &Netns, cgroup: Option<&Cgroup>) -> Result<Client> {
-        let ns = netns.fd().try_clone_to_owned()?;
-        let procs = cgroup.map(Cgroup::procs_file).transpose()?;
         let mut command = Command::new(crate::bin("socklb-client"));
         command.stdin(Stdio::piped()).stdout(Stdio::piped());
-        // SAFETY: between fork and exec only async-signal-safe calls on fds opened before.
-        unsafe {
-            command.pre_exec(move || {
-                if let Some(procs) = &procs {
-                    crate::cgroup::join_from_child(procs)?;
-                }
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        place(&mut command, netns, cgroup)?;
         let mut child = command.spawn().context("starting socklb-client")?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
@@ -114,6 +101,20 @@ impl Client {
         ))
     }
 
+    /// Starts `rate` requests per second on every open connection, until `stop_pacing`.
+    pub fn pace(&mut self, rate: u64) -> Result<()> {
+        self.call(json!({ "cmd": "pace", "rate": rate })).map(drop)
+    }
+
+    /// Stops pacing; returns the requests per pod and the number that failed.
+    pub fn stop_pacing(&mut self) -> Result<(BTreeMap<String, u64>, u64)> {
+        let reply = self.call(json!({ "cmd": "stop" }))?;
+        Ok((
+            serde_json::from_value(reply["pods"].clone())?,
+            reply["errors"].as_u64().unwrap_or(0),
+        ))
+    }
+
     pub fn close_all(&mut self) -> Result<u64> {
         let reply = self.call(json!({ "cmd": "close" }))?;
         Ok(reply["closed"].as_u64().unwrap_or(0))
@@ -125,6 +126,26 @@ impl Drop for Client {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Makes `command` start inside `netns`, and inside `cgroup` if given: where a client pod's
+/// processes run.
+pub fn place(command: &mut Command, netns: &Netns, cgroup: Option<&Cgroup>) -> Result<()> {
+    let ns = netns.fd().try_clone_to_owned()?;
+    let procs = cgroup.map(Cgroup::procs_file).transpose()?;
+    // SAFETY: between fork and exec only async-signal-safe calls on fds opened before.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(procs) = &procs {
+                crate::cgroup::join_from_child(procs)?;
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Pod name -> number of outcomes that reached it.

@@ -68,10 +68,11 @@ fn test(tools: &setup::Tools, filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Runs cargo with bpf-linker on PATH (lb-userspace's build script builds the BPF object).
+/// Runs cargo on the pinned toolchain with bpf-linker on PATH (lb-userspace's build script
+/// builds the BPF object).
 fn cargo(tools: &setup::Tools, args: &[&str]) -> Result<()> {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.args(args).env("PATH", tools.path_env());
+    let mut c = tools.cargo();
+    c.args(args);
     step(&format!("cargo {}", args.join(" ")), c)
 }
 

@@ -1,7 +1,12 @@
-//! The set-up: the BPF nightly (pinned in lb-ebpf/rust-toolchain.toml) with rust-src,
-//! bpf-linker built against that nightly's own LLVM, and the Debian packages the tests and the
-//! demo use. The userspace toolchain is pinned in rust-toolchain.toml; rustup installs it
-//! before cargo even starts this program.
+//! The set-up: the pinned toolchains (userspace here, the BPF nightly in
+//! lb-ebpf/rust-toolchain.toml), bpf-linker built against that nightly's own LLVM, and the
+//! Debian packages the tests and the demo use.
+//!
+//! The userspace toolchain is not pinned with a rust-toolchain.toml at the root: with rustup's
+//! auto-install off (RUSTUP_AUTO_INSTALL=0) that would stop `cargo xtask` before it could
+//! install anything. Instead xtask builds with whatever toolchain is the default, installs the
+//! pinned one, runs every cargo step with it, and pins the checkout to it with a rustup
+//! directory override so plain `cargo` commands there use it too.
 
 use std::{
     fs,
@@ -11,6 +16,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+/// The userspace toolchain (aya 0.16 needs rustc 1.98 or later).
+pub const USERSPACE_TOOLCHAIN: &str = "1.99.1";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: what provides the commands the tests and the demo run.
@@ -19,7 +26,6 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "nsenter"),
     ("iptables", "iptables-restore"),
     ("bpftool", "bpftool"),
-    ("wrk", "wrk"),
 ];
 
 /// Where the set-up put things.
@@ -34,11 +40,22 @@ impl Tools {
         let path = std::env::var("PATH").unwrap_or_default();
         format!("{}:{path}", self.bpf_linker_dir.join("bin").display())
     }
+
+    /// `cargo` on the pinned userspace toolchain with bpf-linker on PATH. (The rustup proxy,
+    /// not $CARGO, which points at the toolchain xtask itself was built with.)
+    pub fn cargo(&self) -> Command {
+        let mut c = Command::new("cargo");
+        c.env("RUSTUP_TOOLCHAIN", USERSPACE_TOOLCHAIN)
+            .env("PATH", self.path_env());
+        c
+    }
 }
 
 pub fn run(root: &Path) -> Result<Tools> {
     let nightly = pinned_nightly(root)?;
-    ensure_nightly(&nightly)?;
+    ensure_toolchain(USERSPACE_TOOLCHAIN, &["clippy", "rustfmt"])?;
+    ensure_override(root)?;
+    ensure_toolchain(&nightly, &["rust-src", "clippy"])?;
     let bpf_linker_dir = ensure_bpf_linker(&nightly)?;
     ensure_packages()?;
     Ok(Tools {
@@ -71,28 +88,48 @@ fn output(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ensure_nightly(nightly: &str) -> Result<()> {
-    const COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+fn ensure_toolchain(toolchain: &str, components: &[&str]) -> Result<()> {
     let installed = output(
         "rustup",
-        &["component", "list", "--toolchain", nightly, "--installed"],
+        &["component", "list", "--toolchain", toolchain, "--installed"],
     )
     .unwrap_or_default();
     let has = |c: &str| installed.lines().any(|l| l.starts_with(c));
-    if COMPONENTS.iter().all(|c| has(c)) {
+    if components.iter().all(|c| has(c)) {
         return Ok(());
     }
     println!(
-        "setup: installing the BPF toolchain {nightly} with {}",
-        COMPONENTS.join(", ")
+        "setup: installing Rust {toolchain} with {}",
+        components.join(", ")
     );
     output(
         "rustup",
-        &["toolchain", "install", nightly, "--profile", "minimal"],
+        &["toolchain", "install", toolchain, "--profile", "minimal"],
     )?;
-    let mut args = vec!["component", "add", "--toolchain", nightly];
-    args.extend(COMPONENTS);
+    let mut args = vec!["component", "add", "--toolchain", toolchain];
+    args.extend(components);
     output("rustup", &args)?;
+    Ok(())
+}
+
+/// Makes plain `cargo` in this checkout use the pinned toolchain.
+fn ensure_override(root: &Path) -> Result<()> {
+    let root = root.to_string_lossy();
+    let overrides = output("rustup", &["override", "list"]).unwrap_or_default();
+    let pinned = overrides.lines().any(|l| {
+        let mut fields = l.split_whitespace();
+        fields.next() == Some(&*root)
+            && fields
+                .next()
+                .is_some_and(|t| t.starts_with(&format!("{USERSPACE_TOOLCHAIN}-")))
+    });
+    if !pinned {
+        println!("setup: pinning this checkout to Rust {USERSPACE_TOOLCHAIN} (rustup override)");
+        output(
+            "rustup",
+            &["override", "set", "--path", &root, USERSPACE_TOOLCHAIN],
+        )?;
+    }
     Ok(())
 }
 
@@ -138,6 +175,7 @@ fn ensure_bpf_linker(nightly: &str) -> Result<PathBuf> {
         std::os::unix::fs::symlink(lib.join(&libllvm), &link)?;
     }
     let status = Command::new("cargo")
+        .env("RUSTUP_TOOLCHAIN", USERSPACE_TOOLCHAIN)
         .args(["install", "--root"])
         .arg(&dir)
         .args([
@@ -197,6 +235,7 @@ pub fn clippy_bpf(tools: &Tools) -> Result<()> {
     println!("xtask: clippy on lb-ebpf (bpfel-unknown-none)");
     let arch = format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH);
     let status = Command::new("cargo")
+        .env_remove("RUSTUP_TOOLCHAIN")
         .arg(format!("+{}", tools.nightly))
         .args([
             "clippy",

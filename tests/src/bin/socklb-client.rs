@@ -7,13 +7,19 @@
 //! - `{"cmd":"request","rounds":K}` sends K more requests on every open connection.
 //! - `{"cmd":"churn","target":"VIP:PORT","count":N}` connects, makes a request and closes, N
 //!   times in a row.
+//! - `{"cmd":"pace","rate":R}` starts sending R requests per second on every open connection,
+//!   in the background, like a fleet of steady clients; `{"cmd":"stop"}` ends that and answers
+//!   with the requests per pod.
 //! - `{"cmd":"close"}` closes every open connection.
 
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    sync::{Arc, Barrier},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -33,6 +39,8 @@ struct Command {
     timeout_ms: Option<u64>,
     #[serde(default)]
     rounds: usize,
+    #[serde(default)]
+    rate: u64,
 }
 
 #[derive(Serialize, Default)]
@@ -54,8 +62,15 @@ enum Conn {
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n";
 
+/// Background senders started by `pace`.
+struct Pacer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<(Conn, BTreeMap<String, u64>, u64)>>,
+}
+
 fn main() {
     let mut open: Vec<Conn> = Vec::new();
+    let mut pacer: Option<Pacer> = None;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let reply = match serde_json::from_str::<Command>(&line) {
@@ -86,6 +101,27 @@ fn main() {
                     json!({ "pods": pods, "errors": errors })
                 }
                 "churn" => churn(&c),
+                "pace" => {
+                    let n = open.len();
+                    pacer = Some(pace(std::mem::take(&mut open), c.rate.max(1)));
+                    json!({ "pacing": n })
+                }
+                "stop" => {
+                    let mut pods: BTreeMap<String, u64> = BTreeMap::new();
+                    let mut errors = 0;
+                    if let Some(p) = pacer.take() {
+                        p.stop.store(true, Ordering::Relaxed);
+                        for t in p.threads {
+                            let (conn, served, failed) = t.join().expect("pacer thread");
+                            open.push(conn);
+                            for (pod, n) in served {
+                                *pods.entry(pod).or_default() += n;
+                            }
+                            errors += failed;
+                        }
+                    }
+                    json!({ "pods": pods, "errors": errors })
+                }
                 "close" => {
                     let n = open.len();
                     open.clear();
@@ -208,6 +244,37 @@ fn http_request(s: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     let mut body = vec![0; length];
     s.read_exact(&mut body)?;
     Ok(String::from_utf8_lossy(&body).trim().to_owned())
+}
+
+/// One thread per connection, each sending a request every 1/rate seconds until stopped.
+fn pace(conns: Vec<Conn>, rate: u64) -> Pacer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let threads = conns
+        .into_iter()
+        .map(|mut conn| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut served: BTreeMap<String, u64> = BTreeMap::new();
+                let mut errors = 0;
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let result = match &mut conn {
+                        Conn::Tcp(s) => http_request(s),
+                        Conn::Udp(s) => udp_request(s),
+                    };
+                    match result {
+                        Ok(pod) => *served.entry(pod).or_default() += 1,
+                        Err(_) => errors += 1,
+                    }
+                    next += interval;
+                    thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                (conn, served, errors)
+            })
+        })
+        .collect();
+    Pacer { stop, threads }
 }
 
 fn udp_request(s: &UdpSocket) -> std::io::Result<String> {

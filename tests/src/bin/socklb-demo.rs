@@ -1,1 +1,240 @@
-fn main() {}
+//! socklb-demo (`cargo xtask demo`): the long-lived connection problem and what socklb does
+//! about it, measured on this machine in one run.
+//!
+//! For each balancer (the kube-proxy iptables chain, socklb `random`, socklb `least-conn`):
+//! three pods serve HTTP; a client holds 12 keep-alive connections to the Service and sends
+//! 100 requests per second on each, like a pool of steady callers; the Service scales up to
+//! six pods; a second client opens 12 more connections. The pods count what they serve, and
+//! the table shows per pod the open connections and the requests served in each phase.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use socklb_tests::{
+    client::Client,
+    kube_proxy::{self, ChainService},
+    manifests::{ServiceSpec, pod_ips},
+    privileges,
+    testbed::Testbed,
+};
+
+const PHASE: Duration = Duration::from_secs(4);
+const CONNECTIONS: usize = 12;
+/// Requests per second on each connection.
+const RATE: u64 = 100;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+#[derive(Clone, Copy)]
+enum Balancer {
+    KubeProxy,
+    Socklb(&'static str),
+}
+
+impl Balancer {
+    fn label(self) -> String {
+        match self {
+            Balancer::KubeProxy => "kube-proxy (iptables)".into(),
+            Balancer::Socklb(a) => format!("socklb {a}"),
+        }
+    }
+}
+
+/// Per pod: (open connections at the end of the phase, requests served during it).
+type Phase = BTreeMap<String, (u64, u64)>;
+
+struct Run {
+    balancer: Balancer,
+    before: Phase,
+    after: Phase,
+    failed_requests: u64,
+}
+
+fn main() -> Result<()> {
+    if !privileges::check("socklb-demo") {
+        bail!("the demo needs root, cgroup v2 and iproute2/iptables (cargo xtask setup)");
+    }
+    println!(
+        "socklb demo: a client holds {CONNECTIONS} keep-alive connections to a Service with 3 pods and\n\
+         sends {RATE} requests/s on each; the Service scales up to 6 pods, and a second client opens\n\
+         {CONNECTIONS} more connections. Each phase lasts {PHASE:?}; the pods count what they serve.\n"
+    );
+    let start = Instant::now();
+    let mut runs = Vec::new();
+    for balancer in [
+        Balancer::KubeProxy,
+        Balancer::Socklb("random"),
+        Balancer::Socklb("least-conn"),
+    ] {
+        print!("  running {:<22}", balancer.label());
+        let run = run(balancer).with_context(|| balancer.label())?;
+        println!("done");
+        runs.push(run);
+    }
+    println!();
+    print_table(&runs);
+    println!("\n(finished in {:.1?})", start.elapsed());
+    Ok(())
+}
+
+fn run(balancer: Balancer) -> Result<Run> {
+    let mut bed = Testbed::new("demo")?;
+    let ips = pod_ips(0, 6);
+    bed.add_pods(&ips[..3], 8080)?;
+    let mut spec = ServiceSpec::new("web", VIP, 80, 8080, &ips[..3]);
+    match balancer {
+        Balancer::KubeProxy => kube_proxy::install(&bed.netns, &[chain(&ips[..3])])?,
+        Balancer::Socklb(algorithm) => {
+            spec.algorithm = Some(algorithm);
+            bed.write_service(&spec)?;
+            bed.start_agent(&[])?;
+        }
+    }
+    let target = SocketAddrV4::new(VIP, 80);
+
+    // Phase 1: the first client's connections, 3 pods.
+    let mut first = client(&bed, balancer)?;
+    connect(&mut first, target)?;
+    let start = snapshot(&bed);
+    thread::sleep(PHASE);
+    let at_scale_up = snapshot(&bed);
+
+    // Scale up to 6 pods, then the second client connects.
+    bed.add_pods(&ips[3..], 8080)?;
+    match balancer {
+        Balancer::KubeProxy => {
+            // kube-proxy rewrites the chain; established connections keep their conntrack entry.
+            bed.netns.run_with_input(
+                "iptables-restore",
+                &[],
+                &kube_proxy::rules(&[chain(&ips)]),
+            )?;
+        }
+        Balancer::Socklb(_) => {
+            spec.pods = ips.clone();
+            bed.write_service(&spec)?;
+            bed.agent().wait_backends("demo/web", &ips)?;
+        }
+    }
+    let mut second = client(&bed, balancer)?;
+    connect(&mut second, target)?;
+    let after_start = snapshot(&bed);
+    thread::sleep(PHASE);
+    let end = snapshot(&bed);
+    let failed_requests = first.stop_pacing()?.1 + second.stop_pacing()?.1;
+
+    Ok(Run {
+        balancer,
+        before: phase(&start, &at_scale_up),
+        after: phase(&after_start, &end),
+        failed_requests,
+    })
+}
+
+/// A client process: in socklb's cgroup for socklb, anywhere in the namespace for kube-proxy
+/// (its chain acts on the whole namespace).
+fn client(bed: &Testbed, balancer: Balancer) -> Result<Client> {
+    match balancer {
+        Balancer::KubeProxy => Client::spawn(&bed.netns, None),
+        Balancer::Socklb(_) => bed.client(),
+    }
+}
+
+/// Opens the client's keep-alive connections and starts its steady requests.
+fn connect(client: &mut Client, target: SocketAddrV4) -> Result<()> {
+    let outcomes = client.open(target, CONNECTIONS)?;
+    if let Some(failed) = outcomes.iter().find(|o| !o.ok) {
+        bail!("a connect failed: {failed:?}");
+    }
+    client.pace(RATE)
+}
+
+/// Open connections at the end of a phase, and requests served during it, per pod.
+fn phase(from: &BTreeMap<String, (u64, u64)>, to: &BTreeMap<String, (u64, u64)>) -> Phase {
+    to.iter()
+        .map(|(pod, (open, requests))| {
+            let earlier = from.get(pod).map_or(0, |(_, r)| *r);
+            (pod.clone(), (*open, requests - earlier))
+        })
+        .collect()
+}
+
+fn chain(pods: &[Ipv4Addr]) -> ChainService {
+    ChainService {
+        port_name: "demo/web:main".into(),
+        vip: VIP,
+        port: 80,
+        protocol: "tcp",
+        endpoints: pods.iter().map(|ip| SocketAddrV4::new(*ip, 8080)).collect(),
+    }
+}
+
+fn snapshot(bed: &Testbed) -> BTreeMap<String, (u64, u64)> {
+    bed.pods
+        .iter()
+        .map(|p| (p.name.clone(), (p.open(), p.requests())))
+        .collect()
+}
+
+fn max_over_mean(values: &[u64]) -> f64 {
+    let mean = values.iter().sum::<u64>() as f64 / values.len() as f64;
+    if mean == 0.0 {
+        return 0.0;
+    }
+    *values.iter().max().unwrap() as f64 / mean
+}
+
+fn print_table(runs: &[Run]) {
+    let pods: Vec<String> = (1..=6).map(|i| format!("pod-{i}")).collect();
+    println!("Open connections / requests served per pod (from the pods' own counters).");
+    println!("max/mean: busiest pod over the average pod, 1.00 is perfectly even.\n");
+    print!("{:<22} {:<7}", "balancer", "phase");
+    for p in &pods {
+        print!(" {p:>11}");
+    }
+    println!("  {:>10}  {:>10}", "conns max/", "reqs max/");
+    print!("{:<22} {:<7}", "", "");
+    for _ in &pods {
+        print!(" {:>11}", "");
+    }
+    println!("  {:>10}  {:>10}", "mean", "mean");
+    for run in runs {
+        for (phase, counts) in [("before", &run.before), ("after", &run.after)] {
+            let label = if phase == "before" {
+                run.balancer.label()
+            } else {
+                String::new()
+            };
+            print!("{label:<22} {phase:<7}");
+            for p in &pods {
+                match counts.get(p) {
+                    Some((open, requests)) => {
+                        print!(" {:>11}", format!("{open}/{}", short(*requests)))
+                    }
+                    None => print!(" {:>11}", "-"),
+                }
+            }
+            let opens: Vec<u64> = counts.values().map(|(o, _)| *o).collect();
+            let requests: Vec<u64> = counts.values().map(|(_, r)| *r).collect();
+            println!(
+                "  {:>10.2}  {:>10.2}",
+                max_over_mean(&opens),
+                max_over_mean(&requests)
+            );
+        }
+    }
+    let failed: u64 = runs.iter().map(|r| r.failed_requests).sum();
+    println!("\nfailed requests: {failed}");
+}
+
+fn short(n: u64) -> String {
+    if n >= 10_000 {
+        format!("{:.0}k", n as f64 / 1000.0)
+    } else {
+        n.to_string()
+    }
+}
