@@ -62,10 +62,13 @@ enum Conn {
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n";
 
+/// What a pacing thread hands back: its connection, requests per pod, failed requests.
+type Paced = (Conn, BTreeMap<String, u64>, u64);
+
 /// Background senders started by `pace`.
 struct Pacer {
     stop: Arc<AtomicBool>,
-    threads: Vec<thread::JoinHandle<(Conn, BTreeMap<String, u64>, u64)>>,
+    threads: Vec<thread::JoinHandle<Paced>>,
 }
 
 fn main() {
