@@ -447,12 +447,6 @@ fn slot(service_id: u32, index: usize) -> SlotKey {
     }
 }
 
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{self:?}")
-    }
-}
-
 /// The algorithm stored in a service entry (unknown values read as random).
 pub fn algorithm_of(s: &Service) -> Algorithm {
     Algorithm::from_u8(s.algorithm).unwrap_or(Algorithm::Random)

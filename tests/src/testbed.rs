@@ -1,7 +1,10 @@
 //! One test's world: a network namespace, a client cgroup, a manifest directory, pods and
 //! (once started) an agent. Everything is removed when it is dropped, also when the test fails.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::Result;
 
@@ -9,9 +12,10 @@ use crate::{
     agent::Agent,
     cgroup::Cgroup,
     client::Client,
-    manifests::{ManifestDir, ServiceSpec},
+    manifests::{ManifestDir, ServiceSpec, pod_ips},
     netns::Netns,
     pod::Pod,
+    wait_for,
 };
 
 pub struct Testbed {
@@ -32,6 +36,25 @@ impl Testbed {
             cgroup: Cgroup::new(prefix)?,
             netns: Netns::new(prefix)?,
         })
+    }
+
+    /// The common case: `pods` TCP pods at 10.244.<subnet>.1.. port 8080, Service `demo/web`
+    /// at 10.96.<subnet>.10:80 (with `algorithm` if given), and a running agent.
+    pub fn serving(
+        prefix: &str,
+        subnet: u8,
+        pods: u8,
+        algorithm: Option<&'static str>,
+    ) -> Result<(Testbed, SocketAddrV4)> {
+        let mut bed = Testbed::new(prefix)?;
+        let ips = pod_ips(subnet, pods);
+        bed.add_pods(&ips, 8080)?;
+        let vip = Ipv4Addr::new(10, 96, subnet, 10);
+        let mut spec = ServiceSpec::new("web", vip, 80, 8080, &ips);
+        spec.algorithm = algorithm;
+        bed.write_service(&spec)?;
+        bed.start_agent(&[])?;
+        Ok((bed, SocketAddrV4::new(vip, 80)))
     }
 
     /// Starts a TCP pod named `pod-<last octet>` on each address.
@@ -87,5 +110,47 @@ impl Testbed {
             .iter()
             .map(|p| (p.name.clone(), p.open()))
             .collect()
+    }
+
+    /// Live connections per pod as socklb's maps count them (`socklbctl -j backend list`),
+    /// in the same shape and order as `open()`.
+    pub fn counted(&self) -> Result<Vec<(String, u64)>> {
+        let mut v: Vec<(String, u64)> = self
+            .agent()
+            .backends()?
+            .into_iter()
+            .map(|b| {
+                (
+                    format!("pod-{}", b.ip.rsplit('.').next().unwrap_or("?")),
+                    b.connections,
+                )
+            })
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// All live connections socklb counts.
+    pub fn counted_total(&self) -> Result<u64> {
+        Ok(self.counted()?.iter().map(|(_, n)| n).sum())
+    }
+
+    /// Waits until socklb counts `total` live connections and the pods hold as many open,
+    /// then checks that both agree pod by pod.
+    pub fn settle_at(&self, total: u64) -> Result<()> {
+        wait_for(
+            &format!("{total} live connections"),
+            Duration::from_secs(5),
+            || {
+                let pods: u64 = self.open().iter().map(|(_, n)| n).sum();
+                Ok((self.counted_total()? == total && pods == total).then_some(()))
+            },
+        )?;
+        let (counted, open) = (self.counted()?, self.open());
+        anyhow::ensure!(
+            counted == open,
+            "maps count {counted:?}, pods hold {open:?}"
+        );
+        Ok(())
     }
 }

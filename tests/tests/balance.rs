@@ -91,14 +91,7 @@ fn least_conn_spreads_a_burst_evenly_and_a_scale_up_fills_the_new_pods_first() {
 #[test]
 fn random_is_uniform_by_a_chi_square_test() {
     require_privileges!();
-    let mut bed = Testbed::new("rnd").unwrap();
-    let pods = pod_ips(7, 3);
-    bed.add_pods(&pods, 8080).unwrap();
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 7, 10), 80);
-    let mut spec = ServiceSpec::new("web", *vip.ip(), 80, 8080, &pods);
-    spec.algorithm = Some("random");
-    bed.write_service(&spec).unwrap();
-    bed.start_agent(&[]).unwrap();
+    let (bed, vip) = Testbed::serving("rnd", 7, 3, Some("random")).unwrap();
 
     // 30 bursts of 100 connections: 3,000 independent draws.
     let mut c = bed.client().unwrap();

@@ -1,11 +1,7 @@
 //! Live connection counts: exact from the moment of assignment to the close, including
 //! connects that never establish, under concurrency, without drift.
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    thread,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, thread, time::Duration};
 
 use serde_json::json;
 use socklb_tests::{
@@ -15,56 +11,19 @@ use socklb_tests::{
     wait_for,
 };
 
-fn map_counts(bed: &Testbed) -> Vec<(String, u64)> {
-    let mut v: Vec<(String, u64)> = bed
-        .agent()
-        .backends()
-        .unwrap()
-        .into_iter()
-        .map(|b| {
-            (
-                format!("pod-{}", b.ip.rsplit('.').next().unwrap()),
-                b.connections,
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn total(counts: &[(String, u64)]) -> u64 {
-    counts.iter().map(|(_, n)| n).sum()
-}
-
 #[test]
 fn thirty_connections_at_once_count_thirty_and_closing_them_counts_zero() {
     require_privileges!();
-    let mut bed = Testbed::new("cnt").unwrap();
-    let pods = pod_ips(3, 3);
-    bed.add_pods(&pods, 8080).unwrap();
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 3, 10), 80);
-    bed.write_service(&ServiceSpec::new("web", *vip.ip(), 80, 8080, &pods))
-        .unwrap();
-    bed.start_agent(&[]).unwrap();
-
+    let (bed, vip) = Testbed::serving("cnt", 3, 3, None).unwrap();
     let mut client = bed.client().unwrap();
     let outcomes = client.open(vip, 30).unwrap();
     assert!(outcomes.iter().all(|o| o.ok), "{outcomes:?}");
-    assert_eq!(total(&map_counts(&bed)), 30);
-    // The maps agree with what each pod holds open.
-    wait_for(
-        "pods to see 30 open connections",
-        Duration::from_secs(5),
-        || Ok((bed.open().iter().map(|(_, n)| n).sum::<u64>() == 30).then_some(())),
-    )
-    .unwrap();
-    assert_eq!(map_counts(&bed), bed.open());
-
+    // Counted from the moment of assignment: all 30 as soon as the connects return.
+    assert_eq!(bed.counted_total().unwrap(), 30);
+    // And the maps agree with what each pod holds open.
+    bed.settle_at(30).unwrap();
     client.close_all().unwrap();
-    wait_for("counts to drop to zero", Duration::from_secs(5), || {
-        Ok((total(&map_counts(&bed)) == 0).then_some(()))
-    })
-    .unwrap();
+    bed.settle_at(0).unwrap();
 }
 
 #[test]
@@ -77,25 +36,18 @@ fn refused_and_abandoned_connects_leave_no_count_behind() {
     bed.add_pods(&ips[..1], 8080).unwrap();
     bed.netns.add_address(ips[1]).unwrap();
     bed.netns.add_address(ips[2]).unwrap();
+    let drop_rule = "*filter\n-A OUTPUT -d 10.244.4.3/32 -p tcp -j DROP\nCOMMIT\n";
     bed.netns
-        .run_with_input(
-            "iptables-restore",
-            &[],
-            "*filter\n-A OUTPUT -d 10.244.4.3/32 -p tcp -j DROP\nCOMMIT\n",
-        )
+        .run_with_input("iptables-restore", &[], drop_rule)
         .unwrap();
-    let vip = Ipv4Addr::new(10, 96, 4, 10);
-    let mut spec = ServiceSpec::new("flaky", vip, 80, 8080, &ips);
+    let mut spec = ServiceSpec::new("flaky", Ipv4Addr::new(10, 96, 4, 10), 80, 8080, &ips);
     spec.algorithm = Some("random"); // least-conn would send every connect to a failing pod
     bed.write_service(&spec).unwrap();
     bed.start_agent(&[]).unwrap();
 
     let mut client = bed.client().unwrap();
-    let outcomes = client
-        .open_with(
-            json!({"cmd": "open", "target": "10.96.4.10:80", "count": 60, "timeout_ms": 300}),
-        )
-        .unwrap();
+    let open = json!({"cmd": "open", "target": "10.96.4.10:80", "count": 60, "timeout_ms": 300});
+    let outcomes = client.open_with(open).unwrap();
     let ok = outcomes.iter().filter(|o| o.ok).count() as u64;
     let refused = outcomes.iter().filter(|o| o.errno == Some(111)).count();
     let timed_out = outcomes
@@ -108,7 +60,7 @@ fn refused_and_abandoned_connects_leave_no_count_behind() {
     );
 
     // Only the established ones count, all on pod-1.
-    let counts = map_counts(&bed);
+    let counts = bed.counted().unwrap();
     assert_eq!(
         counts,
         [
@@ -119,7 +71,7 @@ fn refused_and_abandoned_connects_leave_no_count_behind() {
     );
     client.close_all().unwrap();
     wait_for("counts to drop to zero", Duration::from_secs(5), || {
-        Ok((total(&map_counts(&bed)) == 0).then_some(()))
+        Ok((bed.counted_total()? == 0).then_some(()))
     })
     .unwrap();
 }
@@ -127,13 +79,7 @@ fn refused_and_abandoned_connects_leave_no_count_behind() {
 #[test]
 fn no_drift_after_thousands_of_concurrent_open_close_cycles() {
     require_privileges!();
-    let mut bed = Testbed::new("churn").unwrap();
-    let pods = pod_ips(5, 3);
-    bed.add_pods(&pods, 8080).unwrap();
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 5, 10), 80);
-    bed.write_service(&ServiceSpec::new("web", *vip.ip(), 80, 8080, &pods))
-        .unwrap();
-    bed.start_agent(&[]).unwrap();
+    let (bed, vip) = Testbed::serving("churn", 5, 3, None).unwrap();
 
     // Five long-lived connections stay open throughout: the counts must come back to exactly
     // them, not to zero and not to "about" them.
@@ -152,20 +98,7 @@ fn no_drift_after_thousands_of_concurrent_open_close_cycles() {
         let (ok, errors) = w.join().unwrap();
         assert_eq!(ok, cycles as u64, "{errors:?}");
     }
-    wait_for(
-        "counts to settle at the 5 open connections",
-        Duration::from_secs(5),
-        || Ok((total(&map_counts(&bed)) == 5).then_some(())),
-    )
-    .unwrap();
-    wait_for("pods to see the churn end", Duration::from_secs(5), || {
-        Ok((bed.open().iter().map(|(_, n)| n).sum::<u64>() == 5).then_some(()))
-    })
-    .unwrap();
-    assert_eq!(map_counts(&bed), bed.open());
+    bed.settle_at(5).unwrap();
     holder.close_all().unwrap();
-    wait_for("counts to drop to zero", Duration::from_secs(5), || {
-        Ok((total(&map_counts(&bed)) == 0).then_some(()))
-    })
-    .unwrap();
+    bed.settle_at(0).unwrap();
 }

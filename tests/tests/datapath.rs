@@ -58,14 +58,11 @@ fn a_connect_to_the_vip_reaches_a_pod_and_the_app_sees_the_vip() {
         "{:?}",
         not_a_port[0]
     );
-    let counted: u64 = bed
-        .agent()
-        .backends()
-        .unwrap()
-        .iter()
-        .map(|b| b.connections)
-        .sum();
-    assert_eq!(counted, 6, "only connections made through the VIP count");
+    assert_eq!(
+        bed.counted_total().unwrap(),
+        6,
+        "only connections made through the VIP count"
+    );
 
     // A Service without backends refuses at once, as kube-proxy's REJECT rule does.
     let refused = client
@@ -122,22 +119,12 @@ fn udp_connect_is_balanced_and_answers_come_from_the_vip() {
         [2, 2, 2],
         "{spread:?}"
     );
-    let counted: u64 = bed
-        .agent()
-        .backends()
-        .unwrap()
-        .iter()
-        .map(|b| b.connections)
-        .sum();
-    assert_eq!(counted, 6);
+    assert_eq!(bed.counted_total().unwrap(), 6);
     assert_eq!(client.requests(2).unwrap().values().sum::<u64>(), 12);
     client.close_all().unwrap();
-    let counted: u64 = bed
-        .agent()
-        .backends()
-        .unwrap()
-        .iter()
-        .map(|b| b.connections)
-        .sum();
-    assert_eq!(counted, 0, "closing a UDP socket uncounts it");
+    assert_eq!(
+        bed.counted_total().unwrap(),
+        0,
+        "closing a UDP socket uncounts it"
+    );
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use socklb_tests::{
-    agent::{Agent, ctl_json},
+    agent::ctl_json,
     bin,
     client::per_pod,
     manifests::{ServiceSpec, pod_ips},
@@ -165,13 +165,7 @@ fn the_agent_refuses_a_missing_cgroup_with_a_clear_error() {
 #[test]
 fn restarting_the_agent_keeps_open_and_new_connections_balanced() {
     require_privileges!();
-    let mut bed = Testbed::new("rst").unwrap();
-    let pods = pod_ips(10, 3);
-    bed.add_pods(&pods, 8080).unwrap();
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 10, 10), 80);
-    bed.write_service(&ServiceSpec::new("web", *vip.ip(), 80, 8080, &pods))
-        .unwrap();
-    bed.start_agent(&[]).unwrap();
+    let (mut bed, vip) = Testbed::serving("rst", 10, 3, None).unwrap();
 
     let mut c = bed.client().unwrap();
     assert!(c.open(vip, 12).unwrap().iter().all(|o| o.ok));
@@ -204,28 +198,12 @@ fn restarting_the_agent_keeps_open_and_new_connections_balanced() {
         )),
         "{log}"
     );
-    let counts: Vec<u64> = bed
-        .agent()
-        .backends()
-        .unwrap()
-        .iter()
-        .map(|b| b.connections)
-        .collect();
-    assert_eq!(counts, [6, 6, 6]);
+    bed.settle_at(18).unwrap();
 
     // After the restart: old connections work, new ones are balanced.
     assert_eq!(c.requests(1).unwrap().values().sum::<u64>(), 18);
     let spread = per_pod(&c.open(vip, 3).unwrap());
     assert_eq!(spread.values().copied().collect::<Vec<_>>(), [1, 1, 1]);
     c.close_all().unwrap();
-    wait_for("counts to drop to zero", Duration::from_secs(5), || {
-        Ok(bed
-            .agent()
-            .backends()?
-            .iter()
-            .all(|b| b.connections == 0)
-            .then_some(()))
-    })
-    .unwrap();
-    let _: &Agent = bed.agent();
+    bed.settle_at(0).unwrap();
 }
