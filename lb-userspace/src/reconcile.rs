@@ -13,7 +13,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fmt,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
