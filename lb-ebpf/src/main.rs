@@ -27,19 +27,27 @@ use core::{
 };
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT,
         bpf_sock,
     },
-    btf_maps::{Array, HashMap, SkStorage},
-    helpers::generated::{bpf_get_prandom_u32, bpf_loop, bpf_set_retval, bpf_sk_storage_get},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_loop, bpf_set_retval, bpf_sk_storage_get,
+    },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use lb_common::{
-    Algorithm, Backend, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState,
-    limits::{LEAST_CONN_WINDOW, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS},
+    Affinity, AffinityKey, Algorithm, Backend, RebalanceStats, Service, ServiceKey, ServiceName,
+    ServiceStats, SlotKey, SockState, backend_state, client_hash,
+    limits::{
+        LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_MAGLEV_ENTRIES,
+        MAX_SERVICES, MAX_SLOTS,
+    },
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -68,6 +76,23 @@ static SERVICE_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }, NO_PR
 
 #[btf_map(pin_by_name)]
 static SOCKETS: SkStorage<SockState> = SkStorage::new();
+
+/// Round-robin position per Service, one per CPU: no shared counter, no lock.
+#[btf_map(pin_by_name)]
+static RR_CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+/// Maglev lookup tables: (service id, index < MAGLEV_TABLE_SIZE) -> backend id.
+#[btf_map(pin_by_name)]
+static MAGLEV: HashMap<SlotKey, u32, { MAX_MAGLEV_ENTRIES as usize }, NO_PREALLOC> = HashMap::new();
+
+/// sessionAffinity: ClientIP. An LRU is right here: an evicted entry only loses stickiness.
+#[btf_map(pin_by_name)]
+static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITY as usize }> = LruHashMap::new();
+
+/// Written by the agent's rebalancer only; declared here so it is pinned with the rest.
+#[btf_map(pin_by_name)]
+static REBALANCE_STATS: HashMap<u32, RebalanceStats, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// Allow the syscall (cgroup program verdict).
 const ALLOW: i32 = 1;
@@ -127,7 +152,7 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let Some(service) = (unsafe { SERVICES.get(&key) }) else {
         return ALLOW;
     };
-    let Some((backend_id, backend)) = (unsafe { pick_backend(service) }) else {
+    let Some((backend_id, backend)) = (unsafe { pick_backend(ctx, service) }) else {
         bump_stats(service.id, |s| unsafe { &raw mut (*s).refused });
         // Fail at once, like kube-proxy's REJECT rule, instead of letting the connect to an
         // unrouted VIP hang or leave the node.
@@ -164,24 +189,107 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
 }
 
 /// Chooses a backend of `service`, or `None` if it has none.
-unsafe fn pick_backend(service: &Service) -> Option<(u32, Backend)> {
+unsafe fn pick_backend(ctx: &SockAddrContext, service: &Service) -> Option<(u32, Backend)> {
     let count = service.count;
     if count == 0 {
         return None;
     }
-    let index = if service.algorithm == Algorithm::LeastConn as u8 {
-        unsafe { least_conn_slot(service.id, count) }?
-    } else {
-        random_below(count)
+    // The client, for affinity and Maglev: its network namespace (its pod).
+    let client = match service.affinity_timeout != 0 || service.algorithm == Algorithm::Maglev as u8
+    {
+        true => unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        false => 0,
     };
-    let backend_id = *(unsafe {
-        SLOTS.get(&SlotKey {
-            service_id: service.id,
-            index,
-        })
-    })?;
+    if service.affinity_timeout != 0
+        && let Some(hit) = unsafe { sticky_backend(service, client) }
+    {
+        return Some(hit);
+    }
+    let backend_id = if service.algorithm == Algorithm::Maglev as u8 {
+        let index = client_hash(client, unsafe { bound_port(ctx) }) % MAGLEV_TABLE_SIZE;
+        *(unsafe {
+            MAGLEV.get(&SlotKey {
+                service_id: service.id,
+                index,
+            })
+        })?
+    } else {
+        let index = if service.algorithm == Algorithm::LeastConn as u8 {
+            unsafe { least_conn_slot(service.id, count) }?
+        } else if service.algorithm == Algorithm::RoundRobin as u8 {
+            round_robin_slot(service.id, count)
+        } else {
+            random_below(count)
+        };
+        *(unsafe {
+            SLOTS.get(&SlotKey {
+                service_id: service.id,
+                index,
+            })
+        })?
+    };
     let backend = *(unsafe { BACKENDS.get(&backend_id) })?;
+    if service.affinity_timeout != 0 {
+        let key = AffinityKey {
+            service_id: service.id,
+            _pad: 0,
+            client,
+        };
+        let value = Affinity {
+            backend_id,
+            _pad: 0,
+            last_used_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        let _ = AFFINITY.insert(&key, &value, 0);
+    }
     Some((backend_id, backend))
+}
+
+/// The backend this client used within the affinity timeout, if it is still in the Service.
+unsafe fn sticky_backend(service: &Service, client: u64) -> Option<(u32, Backend)> {
+    let key = AffinityKey {
+        service_id: service.id,
+        _pad: 0,
+        client,
+    };
+    let entry = AFFINITY.get_ptr_mut(&key)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
+    if now.wrapping_sub(unsafe { (*entry).last_used_ns }) > timeout_ns {
+        return None;
+    }
+    let backend_id = unsafe { (*entry).backend_id };
+    let backend = *(unsafe { BACKENDS.get(&backend_id) })?;
+    if backend.service_id != service.id || backend.state != backend_state::ACTIVE {
+        return None;
+    }
+    unsafe { (*entry).last_used_ns = now };
+    Some((backend_id, backend))
+}
+
+/// The next slot of this CPU's walk. CPUs start at different offsets so that a burst spread
+/// over CPUs does not hit the same slots first. BPF programs run without migration, so the
+/// per-CPU cursor needs no atomics.
+fn round_robin_slot(service_id: u32, count: u32) -> u32 {
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    match RR_CURSORS.get_ptr_mut(service_id) {
+        Some(cursor) => unsafe {
+            let n = *cursor;
+            *cursor = n.wrapping_add(1);
+            n.wrapping_add(cpu) % count
+        },
+        None => random_below(count),
+    }
+}
+
+/// The local port the application bound, or 0 (the usual case: bound during the connect).
+unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        0
+    } else {
+        (unsafe { (*sk).src_port }) as u16
+    }
 }
 
 /// Least connections over the Service's slots. With more than `LEAST_CONN_WINDOW` backends it

@@ -18,6 +18,7 @@ use crate::{
     cluster::{self, Desired},
     datapath::{self, LinkAction, Maps},
     manifest_dir::ManifestDir,
+    rebalance,
     reconcile::{self, Programmed},
     recount, writer,
 };
@@ -27,6 +28,7 @@ pub struct Config {
     pub cgroup: PathBuf,
     pub pin_path: PathBuf,
     pub default_algorithm: Algorithm,
+    pub rebalance: rebalance::Policy,
 }
 
 /// How long to wait after a change in the directory before reading it, so that an editor's
@@ -90,6 +92,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut next_resync = Instant::now() + RESYNC;
+    let mut next_rebalance = Instant::now() + config.rebalance.interval;
     loop {
         let draining = programmed
             .backends
@@ -107,6 +110,11 @@ pub async fn run(config: Config) -> Result<()> {
                 true
             }
             () = sleep_until(wake) => false,
+            () = sleep_until(next_rebalance) => {
+                next_rebalance = Instant::now() + config.rebalance.interval;
+                rebalance_once(&mut maps, &programmed, &config);
+                continue;
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
@@ -122,6 +130,30 @@ pub async fn run(config: Config) -> Result<()> {
         config.pin_path.display()
     );
     Ok(())
+}
+
+/// One rebalancing interval; what it closed goes to the log (and REBALANCE_STATS).
+fn rebalance_once(maps: &mut Maps, programmed: &Programmed, config: &Config) {
+    match rebalance::run(maps, programmed, &config.cgroup, &config.rebalance) {
+        Ok(rounds) => {
+            for r in rounds {
+                let closed: u64 = r.closed.values().sum();
+                let per_pod: Vec<String> = r
+                    .closed
+                    .iter()
+                    .map(|(pod, n)| format!("{pod}: {n}"))
+                    .collect();
+                info!(
+                    "rebalance {}: closed {closed} of {} wanted (bound {}) [{}]",
+                    r.service,
+                    r.wanted,
+                    r.budget,
+                    per_pod.join(", ")
+                );
+            }
+        }
+        Err(e) => warn!("rebalancing failed: {e:#}"),
+    }
 }
 
 struct Agent {

@@ -20,8 +20,12 @@ use lb_common::{Algorithm, limits::MAX_BACKENDS_PER_SERVICE};
 
 use crate::manifest::SERVICE_NAME_LABEL;
 
-/// Service annotation choosing the algorithm (`random` or `least-conn`).
+/// Service annotation choosing the algorithm (`least-conn`, `random`, `round-robin`, `maglev`).
 pub const ALGORITHM_ANNOTATION: &str = "socklb.io/algorithm";
+/// Service annotation opting in to active rebalancing (`"true"`).
+pub const REBALANCE_ANNOTATION: &str = "socklb.io/rebalance";
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_TIMEOUT: i32 = 10_800;
 const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
 /// Namespace and name of a Service.
@@ -90,6 +94,10 @@ pub struct Frontend {
     pub service: ServiceRef,
     pub port_name: String,
     pub algorithm: Algorithm,
+    /// Close connections of overloaded backends so clients reconnect to light ones.
+    pub rebalance: bool,
+    /// `sessionAffinity: ClientIP` timeout in seconds, 0 for none.
+    pub affinity_timeout: u32,
     /// Sorted and deduplicated.
     pub backends: Vec<SocketAddrV4>,
 }
@@ -225,18 +233,55 @@ fn resolve_service(
             .parse::<Ipv4Addr>()
             .map_err(|_| format!("spec.clusterIP {ip:?} is not an IPv4 address"))?,
     };
-    let algorithm = match service
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ALGORITHM_ANNOTATION))
-    {
+    let annotation = |name| {
+        service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(name))
+    };
+    let algorithm = match annotation(ALGORITHM_ANNOTATION) {
         None => default_algorithm,
-        Some(name) => parse_algorithm(name).ok_or_else(|| {
+        Some(name) => Algorithm::from_name(name).ok_or_else(|| {
             format!(
-                "annotation {ALGORITHM_ANNOTATION}: unknown algorithm {name:?} (random, least-conn)"
+                "annotation {ALGORITHM_ANNOTATION}: unknown algorithm {name:?} ({})",
+                algorithm_names()
             )
         })?,
+    };
+    let rebalance = match annotation(REBALANCE_ANNOTATION).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") if algorithm == Algorithm::LeastConn => true,
+        Some("true") => {
+            return Err(format!(
+                "annotation {REBALANCE_ANNOTATION} needs the least-conn algorithm (closed \
+                 connections must reconnect to the least-loaded pods), not {}",
+                algorithm.name()
+            ));
+        }
+        Some(other) => {
+            return Err(format!(
+                "annotation {REBALANCE_ANNOTATION}: {other:?} is not \"true\" or \"false\""
+            ));
+        }
+    };
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("None") => 0,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+            u32::try_from(timeout)
+                .ok()
+                .filter(|t| (1..=86_400).contains(t))
+                .ok_or_else(|| {
+                    format!("sessionAffinityConfig timeoutSeconds {timeout} is not in 1..=86400")
+                })?
+        }
+        Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),
     };
 
     let mut frontends = Vec::new();
@@ -268,18 +313,18 @@ fn resolve_service(
             service: service_ref.clone(),
             port_name,
             algorithm,
+            rebalance,
+            affinity_timeout,
             backends,
         });
     }
     Ok(frontends)
 }
 
-pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
-    match name {
-        "random" => Some(Algorithm::Random),
-        "least-conn" => Some(Algorithm::LeastConn),
-        _ => None,
-    }
+/// "least-conn, random, round-robin, maglev" for error messages.
+pub fn algorithm_names() -> String {
+    let names: Vec<&str> = Algorithm::ALL.iter().map(|a| a.name()).collect();
+    names.join(", ")
 }
 
 /// Backends of one Service port across all its slices, with kube-proxy's fallback: ready
@@ -486,6 +531,54 @@ mod tests {
             d.frontends
                 .values()
                 .all(|f| f.algorithm == Algorithm::Random)
+        );
+    }
+
+    #[test]
+    fn rebalance_and_session_affinity_are_read_from_the_service() {
+        let s = state(&service(
+            "web",
+            "10.96.0.10",
+            ", annotations: {socklb.io/rebalance: \"true\"}",
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(
+            d.frontends
+                .values()
+                .all(|f| f.rebalance && f.affinity_timeout == 0)
+        );
+
+        let affinity = service("web", "10.96.0.10", "").replace(
+            "  clusterIP: 10.96.0.10\n",
+            "  clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n",
+        );
+        let (d, _) = desired(&state(&affinity), Algorithm::LeastConn, &Desired::default());
+        assert!(
+            d.frontends.values().all(|f| f.affinity_timeout == 10_800),
+            "kube-proxy's default"
+        );
+        let custom = affinity.replace(
+            "sessionAffinity: ClientIP\n",
+            "sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+        );
+        let (d, _) = desired(&state(&custom), Algorithm::LeastConn, &Desired::default());
+        assert!(d.frontends.values().all(|f| f.affinity_timeout == 60));
+    }
+
+    #[test]
+    fn rebalancing_needs_least_conn() {
+        let s = state(&service(
+            "web",
+            "10.96.0.10",
+            ", annotations: {socklb.io/rebalance: \"true\", socklb.io/algorithm: random}",
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(d.frontends.is_empty());
+        assert!(
+            errors[0].message.contains("needs the least-conn algorithm"),
+            "{}",
+            errors[0]
         );
     }
 

@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Result, bail};
-use lb_common::{ServiceName, backend_state, map_names};
+use lb_common::{ServiceName, SlotKey, backend_state, map_names, service_flags};
 use serde_json::{Map, Value, json};
 
 use crate::{
@@ -112,15 +112,22 @@ pub fn service_list(maps: &Maps) -> Result<Vec<Row>> {
             .map(|(id, _)| maps.connections(*id))
             .sum();
         let stats = maps.stats(service.id);
+        let rebalance = service.flags & service_flags::REBALANCE != 0;
         rows.push(row(vec![
             ("service", json!(name)),
             ("port_name", json!(port_name)),
             ("frontend", json!(frontend)),
             ("algorithm", json!(algorithm_of(service).name())),
+            (
+                "affinity_s",
+                json!((service.affinity_timeout > 0).then_some(service.affinity_timeout)),
+            ),
+            ("rebalance", json!(if rebalance { "on" } else { "off" })),
             ("backends", json!(service.count)),
             ("connections", json!(connections)),
             ("connects", json!(stats.connects)),
             ("refused", json!(stats.refused)),
+            ("rebalanced", json!(maps.rebalance_stats(service.id).closed)),
             ("id", json!(service.id)),
         ]));
     }
@@ -166,6 +173,55 @@ pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
             r["port"].as_u64(),
         )
     });
+    Ok(rows)
+}
+
+/// `rebalance list`: for each Service that opted in, the live connections per backend and
+/// what rebalancing has closed.
+pub fn rebalance_list(maps: &Maps) -> Result<Vec<Row>> {
+    let p = maps.read_programmed()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut rows = Vec::new();
+    for (key, service) in &p.services {
+        if service.flags & service_flags::REBALANCE == 0 {
+            continue;
+        }
+        let (name, port_name) = service_label(p.names.get(&service.id));
+        let counts: Vec<u64> = (0..service.count)
+            .filter_map(|index| {
+                p.slots.get(&SlotKey {
+                    service_id: service.id,
+                    index,
+                })
+            })
+            .map(|id| maps.connections(*id))
+            .collect();
+        let r = maps.rebalance_stats(service.id);
+        rows.push(row(vec![
+            ("service", json!(name)),
+            ("port_name", json!(port_name)),
+            ("frontend", json!(frontend_key(key).map(|k| k.to_string()))),
+            (
+                "connections",
+                json!(
+                    counts
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("/")
+                ),
+            ),
+            ("closed", json!(r.closed)),
+            ("rounds", json!(r.rounds)),
+            ("largest_round", json!(r.largest_round)),
+            (
+                "last_s_ago",
+                json!((r.last_unix > 0).then(|| now.saturating_sub(r.last_unix))),
+            ),
+        ]));
+    }
     Ok(rows)
 }
 
@@ -243,6 +299,47 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
                 ])
             })
             .collect(),
+        map_names::MAGLEV => p
+            .maglev
+            .iter()
+            .map(|(k, id)| {
+                row(vec![
+                    ("service_id", json!(k.service_id)),
+                    ("index", json!(k.index)),
+                    ("backend_id", json!(id)),
+                ])
+            })
+            .collect(),
+        map_names::AFFINITY => maps
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, a)| {
+                row(vec![
+                    ("service_id", json!(k.service_id)),
+                    ("client_netns_cookie", json!(k.client)),
+                    ("backend_id", json!(a.backend_id)),
+                    ("last_used_ns", json!(a.last_used_ns)),
+                ])
+            })
+            .collect(),
+        map_names::REBALANCE_STATS => p
+            .services
+            .values()
+            .map(|s| {
+                let r = maps.rebalance_stats(s.id);
+                row(vec![
+                    ("service_id", json!(s.id)),
+                    ("closed", json!(r.closed)),
+                    ("rounds", json!(r.rounds)),
+                    ("largest_round", json!(r.largest_round)),
+                    ("last_unix", json!(r.last_unix)),
+                ])
+            })
+            .collect(),
+        map_names::RR_CURSORS => {
+            bail!("{name} holds per-CPU round-robin positions; nothing to show")
+        }
         map_names::SOCKETS => bail!(
             "{name} is socket-local storage: the kernel only reads it through a socket, so it \
              cannot be listed (see `backend list` for the live connection counts)"

@@ -23,7 +23,10 @@ use aya::{
         loaded_programs,
     },
 };
-use lb_common::{Backend, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, map_names};
+use lb_common::{
+    Affinity, AffinityKey, Backend, RebalanceStats, Service, ServiceKey, ServiceName, ServiceStats,
+    SlotKey, map_names,
+};
 use log::info;
 
 use crate::{
@@ -64,6 +67,10 @@ pub struct Maps {
     pub names: HashMap<MapData, u32, ServiceName>,
     pub counts: Array<MapData, u64>,
     pub stats: Array<MapData, ServiceStats>,
+    pub maglev: HashMap<MapData, SlotKey, u32>,
+    pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    /// Written by the rebalancer, read by socklbctl.
+    pub rebalance_stats: HashMap<MapData, u32, RebalanceStats>,
     /// The socket storage map; only the kernel and sock_diag read it (it cannot be iterated).
     pub sockets: MapData,
 }
@@ -245,6 +252,9 @@ impl Maps {
             names: take(map_names::SERVICE_NAMES)?.try_into()?,
             counts: take(map_names::CONN_COUNTS)?.try_into()?,
             stats: take(map_names::SERVICE_STATS)?.try_into()?,
+            maglev: take(map_names::MAGLEV)?.try_into()?,
+            affinity: take(map_names::AFFINITY)?.try_into()?,
+            rebalance_stats: take(map_names::REBALANCE_STATS)?.try_into()?,
             sockets: map_data(take(map_names::SOCKETS)?)?,
         })
     }
@@ -268,6 +278,9 @@ impl Maps {
             names: open(map_names::SERVICE_NAMES)?.try_into()?,
             counts: open(map_names::CONN_COUNTS)?.try_into()?,
             stats: open(map_names::SERVICE_STATS)?.try_into()?,
+            maglev: open(map_names::MAGLEV)?.try_into()?,
+            affinity: open(map_names::AFFINITY)?.try_into()?,
+            rebalance_stats: open(map_names::REBALANCE_STATS)?.try_into()?,
             sockets: map_data(open(map_names::SOCKETS)?)?,
         })
     }
@@ -279,6 +292,7 @@ impl Maps {
             names: self.names.iter().collect::<Result<_, _>>()?,
             slots: self.slots.iter().collect::<Result<_, _>>()?,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
+            maglev: self.maglev.iter().collect::<Result<_, _>>()?,
         })
     }
 
@@ -294,6 +308,10 @@ impl Maps {
     pub fn stats(&self, service_id: u32) -> ServiceStats {
         self.stats.get(&service_id, 0).unwrap_or_default()
     }
+
+    pub fn rebalance_stats(&self, service_id: u32) -> RebalanceStats {
+        self.rebalance_stats.get(&service_id, 0).unwrap_or_default()
+    }
 }
 
 impl MapWriter for Maps {
@@ -302,10 +320,12 @@ impl MapWriter for Maps {
             Op::PutName(id, n) => self.names.insert(id, n, 0)?,
             Op::PutBackend(id, b) => self.backends.insert(id, b, 0)?,
             Op::PutSlot(k, id) => self.slots.insert(k, id, 0)?,
+            Op::PutMaglev(k, id) => self.maglev.insert(k, id, 0)?,
             Op::PutService(k, s) => self.services.insert(k, s, 0)?,
             Op::ResetStats(id) => self.stats.set(*id, &ServiceStats::default(), 0)?,
             Op::DeleteService(k) => self.services.remove(k)?,
             Op::DeleteSlot(k) => self.slots.remove(k)?,
+            Op::DeleteMaglev(k) => self.maglev.remove(k)?,
             Op::DeleteBackend(id) => self.backends.remove(id)?,
             Op::DeleteName(id) => self.names.remove(id)?,
         }

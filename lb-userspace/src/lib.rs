@@ -14,16 +14,20 @@
 //! datapath                  pinned BPF maps and programs on the cgroup (lb-ebpf)
 //! ```
 //!
-//! `agent` runs that loop; `recount` and `sockdiag` check the connection counts against the
-//! live sockets after a restart; `ctl` is socklbctl's reading side.
+//! `agent` runs that loop; `recount` checks the connection counts against the live sockets
+//! after a restart and `rebalance` closes connections to even out long-lived ones, both
+//! through `sockdiag`; `maglev` builds consistent-hashing tables; `ctl` is socklbctl's
+//! reading side.
 
 pub mod agent;
 mod bpf_sys;
 pub mod cluster;
 pub mod ctl;
 pub mod datapath;
+pub mod maglev;
 pub mod manifest;
 pub mod manifest_dir;
+pub mod rebalance;
 pub mod reconcile;
 pub mod recount;
 pub mod sockdiag;

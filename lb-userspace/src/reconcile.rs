@@ -5,7 +5,8 @@
 //! must never see a half-written Service, so for each frontend: backends first, then slots, then
 //! the service entry (whose `count` makes new slots visible), then the slots past the new count
 //! are deleted and backends that left are marked draining. Removing a frontend deletes its
-//! service entry first. Every intermediate state only points at backends that exist.
+//! service entry first. Every intermediate state only points at backends that exist. Maglev
+//! tables are written like slots: after the backends, before the service entry.
 //!
 //! Ids are stable: a frontend keeps its service id and a pod keeps its backend id (and so its
 //! connection count) for as long as they are programmed, and a draining backend's id is only
@@ -18,18 +19,24 @@ use std::{
 
 use lb_common::{
     Algorithm, Backend, Service, ServiceKey, ServiceName, SlotKey, backend_state,
-    limits::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS},
+    limits::{MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS},
+    service_flags,
 };
 
-use crate::cluster::{Desired, Frontend, FrontendKey, Protocol};
+use crate::{
+    cluster::{Desired, Frontend, FrontendKey, Protocol},
+    maglev,
+};
 
-/// A mirror of the maps socklb writes (SERVICES, SERVICE_NAMES, SLOTS, BACKENDS).
+/// A mirror of the maps socklb writes (SERVICES, SERVICE_NAMES, SLOTS, BACKENDS, MAGLEV).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Programmed {
     pub services: BTreeMap<ServiceKey, Service>,
     pub names: BTreeMap<u32, ServiceName>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<u32, Backend>,
+    /// Maglev tables: (service id, table index) -> backend id.
+    pub maglev: BTreeMap<SlotKey, u32>,
 }
 
 /// One map write.
@@ -38,11 +45,13 @@ pub enum Op {
     PutName(u32, ServiceName),
     PutBackend(u32, Backend),
     PutSlot(SlotKey, u32),
+    PutMaglev(SlotKey, u32),
     PutService(ServiceKey, Service),
     /// Zero a reused service id's counters.
     ResetStats(u32),
     DeleteService(ServiceKey),
     DeleteSlot(SlotKey),
+    DeleteMaglev(SlotKey),
     DeleteBackend(u32),
     DeleteName(u32),
 }
@@ -69,10 +78,12 @@ impl Programmed {
             Op::PutName(id, name) => drop(self.names.insert(*id, *name)),
             Op::PutBackend(id, b) => drop(self.backends.insert(*id, *b)),
             Op::PutSlot(k, id) => drop(self.slots.insert(*k, *id)),
+            Op::PutMaglev(k, id) => drop(self.maglev.insert(*k, *id)),
             Op::PutService(k, s) => drop(self.services.insert(*k, *s)),
             Op::ResetStats(_) => {}
             Op::DeleteService(k) => drop(self.services.remove(k)),
             Op::DeleteSlot(k) => drop(self.slots.remove(k)),
+            Op::DeleteMaglev(k) => drop(self.maglev.remove(k)),
             Op::DeleteBackend(id) => drop(self.backends.remove(id)),
             Op::DeleteName(id) => drop(self.names.remove(id)),
         }
@@ -171,6 +182,20 @@ struct Planner<'a> {
     wanted_backends: BTreeSet<u32>,
     services: usize,
     slot_count: usize,
+    maglev_count: usize,
+}
+
+/// The Maglev entries of one service id, by table index.
+fn maglev_entries(current: &Programmed, service_id: u32) -> BTreeMap<u32, u32> {
+    let range = slot(service_id, 0)..=SlotKey {
+        service_id,
+        index: u32::MAX,
+    };
+    current
+        .maglev
+        .range(range)
+        .map(|(k, id)| (k.index, *id))
+        .collect()
 }
 
 impl<'a> Planner<'a> {
@@ -195,7 +220,8 @@ impl<'a> Planner<'a> {
             .map(|s| s.id)
             .chain(current.names.keys().copied())
             .chain(current.backends.values().map(|b| b.service_id))
-            .chain(current.slots.keys().map(|k| k.service_id));
+            .chain(current.slots.keys().map(|k| k.service_id))
+            .chain(current.maglev.keys().map(|k| k.service_id));
         Planner {
             current,
             slots,
@@ -207,6 +233,7 @@ impl<'a> Planner<'a> {
             wanted_backends: BTreeSet::new(),
             services: current.services.len(),
             slot_count: current.slots.len(),
+            maglev_count: current.maglev.len(),
         }
     }
 
@@ -216,6 +243,10 @@ impl<'a> Planner<'a> {
         for (index, _) in old.iter().enumerate().filter(|(_, id)| **id != u32::MAX) {
             ops.push(Op::DeleteSlot(slot(service.id, index)));
             self.slot_count -= 1;
+        }
+        for index in maglev_entries(self.current, service.id).keys() {
+            ops.push(Op::DeleteMaglev(slot(service.id, *index as usize)));
+            self.maglev_count -= 1;
         }
         self.services -= 1;
         self.removed_service_ids.insert(service.id);
@@ -252,6 +283,22 @@ impl<'a> Planner<'a> {
         }
         if existing.is_none() && self.service_ids.free() == 0 {
             return Err(format!("no free service id (all {MAX_SERVICES} in use)"));
+        }
+        let old_maglev = existing
+            .map(|s| maglev_entries(self.current, s.id))
+            .unwrap_or_default();
+        let uses_maglev = f.algorithm == Algorithm::Maglev && !f.backends.is_empty();
+        let maglev_total = self.maglev_count - old_maglev.len()
+            + if uses_maglev {
+                MAGLEV_TABLE_SIZE as usize
+            } else {
+                0
+            };
+        if maglev_total > MAX_MAGLEV_ENTRIES as usize {
+            return Err(format!(
+                "map MAGLEV is full ({} Service ports use maglev)",
+                MAX_MAGLEV_ENTRIES / MAGLEV_TABLE_SIZE
+            ));
         }
 
         // Nothing can fail from here on.
@@ -294,11 +341,30 @@ impl<'a> Planner<'a> {
                 ops.push(Op::PutSlot(slot(service_id, index), *id));
             }
         }
+        if uses_maglev {
+            // The table is computed from the addresses in `f.backends` order (sorted), so
+            // every node writes the same table.
+            for (index, owner) in maglev::table(&f.backends, MAGLEV_TABLE_SIZE)
+                .iter()
+                .enumerate()
+            {
+                let id = ids[*owner as usize];
+                if old_maglev.get(&(index as u32)) != Some(&id) {
+                    ops.push(Op::PutMaglev(slot(service_id, index), id));
+                }
+            }
+        }
         let entry = Service {
             id: service_id,
             count: new_slots.len() as u32,
             algorithm: f.algorithm as u8,
-            _pad: [0; 3],
+            flags: if f.rebalance {
+                service_flags::REBALANCE
+            } else {
+                0
+            },
+            _pad: 0,
+            affinity_timeout: f.affinity_timeout,
         };
         if existing != Some(entry) {
             ops.push(Op::PutService(key, entry));
@@ -308,11 +374,17 @@ impl<'a> Planner<'a> {
                 ops.push(Op::DeleteSlot(slot(service_id, index)));
             }
         }
+        if !uses_maglev {
+            for index in old_maglev.keys() {
+                ops.push(Op::DeleteMaglev(slot(service_id, *index as usize)));
+            }
+        }
 
         self.wanted_service_ids.insert(service_id);
         self.wanted_backends.extend(&ids);
         self.services += usize::from(existing.is_none());
         self.slot_count = slot_total;
+        self.maglev_count = maglev_total;
         for (addr, id) in f.backends.iter().zip(&ids) {
             self.backend_ids.insert((service_id, *addr), *id);
         }
@@ -331,6 +403,11 @@ impl<'a> Planner<'a> {
                 && !self.removed_service_ids.contains(&k.service_id)
         });
         let mut ops: Vec<Op> = orphan_slots.map(|k| Op::DeleteSlot(*k)).collect();
+        let orphan_maglev = self.current.maglev.keys().filter(|k| {
+            !self.wanted_service_ids.contains(&k.service_id)
+                && !self.removed_service_ids.contains(&k.service_id)
+        });
+        ops.extend(orphan_maglev.map(|k| Op::DeleteMaglev(*k)));
         for (id, b) in &self.current.backends {
             if b.state == backend_state::ACTIVE && !self.wanted_backends.contains(id) {
                 let draining = Backend {
@@ -384,7 +461,12 @@ fn gc(
     planner: &Planner<'_>,
     connections: &dyn Fn(u32) -> u64,
 ) -> Option<Change> {
-    let in_slots: BTreeSet<u32> = current.slots.values().copied().collect();
+    let in_slots: BTreeSet<u32> = current
+        .slots
+        .values()
+        .chain(current.maglev.values())
+        .copied()
+        .collect();
     let mut ops = Vec::new();
     let mut kept_service_ids = planner.wanted_service_ids.clone();
     for (id, b) in &current.backends {
@@ -483,6 +565,8 @@ pub fn programmed_frontends(p: &Programmed) -> Desired {
             },
             port_name: name_str(&name.port_name),
             algorithm: algorithm_of(service),
+            rebalance: service.flags & service_flags::REBALANCE != 0,
+            affinity_timeout: service.affinity_timeout,
             backends,
         };
         desired.frontends.insert(key, frontend);
@@ -521,6 +605,8 @@ mod tests {
             },
             port_name: "http".into(),
             algorithm: Algorithm::LeastConn,
+            rebalance: false,
+            affinity_timeout: 0,
             backends,
         }
     }
@@ -531,9 +617,23 @@ mod tests {
         }
     }
 
-    /// Every slot a connect can see points at a backend of the same service.
+    /// Every slot (and Maglev entry) a connect can see points at a backend of the same
+    /// service.
     fn check_visible(p: &Programmed) {
         for (key, s) in &p.services {
+            if s.algorithm == Algorithm::Maglev as u8 && s.count > 0 {
+                for index in 0..MAGLEV_TABLE_SIZE {
+                    let id = p.maglev.get(&SlotKey {
+                        service_id: s.id,
+                        index,
+                    });
+                    let b = id.and_then(|id| p.backends.get(id));
+                    assert!(
+                        b.is_some_and(|b| b.service_id == s.id),
+                        "{key:?} maglev {index} -> {id:?}"
+                    );
+                }
+            }
             for index in 0..s.count {
                 let id = p.slots.get(&SlotKey {
                     service_id: s.id,
@@ -549,12 +649,50 @@ mod tests {
         }
     }
 
+    /// What a concurrent connect could see right after `op`: checks only what `op` can have
+    /// changed, so big Maglev tables stay cheap to check op by op.
+    fn check_after(p: &Programmed, op: &Op) {
+        let visible = |k: &SlotKey, maglev: bool| {
+            p.services.values().any(|s| {
+                s.id == k.service_id
+                    && s.count > 0
+                    && if maglev {
+                        s.algorithm == Algorithm::Maglev as u8
+                    } else {
+                        k.index < s.count
+                    }
+            })
+        };
+        let backend_of = |k: &SlotKey, id: &u32| {
+            p.backends
+                .get(id)
+                .is_some_and(|b| b.service_id == k.service_id)
+        };
+        match op {
+            Op::PutService(..) | Op::DeleteService(..) => check_visible(p),
+            Op::PutSlot(k, id) | Op::PutMaglev(k, id) => {
+                assert!(backend_of(k, id), "{op:?} points nowhere")
+            }
+            Op::DeleteSlot(k) => assert!(!visible(k, false), "{op:?} while visible"),
+            Op::DeleteMaglev(k) => assert!(!visible(k, true), "{op:?} while visible"),
+            Op::DeleteBackend(id) => {
+                let used = p
+                    .slots
+                    .iter()
+                    .chain(&p.maglev)
+                    .any(|(k, v)| v == id && visible(k, p.maglev.contains_key(k)));
+                assert!(!used, "{op:?} still in use");
+            }
+            _ => {}
+        }
+    }
+
     /// Applies op by op, checking what a concurrent connect could see after each.
     struct Checked<'a>(&'a mut Programmed);
     impl MapWriter for Checked<'_> {
         fn write(&mut self, op: &Op) -> anyhow::Result<()> {
             self.0.apply(op);
-            check_visible(self.0);
+            check_after(self.0, op);
             Ok(())
         }
     }
@@ -581,6 +719,16 @@ mod tests {
         for (key, s) in &p.services {
             let slots = p.slots.keys().filter(|k| k.service_id == s.id).count();
             assert_eq!(slots, s.count as usize, "{key:?}: slots beyond count");
+        }
+        let maglev_services: BTreeSet<u32> = p.maglev.keys().map(|k| k.service_id).collect();
+        for s in p.services.values() {
+            let wants = s.algorithm == Algorithm::Maglev as u8 && s.count > 0;
+            assert_eq!(
+                maglev_services.contains(&s.id),
+                wants,
+                "maglev table of service {}",
+                s.id
+            );
         }
         let in_slots: BTreeSet<u32> = p.slots.values().copied().collect();
         for (id, b) in &p.backends {
@@ -727,6 +875,47 @@ mod tests {
         assert_eq!(p.backends.len(), 1);
     }
 
+    fn with(mut f: Frontend, algorithm: Algorithm) -> Frontend {
+        f.algorithm = algorithm;
+        f
+    }
+
+    #[test]
+    fn maglev_tables_come_with_the_backends_and_go_with_the_algorithm() {
+        let mut p = Programmed::default();
+        let d = desired([with(frontend(1, &[1, 2, 3]), Algorithm::Maglev)]);
+        let plan = step(&d, &mut p, &none);
+        let o = ops(&plan);
+        let last_table = o
+            .iter()
+            .rposition(|op| matches!(op, Op::PutMaglev(..)))
+            .unwrap();
+        let service = o
+            .iter()
+            .position(|op| matches!(op, Op::PutService(..)))
+            .unwrap();
+        assert!(last_table < service, "table before the entry that uses it");
+        assert_eq!(p.maglev.len(), MAGLEV_TABLE_SIZE as usize);
+        assert_programs(&d, &p);
+
+        // One more backend rewrites only the entries it takes over: about 1/4 of them.
+        let d = desired([with(frontend(1, &[1, 2, 3, 4]), Algorithm::Maglev)]);
+        let plan = step(&d, &mut p, &none);
+        let rewritten = ops(&plan)
+            .iter()
+            .filter(|op| matches!(op, Op::PutMaglev(..)))
+            .count();
+        let share = rewritten as f64 / f64::from(MAGLEV_TABLE_SIZE);
+        assert!((0.2..0.3).contains(&share), "{rewritten} entries rewritten");
+        assert_programs(&d, &p);
+
+        // Back to least-conn: the table goes, after the entry stops using it.
+        let d = desired([frontend(1, &[1, 2, 3, 4])]);
+        step(&d, &mut p, &none);
+        assert!(p.maglev.is_empty());
+        assert_programs(&d, &p);
+    }
+
     #[test]
     fn a_full_map_refuses_new_services_and_keeps_the_others() {
         let mut p = Programmed::default();
@@ -787,7 +976,7 @@ mod tests {
             }
             self.0 -= 1;
             self.1.apply(op);
-            check_visible(&self.1);
+            check_after(&self.1, op);
             Ok(())
         }
     }
@@ -842,20 +1031,29 @@ mod tests {
     }
 
     proptest! {
+        // Each case writes and checks Maglev tables op by op; fewer cases keep this quick.
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
         /// After any sequence of desired states, with connections open or not, the maps end
         /// up holding exactly the desired state, and no write along the way lets a connect
         /// see a slot that points nowhere.
         #[test]
         fn maps_converge_to_any_sequence_of_desired_states(
             states in prop::collection::vec(
-                prop::collection::btree_map(1u8..6, prop::collection::vec(1u8..12, 0..8), 0..5),
+                prop::collection::btree_map(
+                    1u8..6,
+                    (prop::collection::vec(1u8..12, 0..8), 0usize..Algorithm::ALL.len()),
+                    0..5,
+                ),
                 1..8,
             ),
             busy in prop::collection::btree_set(0u32..40, 0..10),
         ) {
             let mut p = Programmed::default();
             for state in states {
-                let d = desired(state.iter().map(|(vip, backends)| frontend(*vip, backends)));
+                let d = desired(state.iter().map(|(vip, (backends, algorithm))| {
+                    with(frontend(*vip, backends), Algorithm::ALL[*algorithm])
+                }));
                 step(&d, &mut p, &|id| u64::from(busy.contains(&id)));
                 assert_programs(&d, &p);
                 // Once every connection closed, drained backends and unused names go.

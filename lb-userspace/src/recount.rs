@@ -7,7 +7,7 @@
 //! userspace cannot add atomically to a map value, so rewriting a count while connections open
 //! or close could lose one of their updates. A count that keeps moving is reported and left.
 
-use std::{collections::BTreeMap, os::fd::AsFd as _, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::Result;
 
@@ -61,17 +61,12 @@ pub fn verify(maps: &mut Maps, cgroup: &Path) -> Result<Recount> {
 
 /// Live assigned sockets per backend id over every network namespace of the cgroup.
 fn live_sockets(maps: &Maps, cgroup: &Path) -> Result<(BTreeMap<u32, u64>, usize, usize)> {
-    let map_id = maps.sockets.info()?.id();
-    let namespaces = sockdiag::netns_of_cgroup(cgroup)?;
+    let (namespaces, dumps) = sockdiag::each_netns(cgroup, &maps.sockets, |s| s.assigned())?;
     let mut per_backend = BTreeMap::new();
     let mut total = 0;
-    for netns in &namespaces {
-        for socket in sockdiag::dump_assigned(netns, maps.sockets.fd().as_fd(), map_id)? {
-            if socket.storage.live == 1 {
-                *per_backend.entry(socket.storage.backend_id).or_insert(0) += 1;
-                total += 1;
-            }
-        }
+    for socket in dumps.iter().flatten().filter(|s| s.storage.live == 1) {
+        *per_backend.entry(socket.storage.backend_id).or_insert(0) += 1;
+        total += 1;
     }
-    Ok((per_backend, namespaces.len(), total))
+    Ok((per_backend, namespaces, total))
 }

@@ -1,29 +1,33 @@
-//! Finding the sockets socklb assigned, from userspace: a netlink sock_diag dump of a network
-//! namespace that also returns each socket's `SOCKETS` storage (INET_DIAG_REQ_SK_BPF_STORAGES,
-//! as `ss --bpf-maps` does). Used to verify the connection counts after an agent restart.
+//! Finding and closing the sockets socklb assigned, from userspace: a netlink sock_diag dump of
+//! a network namespace that also returns each socket's `SOCKETS` storage
+//! (INET_DIAG_REQ_SK_BPF_STORAGES, as `ss --bpf-maps` does), and SOCK_DESTROY for one socket
+//! (as `ss -K`). Used to check the connection counts after an agent restart, and by the
+//! rebalancer.
 //!
-//! sock_diag answers for the network namespace of the calling thread, so each dump runs on a
+//! sock_diag acts on the network namespace of the calling thread, so each session runs on a
 //! short-lived thread that first enters the namespace (setns), as `ss` run inside it would.
 
 use std::{
     collections::BTreeMap,
     fs, io,
     net::{IpAddr, SocketAddrV4},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
-    os::unix::fs::MetadataExt as _,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::Path,
 };
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::SockState;
 use netlink_packet_core::{
-    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload, NetlinkSerializable, Nla, NlasIterator,
+    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Nla, NlasIterator,
 };
 use netlink_packet_sock_diag::{
-    SOCK_DIAG_BY_FAMILY, SockDiagMessage,
+    SOCK_DIAG_BY_FAMILY, SockDiagDestroy, SockDiagMessage,
     constants::{AF_INET, IPPROTO_TCP, IPPROTO_UDP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla as InetNla},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla as InetNla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -42,10 +46,15 @@ pub struct AssignedSocket {
     pub state: u8,
     pub local: SocketAddrV4,
     pub remote: SocketAddrV4,
+    /// The kernel's socket cookie: SOCK_DESTROY acts on exactly this socket.
+    pub cookie: [u8; 8],
     /// Bytes received but not read by the application.
     pub recv_queue: u32,
     /// Bytes written but not yet acknowledged by the peer (TCP).
     pub send_queue: u32,
+    /// Milliseconds since data was last sent and received (TCP only).
+    pub last_sent_ms: Option<u32>,
+    pub last_received_ms: Option<u32>,
     pub storage: SockState,
 }
 
@@ -74,28 +83,143 @@ pub fn netns_of_cgroup(cgroup: &Path) -> Result<Vec<fs::File>> {
     Ok(seen.into_values().collect())
 }
 
-/// Dumps the TCP and UDP IPv4 sockets of `netns` that have an entry in the socket storage map
-/// (`map_fd`, kernel id `map_id`).
-pub fn dump_assigned(
+/// A sock_diag session inside one network namespace.
+pub struct Session {
+    socket: Socket,
+    map_fd: OwnedFd,
+    map_id: u32,
+}
+
+/// Runs `f` with a session in `netns`, on a thread that entered it. `map_fd`/`map_id` are the
+/// socket storage map whose values the dumps return.
+pub fn in_netns<T: Send>(
     netns: &fs::File,
     map_fd: BorrowedFd<'_>,
     map_id: u32,
-) -> Result<Vec<AssignedSocket>> {
+    f: impl FnOnce(&mut Session) -> Result<T> + Send,
+) -> Result<T> {
     let netns = netns.try_clone()?;
     let map_fd = map_fd.try_clone_to_owned()?;
     std::thread::scope(|s| {
-        s.spawn(move || -> Result<Vec<AssignedSocket>> {
-            // SAFETY: setns on this thread only; the thread ends right after the dump.
+        s.spawn(move || -> Result<T> {
+            // SAFETY: setns on this thread only; the thread ends right after the session.
             if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error()).context("entering the network namespace");
             }
-            let mut out = dump_protocol(IPPROTO_TCP, map_fd.as_fd(), map_id)?;
-            out.extend(dump_protocol(IPPROTO_UDP, map_fd.as_fd(), map_id)?);
-            Ok(out)
+            let mut socket =
+                Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
+            socket.bind_auto()?;
+            socket.connect(&SocketAddr::new(0, 0))?;
+            f(&mut Session {
+                socket,
+                map_fd,
+                map_id,
+            })
         })
         .join()
         .map_err(|_| anyhow::anyhow!("sock_diag thread panicked"))?
     })
+}
+
+impl Session {
+    /// The TCP and UDP IPv4 sockets of the namespace that carry socklb storage.
+    pub fn assigned(&mut self) -> Result<Vec<AssignedSocket>> {
+        let mut out = self.dump(IPPROTO_TCP)?;
+        out.extend(self.dump(IPPROTO_UDP)?);
+        Ok(out)
+    }
+
+    fn dump(&mut self, protocol: u8) -> Result<Vec<AssignedSocket>> {
+        let fd = (self.map_fd.as_raw_fd() as u32).to_ne_bytes().to_vec();
+        let fd_attr = DefaultNla::new(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, fd);
+        let mut nested = vec![0; fd_attr.buffer_len()];
+        fd_attr.emit(&mut nested);
+        let request = DumpRequest {
+            request: SockDiagMessage::InetRequest(InetRequest {
+                family: AF_INET,
+                protocol,
+                // tcp_info carries the last-send and last-receive times the rebalancer uses.
+                extensions: ExtensionFlags::INFO,
+                states: StateFlags::all(),
+                socket_id: SocketId::new_v4(),
+            }),
+            storages: DefaultNla::new(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, nested),
+        };
+        self.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        let map_id = self.map_id;
+        self.receive(|message| {
+            if let SockDiagMessage::InetResponse(r) = message
+                && let Some(socket) = assigned(protocol, &r, map_id)
+            {
+                out.push(socket);
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Closes one socket (SOCK_DESTROY, as `ss -K`): the kernel aborts it, the peer gets a
+    /// reset and the application's next call on it fails with ECONNABORTED.
+    pub fn destroy(&mut self, socket: &AssignedSocket) -> Result<()> {
+        let mut id = SocketId::new_v4();
+        id.source_address = IpAddr::V4(*socket.local.ip());
+        id.source_port = socket.local.port();
+        id.destination_address = IpAddr::V4(*socket.remote.ip());
+        id.destination_port = socket.remote.port();
+        id.cookie = socket.cookie;
+        let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
+            family: AF_INET,
+            protocol: socket.protocol,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: id,
+        }));
+        self.send(request, NLM_F_REQUEST | NLM_F_ACK)?;
+        self.receive(|_| {})
+    }
+
+    fn send<T: NetlinkSerializable>(&mut self, payload: T, flags: u16) -> Result<()>
+    where
+        NetlinkPayload<T>: From<T>,
+    {
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        let mut message = NetlinkMessage::new(header, payload.into());
+        message.finalize();
+        let mut buf = vec![0; message.header.length as usize];
+        message.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        Ok(())
+    }
+
+    /// Reads answers until the dump is done or the request is acknowledged.
+    fn receive(&mut self, mut each: impl FnMut(SockDiagMessage)) -> Result<()> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = self.socket.recv(&mut &mut buf[..], 0)?;
+            let mut offset = 0;
+            while offset < n {
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..n])
+                    .context("decoding a sock_diag answer")?;
+                let length = msg.header.length as usize;
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) => match e.code {
+                        None => return Ok(()), // the ACK of a request
+                        Some(code) => {
+                            bail!("sock_diag: {}", io::Error::from_raw_os_error(-code.get()))
+                        }
+                    },
+                    NetlinkPayload::InnerMessage(m) => each(m),
+                    _ => {}
+                }
+                if length == 0 {
+                    break;
+                }
+                offset += length;
+            }
+        }
+    }
 }
 
 /// A dump request with the storage map attached (the crate's request has no attributes).
@@ -126,77 +250,21 @@ impl From<DumpRequest> for NetlinkPayload<DumpRequest> {
     }
 }
 
-fn dump_protocol(protocol: u8, map_fd: BorrowedFd<'_>, map_id: u32) -> Result<Vec<AssignedSocket>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-
-    let fd_attr = DefaultNla::new(
-        SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
-        (map_fd.as_raw_fd() as u32).to_ne_bytes().to_vec(),
-    );
-    let mut nested = vec![0; fd_attr.buffer_len()];
-    fd_attr.emit(&mut nested);
-    let request = DumpRequest {
-        request: SockDiagMessage::InetRequest(InetRequest {
-            family: AF_INET,
-            protocol,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::all(),
-            socket_id: SocketId::new_v4(),
-        }),
-        storages: DefaultNla::new(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, nested),
-    };
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut message = NetlinkMessage::new(header, request.into());
-    message.finalize();
-    let mut buf = vec![0; message.header.length as usize];
-    message.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-
-    let mut out = Vec::new();
-    let mut receive = vec![0u8; 1 << 16];
-    loop {
-        let n = socket.recv(&mut &mut receive[..], 0)?;
-        let mut offset = 0;
-        while offset < n {
-            let bytes = &receive[offset..n];
-            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
-                .context("decoding a sock_diag answer")?;
-            offset += msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => bail!("sock_diag dump failed: {e:?}"),
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    if let Some(socket) = assigned(protocol, &r, map_id) {
-                        out.push(socket);
-                    }
-                }
-                _ => {}
+/// The socket, if it carries a value of our storage map.
+fn assigned(protocol: u8, r: &InetResponse, map_id: u32) -> Option<AssignedSocket> {
+    let mut storage = None;
+    let mut times = None;
+    for nla in &r.nlas {
+        match nla {
+            InetNla::Other(n) if n.kind() & !NLA_F_NESTED == INET_DIAG_SK_BPF_STORAGES => {
+                let mut v = vec![0; n.value_len()];
+                n.emit_value(&mut v);
+                storage = storage_value(&v, map_id);
             }
-            if msg.header.length == 0 {
-                break;
-            }
+            InetNla::TcpInfo(info) => times = Some((info.last_data_sent, info.last_data_recv)),
+            _ => {}
         }
     }
-}
-
-/// The socket, if it carries a value of our storage map.
-fn assigned(
-    protocol: u8,
-    r: &netlink_packet_sock_diag::inet::InetResponse,
-    map_id: u32,
-) -> Option<AssignedSocket> {
-    let storages = r.nlas.iter().find_map(|nla| match nla {
-        InetNla::Other(n) if n.kind() & !NLA_F_NESTED == INET_DIAG_SK_BPF_STORAGES => {
-            let mut v = vec![0; n.value_len()];
-            n.emit_value(&mut v);
-            Some(v)
-        }
-        _ => None,
-    })?;
-    let storage = storage_value(&storages, map_id)?;
     let (IpAddr::V4(local), IpAddr::V4(remote)) = (
         r.header.socket_id.source_address,
         r.header.socket_id.destination_address,
@@ -208,9 +276,12 @@ fn assigned(
         state: r.header.state,
         local: SocketAddrV4::new(local, r.header.socket_id.source_port),
         remote: SocketAddrV4::new(remote, r.header.socket_id.destination_port),
+        cookie: r.header.socket_id.cookie,
         recv_queue: r.header.recv_queue,
         send_queue: r.header.send_queue,
-        storage,
+        last_sent_ms: times.map(|t| t.0),
+        last_received_ms: times.map(|t| t.1),
+        storage: storage?,
     })
 }
 
@@ -230,12 +301,12 @@ fn storage_value(attrs: &[u8], map_id: u32) -> Option<SockState> {
                         .get(..4)
                         .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
                 }
-                SK_DIAG_BPF_STORAGE_MAP_VALUE => value = Some(field.value().to_vec()),
+                SK_DIAG_BPF_STORAGE_MAP_VALUE => value = parse_state(field.value()),
                 _ => {}
             }
         }
         if id == Some(map_id) {
-            return value.and_then(|v| parse_state(&v));
+            return value;
         }
     }
     None
@@ -248,4 +319,19 @@ fn parse_state(v: &[u8]) -> Option<SockState> {
     // SAFETY: SockState is repr(C) plain data of exactly this size (checked in lb-common);
     // read_unaligned copes with the netlink buffer's alignment.
     Some(unsafe { std::ptr::read_unaligned(v.as_ptr().cast::<SockState>()) })
+}
+
+/// Runs `f` on every network namespace of `cgroup` with the storage map of `maps`.
+pub fn each_netns<T: Send>(
+    cgroup: &Path,
+    maps_sockets: &aya::maps::MapData,
+    mut f: impl FnMut(&mut Session) -> Result<T> + Send,
+) -> Result<(usize, Vec<T>)> {
+    let map_id = maps_sockets.info()?.id();
+    let namespaces = netns_of_cgroup(cgroup)?;
+    let mut out = Vec::new();
+    for netns in &namespaces {
+        out.push(in_netns(netns, maps_sockets.fd().as_fd(), map_id, &mut f)?);
+    }
+    Ok((namespaces.len(), out))
 }

@@ -1,11 +1,11 @@
 //! socklb-agent: programs the socket-level load balancer from Service and EndpointSlice
 //! manifests in a directory, and keeps it in step with the directory.
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lb_common::Algorithm;
-use lb_userspace::{agent, cluster::parse_algorithm, datapath};
+use lb_userspace::{agent, cluster::algorithm_names, datapath, rebalance};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,15 @@ struct Cli {
     /// Algorithm for Services without a socklb.io/algorithm annotation.
     #[arg(long, default_value = "least-conn", value_parser = algorithm)]
     default_algorithm: Algorithm,
+    /// Seconds between rebalancing rounds (Services with socklb.io/rebalance: "true").
+    #[arg(long, default_value_t = 10.0)]
+    rebalance_interval: f64,
+    /// How far (fraction of the mean) a backend may be off before connections are closed.
+    #[arg(long, default_value_t = 0.1)]
+    rebalance_threshold: f64,
+    /// The most of a Service's connections closed per round (fraction; at least one).
+    #[arg(long, default_value_t = 0.05)]
+    rebalance_max_share: f64,
 }
 
 #[derive(Subcommand)]
@@ -40,7 +49,8 @@ enum Command {
 }
 
 fn algorithm(s: &str) -> Result<Algorithm, String> {
-    parse_algorithm(s).ok_or_else(|| format!("unknown algorithm {s:?} (random, least-conn)"))
+    Algorithm::from_name(s)
+        .ok_or_else(|| format!("unknown algorithm {s:?} ({})", algorithm_names()))
 }
 
 fn main() -> Result<()> {
@@ -60,6 +70,11 @@ fn main() -> Result<()> {
         cgroup: cli.cgroup.expect("required"),
         pin_path: cli.pin_path,
         default_algorithm: cli.default_algorithm,
+        rebalance: rebalance::Policy {
+            interval: Duration::from_secs_f64(cli.rebalance_interval.max(0.1)),
+            threshold: cli.rebalance_threshold.max(0.0),
+            max_share: cli.rebalance_max_share.clamp(0.0, 1.0),
+        },
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

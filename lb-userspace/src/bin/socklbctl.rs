@@ -35,6 +35,11 @@ enum Command {
         #[command(subcommand)]
         command: List,
     },
+    /// Rebalancing: per opted-in Service, connections per backend and what was closed.
+    Rebalance {
+        #[command(subcommand)]
+        command: List,
+    },
     /// Raw map contents.
     Map {
         #[command(subcommand)]
@@ -54,7 +59,8 @@ enum List {
 
 #[derive(Subcommand)]
 enum MapCommand {
-    /// Dump one map (SERVICES, SLOTS, BACKENDS, CONN_COUNTS, SERVICE_STATS, SERVICE_NAMES).
+    /// Dump one map (SERVICES, SLOTS, BACKENDS, CONN_COUNTS, SERVICE_STATS, SERVICE_NAMES,
+    /// MAGLEV, AFFINITY, REBALANCE_STATS).
     Dump { name: String },
 }
 
@@ -83,6 +89,9 @@ fn main() -> Result<()> {
                 Command::Backend {
                     command: List::List,
                 } => ctl::backend_list(&maps)?,
+                Command::Rebalance {
+                    command: List::List,
+                } => ctl::rebalance_list(&maps)?,
                 Command::Map {
                     command: MapCommand::Dump { name },
                 } => ctl::map_dump(&maps, &name)?,
