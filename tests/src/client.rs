@@ -106,13 +106,19 @@ impl Client {
         self.call(json!({ "cmd": "pace", "rate": rate })).map(drop)
     }
 
-    /// Stops pacing; returns the requests per pod and the number that failed.
-    pub fn stop_pacing(&mut self) -> Result<(BTreeMap<String, u64>, u64)> {
+    /// Stops pacing; returns what the pacing did.
+    pub fn stop_pacing(&mut self) -> Result<Paced> {
         let reply = self.call(json!({ "cmd": "stop" }))?;
-        Ok((
-            serde_json::from_value(reply["pods"].clone())?,
-            reply["errors"].as_u64().unwrap_or(0),
-        ))
+        Ok(Paced {
+            pods: serde_json::from_value(reply["pods"].clone())?,
+            reconnects: reply["reconnects"].as_u64().unwrap_or(0),
+            failed: reply["errors"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// Opens one connection per local port, in order (see socklb-client).
+    pub fn open_bound(&mut self, target: SocketAddrV4, ports: &[u16]) -> Result<Vec<Outcome>> {
+        self.open_with(json!({ "cmd": "open", "target": target.to_string(), "bind_ports": ports }))
     }
 
     pub fn close_all(&mut self) -> Result<u64> {
@@ -126,6 +132,15 @@ impl Drop for Client {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What a client's pacing did: requests per pod, connections reopened after being closed,
+/// requests that failed even after a reconnect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paced {
+    pub pods: BTreeMap<String, u64>,
+    pub reconnects: u64,
+    pub failed: u64,
 }
 
 /// Makes `command` start inside `netns`, and inside `cgroup` if given: where a client pod's

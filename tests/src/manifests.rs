@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -20,6 +20,10 @@ pub struct ServiceSpec {
     pub protocol: &'static str,
     /// `socklb.io/algorithm`, if set.
     pub algorithm: Option<&'static str>,
+    /// `socklb.io/rebalance: "true"`.
+    pub rebalance: bool,
+    /// `sessionAffinity: ClientIP` with this timeout (seconds).
+    pub affinity_timeout: Option<u32>,
     pub pods: Vec<Ipv4Addr>,
 }
 
@@ -33,14 +37,34 @@ impl ServiceSpec {
             target_port,
             protocol: "TCP",
             algorithm: None,
+            rebalance: false,
+            affinity_timeout: None,
             pods: pods.to_vec(),
         }
     }
 
+    /// Where clients connect.
+    pub fn target(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.vip, self.port)
+    }
+
     /// The Service and one EndpointSlice with every pod ready.
     pub fn yaml(&self) -> String {
-        let annotations = match self.algorithm {
-            Some(a) => format!("\n  annotations: {{socklb.io/algorithm: {a}}}"),
+        let mut annotations = Vec::new();
+        if let Some(a) = self.algorithm {
+            annotations.push(format!("socklb.io/algorithm: {a}"));
+        }
+        if self.rebalance {
+            annotations.push("socklb.io/rebalance: \"true\"".to_owned());
+        }
+        let annotations = match annotations.is_empty() {
+            true => String::new(),
+            false => format!("\n  annotations: {{{}}}", annotations.join(", ")),
+        };
+        let affinity = match self.affinity_timeout {
+            Some(t) => format!(
+                "\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}"
+            ),
             None => String::new(),
         };
         let endpoints: String = self
@@ -49,7 +73,7 @@ impl ServiceSpec {
             .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
             .collect();
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}{annotations}\nspec:\n  clusterIP: {vip}\n  ports:\n  - {{name: main, port: {port}, targetPort: {target}, protocol: {proto}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: main, port: {target}, protocol: {proto}}}]\nendpoints:{list}",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}{annotations}\nspec:\n  clusterIP: {vip}{affinity}\n  ports:\n  - {{name: main, port: {port}, targetPort: {target}, protocol: {proto}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: main, port: {target}, protocol: {proto}}}]\nendpoints:{list}",
             name = self.name,
             ns = self.namespace,
             vip = self.vip,

@@ -39,22 +39,22 @@ impl Testbed {
     }
 
     /// The common case: `pods` TCP pods at 10.244.<subnet>.1.. port 8080, Service `demo/web`
-    /// at 10.96.<subnet>.10:80 (with `algorithm` if given), and a running agent.
+    /// at 10.96.<subnet>.10:80 as `configure` leaves it, and a running agent (`agent_args`).
     pub fn serving(
         prefix: &str,
         subnet: u8,
         pods: u8,
-        algorithm: Option<&'static str>,
-    ) -> Result<(Testbed, SocketAddrV4)> {
+        configure: impl FnOnce(&mut ServiceSpec),
+        agent_args: &[&str],
+    ) -> Result<(Testbed, ServiceSpec)> {
         let mut bed = Testbed::new(prefix)?;
         let ips = pod_ips(subnet, pods);
         bed.add_pods(&ips, 8080)?;
-        let vip = Ipv4Addr::new(10, 96, subnet, 10);
-        let mut spec = ServiceSpec::new("web", vip, 80, 8080, &ips);
-        spec.algorithm = algorithm;
+        let mut spec = ServiceSpec::new("web", Ipv4Addr::new(10, 96, subnet, 10), 80, 8080, &ips);
+        configure(&mut spec);
         bed.write_service(&spec)?;
-        bed.start_agent(&[])?;
-        Ok((bed, SocketAddrV4::new(vip, 80)))
+        bed.start_agent(agent_args)?;
+        Ok((bed, spec))
     }
 
     /// Starts a TCP pod named `pod-<last octet>` on each address.
@@ -89,10 +89,11 @@ impl Testbed {
         Client::spawn(&self.netns, Some(&self.cgroup))
     }
 
-    pub fn pod(&self, name: &str) -> &Pod {
+    /// The pod listening on `ip` (names repeat across subnets, addresses do not).
+    pub fn pod_at(&self, ip: Ipv4Addr) -> &Pod {
         self.pods
             .iter()
-            .find(|p| p.name == name)
+            .find(|p| *p.addr.ip() == ip)
             .expect("pod exists")
     }
 

@@ -91,7 +91,8 @@ fn least_conn_spreads_a_burst_evenly_and_a_scale_up_fills_the_new_pods_first() {
 #[test]
 fn random_is_uniform_by_a_chi_square_test() {
     require_privileges!();
-    let (bed, vip) = Testbed::serving("rnd", 7, 3, Some("random")).unwrap();
+    let (bed, spec) = Testbed::serving("rnd", 7, 3, |s| s.algorithm = Some("random"), &[]).unwrap();
+    let vip = spec.target();
 
     // 30 bursts of 100 connections: 3,000 independent draws.
     let mut c = bed.client().unwrap();
@@ -124,5 +125,55 @@ fn random_is_uniform_by_a_chi_square_test() {
     assert!(
         bursts_within_one < 15,
         "{bursts_within_one} of 30 bursts were even to within one"
+    );
+}
+
+/// Several nodes: each agent only counts its own node's connections, so per node the pods
+/// are within one of each other, and the cluster-wide spread (busiest pod minus idlest) can be
+/// at most the number of nodes. Random tie-breaks keep it well below that on average; a fixed
+/// tie-break order would stack every node's remainder on the same pods.
+#[test]
+fn the_cluster_wide_spread_stays_within_one_per_node() {
+    require_privileges!();
+    const NODES: usize = 3;
+    let (bed, spec) = Testbed::serving("nodes", 16, 4, |_| {}, &[]).unwrap();
+    let cgroups: Vec<_> = (1..NODES)
+        .map(|_| socklb_tests::cgroup::Cgroup::new("node").unwrap())
+        .collect();
+    let _agents: Vec<_> = cgroups
+        .iter()
+        .map(|cg| socklb_tests::agent::Agent::start(&bed.manifests, cg, &[]).unwrap())
+        .collect();
+    let node_cgroups: Vec<&socklb_tests::cgroup::Cgroup> =
+        std::iter::once(&bed.cgroup).chain(&cgroups).collect();
+    let mut clients: Vec<_> = node_cgroups
+        .iter()
+        .map(|cg| socklb_tests::client::Client::spawn(&bed.netns, Some(cg)).unwrap())
+        .collect();
+
+    let mut seed = 0x5eed_u64; // fixed: the same connection counts every run
+    let mut spreads = Vec::new();
+    for _ in 0..20 {
+        for c in &mut clients {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            for _ in 0..(seed >> 33) % 9 + 1 {
+                assert!(c.open(spec.target(), 1).unwrap()[0].ok);
+            }
+        }
+        let open: Vec<u64> = bed.open().into_iter().map(|(_, n)| n).collect();
+        spreads.push(open.iter().max().unwrap() - open.iter().min().unwrap());
+        for c in &mut clients {
+            c.close_all().unwrap();
+        }
+        socklb_tests::wait_for("pods to drain", std::time::Duration::from_secs(5), || {
+            Ok(bed.open().iter().all(|(_, n)| *n == 0).then_some(()))
+        })
+        .unwrap();
+    }
+    assert!(
+        spreads.iter().all(|s| *s <= NODES as u64),
+        "spreads {spreads:?}"
     );
 }

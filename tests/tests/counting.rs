@@ -14,7 +14,8 @@ use socklb_tests::{
 #[test]
 fn thirty_connections_at_once_count_thirty_and_closing_them_counts_zero() {
     require_privileges!();
-    let (bed, vip) = Testbed::serving("cnt", 3, 3, None).unwrap();
+    let (bed, spec) = Testbed::serving("cnt", 3, 3, |_| {}, &[]).unwrap();
+    let vip = spec.target();
     let mut client = bed.client().unwrap();
     let outcomes = client.open(vip, 30).unwrap();
     assert!(outcomes.iter().all(|o| o.ok), "{outcomes:?}");
@@ -79,7 +80,8 @@ fn refused_and_abandoned_connects_leave_no_count_behind() {
 #[test]
 fn no_drift_after_thousands_of_concurrent_open_close_cycles() {
     require_privileges!();
-    let (bed, vip) = Testbed::serving("churn", 5, 3, None).unwrap();
+    let (bed, spec) = Testbed::serving("churn", 5, 3, |_| {}, &[]).unwrap();
+    let vip = spec.target();
 
     // Five long-lived connections stay open throughout: the counts must come back to exactly
     // them, not to zero and not to "about" them.

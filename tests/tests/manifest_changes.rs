@@ -165,7 +165,8 @@ fn the_agent_refuses_a_missing_cgroup_with_a_clear_error() {
 #[test]
 fn restarting_the_agent_keeps_open_and_new_connections_balanced() {
     require_privileges!();
-    let (mut bed, vip) = Testbed::serving("rst", 10, 3, None).unwrap();
+    let (mut bed, spec) = Testbed::serving("rst", 10, 3, |_| {}, &[]).unwrap();
+    let vip = spec.target();
 
     let mut c = bed.client().unwrap();
     assert!(c.open(vip, 12).unwrap().iter().all(|o| o.ok));

@@ -4,18 +4,22 @@
 //! - `{"cmd":"open","target":"VIP:PORT","count":N,"proto":"tcp"|"udp","timeout_ms":T}` opens N
 //!   connections at once (all threads released together), makes one request on each, keeps them
 //!   open, and answers with each one's pod, peer address (getpeername) and error if any.
+//!   With `"bind_ports":[P, ...]` it opens one TCP connection per port instead, one after the
+//!   other, each bound to that local port and closed with a reset (no TIME_WAIT) later.
 //! - `{"cmd":"request","rounds":K}` sends K more requests on every open connection.
 //! - `{"cmd":"churn","target":"VIP:PORT","count":N}` connects, makes a request and closes, N
 //!   times in a row.
 //! - `{"cmd":"pace","rate":R}` starts sending R requests per second on every open connection,
-//!   in the background, like a fleet of steady clients; `{"cmd":"stop"}` ends that and answers
-//!   with the requests per pod.
+//!   in the background, like a pool of steady callers. A connection found closed between
+//!   requests is opened again to the same address and the request retried once, as HTTP
+//!   clients do with idle keep-alive connections. `{"cmd":"stop"}` ends that and answers with
+//!   the requests per pod, the reconnects and the requests that failed.
 //! - `{"cmd":"close"}` closes every open connection.
 
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     sync::{
         Arc, Barrier,
         atomic::{AtomicBool, Ordering},
@@ -38,6 +42,8 @@ struct Command {
     #[serde(default)]
     timeout_ms: Option<u64>,
     #[serde(default)]
+    bind_ports: Vec<u16>,
+    #[serde(default)]
     rounds: usize,
     #[serde(default)]
     rate: u64,
@@ -56,20 +62,23 @@ struct Outcome {
 }
 
 enum Conn {
-    Tcp(BufReader<TcpStream>),
+    Tcp {
+        stream: BufReader<TcpStream>,
+        target: SocketAddr,
+    },
     Udp(UdpSocket),
 }
 
-const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n";
-
-/// What a pacing thread hands back: its connection, requests per pod, failed requests.
-type Paced = (Conn, BTreeMap<String, u64>, u64);
+/// What a pacing thread hands back: its connection, requests per pod, reconnects, failures.
+type Paced = (Conn, BTreeMap<String, u64>, u64, u64);
 
 /// Background senders started by `pace`.
 struct Pacer {
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<Paced>>,
 }
+
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n";
 
 fn main() {
     let mut open: Vec<Conn> = Vec::new();
@@ -80,7 +89,11 @@ fn main() {
             Err(e) => json!({ "error": e.to_string() }),
             Ok(c) => match c.cmd.as_str() {
                 "open" => {
-                    let (outcomes, conns) = open_many(&c);
+                    let (outcomes, conns) = if c.bind_ports.is_empty() {
+                        open_many(&c)
+                    } else {
+                        open_bound(&c)
+                    };
                     open.extend(conns);
                     json!({ "results": outcomes })
                 }
@@ -89,15 +102,9 @@ fn main() {
                     let mut errors = 0;
                     for _ in 0..c.rounds {
                         for conn in &mut open {
-                            match conn {
-                                Conn::Tcp(s) => match http_request(s) {
-                                    Ok(pod) => *pods.entry(pod).or_default() += 1,
-                                    Err(_) => errors += 1,
-                                },
-                                Conn::Udp(s) => match udp_request(s) {
-                                    Ok(pod) => *pods.entry(pod).or_default() += 1,
-                                    Err(_) => errors += 1,
-                                },
+                            match conn.request() {
+                                Ok(pod) => *pods.entry(pod).or_default() += 1,
+                                Err(_) => errors += 1,
                             }
                         }
                     }
@@ -111,19 +118,20 @@ fn main() {
                 }
                 "stop" => {
                     let mut pods: BTreeMap<String, u64> = BTreeMap::new();
-                    let mut errors = 0;
+                    let (mut reconnects, mut failed) = (0, 0);
                     if let Some(p) = pacer.take() {
                         p.stop.store(true, Ordering::Relaxed);
                         for t in p.threads {
-                            let (conn, served, failed) = t.join().expect("pacer thread");
+                            let (conn, served, again, lost) = t.join().expect("pacer thread");
                             open.push(conn);
                             for (pod, n) in served {
                                 *pods.entry(pod).or_default() += n;
                             }
-                            errors += failed;
+                            reconnects += again;
+                            failed += lost;
                         }
                     }
-                    json!({ "pods": pods, "errors": errors })
+                    json!({ "pods": pods, "reconnects": reconnects, "errors": failed })
                 }
                 "close" => {
                     let n = open.len();
@@ -135,6 +143,30 @@ fn main() {
         };
         println!("{reply}");
         let _ = std::io::stdout().flush();
+    }
+}
+
+impl Conn {
+    fn request(&mut self) -> std::io::Result<String> {
+        match self {
+            Conn::Tcp { stream, .. } => http_request(stream),
+            Conn::Udp(s) => udp_request(s),
+        }
+    }
+
+    /// A request; if the connection turns out closed, reconnect once and retry.
+    fn request_or_reconnect(&mut self, reconnects: &mut u64) -> std::io::Result<String> {
+        match self.request() {
+            Ok(pod) => Ok(pod),
+            Err(e) => {
+                let Conn::Tcp { stream, target } = self else {
+                    return Err(e);
+                };
+                *stream = BufReader::new(TcpStream::connect(*target)?);
+                *reconnects += 1;
+                http_request(stream)
+            }
+        }
     }
 }
 
@@ -153,7 +185,10 @@ fn open_many(c: &Command) -> (Vec<Outcome>, Vec<Conn>) {
                 if udp {
                     open_udp(target)
                 } else {
-                    open_tcp(target, timeout)
+                    open_tcp(target, || match timeout {
+                        Some(t) => TcpStream::connect_timeout(&target, t),
+                        None => TcpStream::connect(target),
+                    })
                 }
             })
         })
@@ -168,14 +203,37 @@ fn open_many(c: &Command) -> (Vec<Outcome>, Vec<Conn>) {
     (outcomes, conns)
 }
 
-fn open_tcp(target: SocketAddr, timeout: Option<Duration>) -> (Outcome, Option<Conn>) {
-    let start = Instant::now();
-    let stream = match timeout {
-        Some(t) => TcpStream::connect_timeout(&target, t),
-        None => TcpStream::connect(target),
+/// One connection per local port, in order. They close with a reset, so the same ports can be
+/// used again right away.
+fn open_bound(c: &Command) -> (Vec<Outcome>, Vec<Conn>) {
+    let Some(target) = c.target else {
+        return (Vec::new(), Vec::new());
     };
+    let mut outcomes = Vec::new();
+    let mut conns = Vec::new();
+    for port in &c.bind_ports {
+        let (outcome, conn) = open_tcp(target, || {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.set_linger(Some(Duration::ZERO))?;
+            s.bind(&SocketAddr::V4(SocketAddrV4::new([0, 0, 0, 0].into(), *port)).into())?;
+            s.connect(&target.into())?;
+            Ok(s.into())
+        });
+        outcomes.push(outcome);
+        conns.extend(conn);
+    }
+    (outcomes, conns)
+}
+
+fn open_tcp(
+    target: SocketAddr,
+    connect: impl FnOnce() -> std::io::Result<TcpStream>,
+) -> (Outcome, Option<Conn>) {
+    let start = Instant::now();
     let mut outcome = Outcome::default();
-    let conn = match stream {
+    let conn = match connect() {
         Ok(stream) => {
             outcome.peer = stream.peer_addr().ok().map(|a| a.to_string());
             let mut reader = BufReader::new(stream);
@@ -186,7 +244,10 @@ fn open_tcp(target: SocketAddr, timeout: Option<Duration>) -> (Outcome, Option<C
                 }
                 Err(e) => outcome.error = Some(e.to_string()),
             }
-            Some(Conn::Tcp(reader))
+            Some(Conn::Tcp {
+                stream: reader,
+                target,
+            })
         }
         Err(e) => {
             outcome.errno = e.raw_os_error();
@@ -249,6 +310,13 @@ fn http_request(s: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&body).trim().to_owned())
 }
 
+fn udp_request(s: &UdpSocket) -> std::io::Result<String> {
+    s.send(b"hello")?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 /// One thread per connection, each sending a request every 1/rate seconds until stopped.
 fn pace(conns: Vec<Conn>, rate: u64) -> Pacer {
     let stop = Arc::new(AtomicBool::new(false));
@@ -259,32 +327,21 @@ fn pace(conns: Vec<Conn>, rate: u64) -> Pacer {
             let stop = stop.clone();
             thread::spawn(move || {
                 let mut served: BTreeMap<String, u64> = BTreeMap::new();
-                let mut errors = 0;
+                let (mut reconnects, mut failed) = (0, 0);
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let result = match &mut conn {
-                        Conn::Tcp(s) => http_request(s),
-                        Conn::Udp(s) => udp_request(s),
-                    };
-                    match result {
+                    match conn.request_or_reconnect(&mut reconnects) {
                         Ok(pod) => *served.entry(pod).or_default() += 1,
-                        Err(_) => errors += 1,
+                        Err(_) => failed += 1,
                     }
                     next += interval;
                     thread::sleep(next.saturating_duration_since(Instant::now()));
                 }
-                (conn, served, errors)
+                (conn, served, reconnects, failed)
             })
         })
         .collect();
     Pacer { stop, threads }
-}
-
-fn udp_request(s: &UdpSocket) -> std::io::Result<String> {
-    s.send(b"hello")?;
-    let mut buf = [0u8; 256];
-    let n = s.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 fn churn(c: &Command) -> serde_json::Value {

@@ -125,7 +125,7 @@ fn run(balancer: Balancer) -> Result<Run> {
     let after_start = snapshot(&bed);
     thread::sleep(PHASE);
     let end = snapshot(&bed);
-    let failed_requests = first.stop_pacing()?.1 + second.stop_pacing()?.1;
+    let failed_requests = first.stop_pacing()?.failed + second.stop_pacing()?.failed;
 
     Ok(Run {
         balancer,
