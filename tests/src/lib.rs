@@ -11,6 +11,7 @@
 //! - `agent`: runs `socklb-agent` on a manifest directory, and reads `socklbctl -j`.
 //! - `kube_proxy`: the kube-proxy iptables chain for the same Services, as the baseline.
 //! - `manifests`: Service and EndpointSlice YAML for a set of pods.
+//! - `servers`: nginx and redis-server as pods, for the benchmarks.
 //! - `testbed`: all of the above for one test, removed when dropped.
 
 pub mod agent;
@@ -21,6 +22,7 @@ pub mod manifests;
 pub mod netns;
 pub mod pod;
 pub mod privileges;
+pub mod servers;
 pub mod testbed;
 
 use std::{

@@ -90,6 +90,24 @@ impl Netns {
         Ok(())
     }
 
+    /// Runs `f` on a short-lived thread inside the namespace, so sockets it creates live
+    /// there (the calling thread stays where it is).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let fd = self.fd().try_clone_to_owned()?;
+        std::thread::spawn(move || -> Result<T> {
+            // SAFETY: setns on this short-lived thread only.
+            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            Ok(f()?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }

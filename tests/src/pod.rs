@@ -47,7 +47,7 @@ enum Listener {
 impl Pod {
     /// A TCP (HTTP/1.1) pod at `addr`, which must be an address of `netns`.
     pub fn tcp(netns: &Netns, name: &str, addr: SocketAddrV4) -> Result<Pod> {
-        let listener = in_netns(netns, move || TcpListener::bind(addr))?;
+        let listener = netns.run(move || TcpListener::bind(addr))?;
         let stats = Arc::new(PodStats::default());
         let connections = Arc::new(Mutex::new(Vec::new()));
         let accept = listener.try_clone()?;
@@ -79,7 +79,7 @@ impl Pod {
 
     /// A UDP pod at `addr`: answers each datagram with its name.
     pub fn udp(netns: &Netns, name: &str, addr: SocketAddrV4) -> Result<Pod> {
-        let socket = in_netns(netns, move || UdpSocket::bind(addr))?;
+        let socket = netns.run(move || UdpSocket::bind(addr))?;
         let stats = Arc::new(PodStats::default());
         let serve = socket.try_clone()?;
         let (name_, stats_) = (name.to_owned(), stats.clone());
@@ -158,21 +158,4 @@ fn serve_http(stream: TcpStream, name: &str, stats: &PodStats) -> std::io::Resul
             out.write_all(response.as_bytes())?;
         }
     }
-}
-
-/// Runs `f` on a thread inside `netns`, so the socket it creates lives there.
-fn in_netns<T: Send + 'static>(
-    netns: &Netns,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T> {
-    let fd = netns.fd().try_clone_to_owned()?;
-    thread::spawn(move || -> Result<T> {
-        // SAFETY: setns on this short-lived thread only.
-        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(f()?)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }

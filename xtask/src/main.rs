@@ -32,6 +32,12 @@ enum Task {
     },
     /// The kube-proxy chain vs socklb random vs socklb least-conn, side by side.
     Demo,
+    /// Benchmarks, each against a baseline measured in the same run: `balance` (real clients
+    /// and servers, per-pod load), `connect` (the cost of a connect), `nodes` (several agents).
+    Bench {
+        #[arg(value_parser = ["balance", "connect", "nodes"])]
+        which: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -48,6 +54,15 @@ fn main() -> Result<()> {
                 "demo",
                 Command::new(root.join("target/release/socklb-demo")),
             )
+        }
+        Task::Bench { which } => {
+            setup::ensure_bench_packages()?;
+            cargo(&tools, &["build", "--release", "--bins"])?;
+            let mut bench = Command::new(root.join("target/release/socklb-bench"));
+            bench
+                .arg(&which)
+                .env("SOCKLB_RESULTS", root.join("results"));
+            step(&format!("bench {which}"), bench)
         }
     }
 }

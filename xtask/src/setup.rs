@@ -28,6 +28,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
 ];
 
+/// What the benchmarks run as clients and servers.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("nginx-light", "nginx"),
+    ("redis-server", "redis-server"),
+    ("redis-tools", "redis-benchmark"),
+    ("wrk", "wrk"),
+    ("nghttp2-client", "h2load"),
+];
+
 /// Where the set-up put things.
 pub struct Tools {
     pub nightly: String,
@@ -57,7 +66,7 @@ pub fn run(root: &Path) -> Result<Tools> {
     ensure_override(root)?;
     ensure_toolchain(&nightly, &["rust-src", "clippy"])?;
     let bpf_linker_dir = ensure_bpf_linker(&nightly)?;
-    ensure_packages()?;
+    ensure_packages(PACKAGES)?;
     Ok(Tools {
         nightly,
         bpf_linker_dir,
@@ -194,8 +203,12 @@ fn ensure_bpf_linker(nightly: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+pub fn ensure_bench_packages() -> Result<()> {
+    ensure_packages(BENCH_PACKAGES)
+}
+
+fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, command)| !has_command(command))
         .map(|(package, _)| *package)

@@ -1,0 +1,67 @@
+//! Per-pod load over time as an SVG: one panel per balancer, one line per pod.
+
+use std::path::Path;
+
+use anyhow::Result;
+use plotters::prelude::*;
+
+/// One panel: its title, the pods' series of (seconds, requests per second), and when the
+/// scale-up happened if there was one.
+pub struct Panel {
+    pub title: String,
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+    pub marker: Option<f64>,
+}
+
+pub fn write(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
+    let root = SVGBackend::new(path, (1200, 800)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 22))?;
+    let areas = root.split_evenly((2, 2));
+    let x_max = panels
+        .iter()
+        .flat_map(|p| p.series.iter().flat_map(|(_, s)| s.iter().map(|(x, _)| *x)))
+        .fold(1.0, f64::max);
+    let y_max = panels
+        .iter()
+        .flat_map(|p| p.series.iter().flat_map(|(_, s)| s.iter().map(|(_, y)| *y)))
+        .fold(1.0, f64::max)
+        * 1.1;
+    for (area, panel) in areas.iter().zip(panels) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc("requests/s per pod")
+            .light_line_style(WHITE)
+            .draw()?;
+        if let Some(at) = panel.marker {
+            chart.draw_series(LineSeries::new([(at, 0.0), (at, y_max)], BLACK.mix(0.3)))?;
+        }
+        for (i, (pod, points)) in panel.series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    color.stroke_width(2),
+                ))?
+                .label(pod.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
