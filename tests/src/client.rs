@@ -121,6 +121,20 @@ impl Client {
         self.open_with(json!({ "cmd": "open", "target": target.to_string(), "bind_ports": ports }))
     }
 
+    /// `count` connect + first-byte round trips (HTTP/1.0) one after another.
+    pub fn latency(&mut self, target: SocketAddrV4, count: usize) -> Result<Latency> {
+        let reply =
+            self.call(json!({ "cmd": "latency", "target": target.to_string(), "count": count }))?;
+        if reply["errors"].as_u64() != Some(0) {
+            bail!("connects failed: {reply}");
+        }
+        Ok(Latency {
+            p50_us: reply["p50_us"].as_f64().unwrap_or(0.0),
+            p99_us: reply["p99_us"].as_f64().unwrap_or(0.0),
+            per_second: reply["per_second"].as_f64().unwrap_or(0.0),
+        })
+    }
+
     pub fn close_all(&mut self) -> Result<u64> {
         let reply = self.call(json!({ "cmd": "close" }))?;
         Ok(reply["closed"].as_u64().unwrap_or(0))
@@ -132,6 +146,14 @@ impl Drop for Client {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Connect + first byte latency and rate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub per_second: f64,
 }
 
 /// What a client's pacing did: requests per pod, connections reopened after being closed,

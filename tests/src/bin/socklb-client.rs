@@ -14,6 +14,9 @@
 //!   requests is opened again to the same address and the request retried once, as HTTP
 //!   clients do with idle keep-alive connections. `{"cmd":"stop"}` ends that and answers with
 //!   the requests per pod, the reconnects and the requests that failed.
+//! - `{"cmd":"latency","target":"ADDR:PORT","count":N}` connects, sends an HTTP/1.0 request
+//!   and waits for the first byte of the answer, N times in a row, and answers with the
+//!   latency percentiles and connections per second.
 //! - `{"cmd":"close"}` closes every open connection.
 
 use std::{
@@ -111,6 +114,7 @@ fn main() {
                     json!({ "pods": pods, "errors": errors })
                 }
                 "churn" => churn(&c),
+                "latency" => latency(&c),
                 "pace" => {
                     let n = open.len();
                     pacer = Some(pace(std::mem::take(&mut open), c.rate.max(1)));
@@ -363,4 +367,40 @@ fn churn(c: &Command) -> serde_json::Value {
         }
     }
     json!({ "ok": ok, "errors": errors })
+}
+
+/// Connect + first byte, one connection after the other.
+fn latency(c: &Command) -> serde_json::Value {
+    let Some(target) = c.target else {
+        return json!({ "error": "no target" });
+    };
+    let mut micros = Vec::with_capacity(c.count);
+    let mut errors = 0;
+    let start = Instant::now();
+    for _ in 0..c.count {
+        let t = Instant::now();
+        let result = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect(target)?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: svc\r\n\r\n")?;
+            let mut first = [0u8; 1];
+            s.read_exact(&mut first)
+        })();
+        match result {
+            Ok(()) => micros.push(t.elapsed().as_secs_f64() * 1e6),
+            Err(_) => errors += 1,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    micros.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        micros
+            .get(((micros.len() as f64 * p) as usize).min(micros.len().saturating_sub(1)))
+            .copied()
+    };
+    json!({
+        "p50_us": pct(0.50),
+        "p99_us": pct(0.99),
+        "per_second": micros.len() as f64 / elapsed,
+        "errors": errors,
+    })
 }

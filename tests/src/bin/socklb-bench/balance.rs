@@ -279,10 +279,12 @@ fn run_one(s: &Scenario, balancer: Balancer) -> Result<Run> {
     let mut running = true;
     while running {
         thread::sleep(SAMPLE);
-        running = Instant::now() < end
-            || clients
-                .iter_mut()
-                .any(|c| !c.timed && c.child.try_wait().ok().flatten().is_none());
+        // wrk runs for its set time; h2load and redis-benchmark until their requests are done.
+        let now = Instant::now();
+        running = clients.iter_mut().any(|c| match c.timed {
+            true => now < end,
+            false => c.child.try_wait().ok().flatten().is_none(),
+        });
         let t = start.elapsed().as_secs_f64();
         let mut loads = BTreeMap::new();
         for server in &servers {

@@ -3,6 +3,8 @@
 
 mod balance;
 mod chart;
+mod connect;
+mod nodes;
 
 use std::path::PathBuf;
 
@@ -18,6 +20,8 @@ fn main() -> Result<()> {
         PathBuf::from(std::env::var("SOCKLB_RESULTS").unwrap_or_else(|_| "results".into()));
     match args.first().map(String::as_str) {
         Some("balance") => balance::run(&results.join("balance")),
+        Some("connect") => connect::run(&results.join("connect")),
+        Some("nodes") => nodes::run(&results.join("nodes")),
         _ => bail!("usage: socklb-bench balance|connect|nodes"),
     }
 }
