@@ -19,7 +19,9 @@ pub mod map_names {
     pub const MAGLEV: &str = "MAGLEV";
     pub const AFFINITY: &str = "AFFINITY";
     pub const REBALANCE_STATS: &str = "REBALANCE_STATS";
-    pub const ALL: [&str; 11] = [
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const ENABLED_NETNS: &str = "ENABLED_NETNS";
+    pub const ALL: [&str; 13] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -31,6 +33,8 @@ pub mod map_names {
         MAGLEV,
         AFFINITY,
         REBALANCE_STATS,
+        SETTINGS,
+        ENABLED_NETNS,
     ];
 }
 
@@ -61,6 +65,19 @@ pub mod limits {
     /// Session affinity entries (Service, client) in an LRU map: losing an old entry only
     /// loses that client's stickiness, never a connection.
     pub const MAX_AFFINITY: u32 = 65_536;
+    /// Pods (network namespaces) a node can have switched on.
+    pub const MAX_ENABLED_NETNS: u32 = 16_384;
+    /// Service addresses one unconnected UDP socket can talk to at once (see `SockState`).
+    pub const UDP_PEERS: usize = 4;
+}
+
+/// Index of the agent's switches in the `SETTINGS` array, and their bits.
+pub mod settings {
+    pub const FLAGS: u32 = 0;
+    /// Only sockets whose network namespace is in `ENABLED_NETNS` are balanced (Kubernetes
+    /// mode: the programs sit at the cgroup root, the switch is per pod). Off in standalone
+    /// mode, where everything in the cgroup is balanced.
+    pub const FILTER_BY_NETNS: u64 = 1;
 }
 
 /// IP protocol numbers as they appear in `bpf_sock_addr.protocol`.
@@ -271,7 +288,23 @@ pub struct SockState {
     pub vip: u32,
     pub backend_addr: u32,
     pub backend_port: u16,
-    pub _pad: u16,
+    /// Next `udp` entry to overwrite.
+    pub udp_next: u16,
+    /// Unconnected UDP: the Service addresses this socket sent to (`sendto`) and the backend
+    /// each went to, so that recvmsg shows answers as coming from the Service. A few entries
+    /// suffice (a DNS client talks to one to three servers); the oldest is reused.
+    pub udp: [UdpPeer; limits::UDP_PEERS],
+}
+
+/// One Service address an unconnected UDP socket sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpPeer {
+    pub vip: u32,
+    pub backend_addr: u32,
+    pub vport: u16,
+    pub backend_port: u16,
+    pub backend_id: u32,
 }
 
 impl ServiceName {
@@ -296,6 +329,7 @@ mod user {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for UdpPeer {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for RebalanceStats {}
@@ -310,6 +344,7 @@ mod user {
         assert!(size_of::<Backend>() == 12);
         assert!(size_of::<ServiceStats>() == 16);
         assert!(size_of::<ServiceName>() == 144);
-        assert!(size_of::<SockState>() == 24);
+        assert!(size_of::<UdpPeer>() == 16);
+        assert!(size_of::<SockState>() == 24 + 16 * limits::UDP_PEERS);
     };
 }

@@ -3,6 +3,8 @@
 //! - `connect4` rewrites a connect to a Service VIP:port into a connect to a chosen backend, so
 //!   there is no per-packet NAT and no conntrack entry. It also counts the connection against the
 //!   backend from that moment (`CONN_COUNTS`), which is what least-conn balances on.
+//! - `sendmsg4` does the same for each datagram an unconnected UDP socket sends to a Service
+//!   (`sendto`, as DNS clients do), without counting it as a connection.
 //! - `getpeername4` and `recvmsg4` show the application the Service address it asked for.
 //! - `sock_ops` asks for TCP state callbacks on the sockets socklb assigned and stops counting a
 //!   connection when it leaves ESTABLISHED (closed, reset, refused, timed out).
@@ -10,6 +12,10 @@
 //!   (a connect that failed before SYN, a connected UDP socket).
 //!
 //! Per-socket state lives in socket-local storage (`SOCKETS`), freed by the kernel with the socket.
+//!
+//! In Kubernetes mode the programs sit at the cgroup root and only balance sockets of pods the
+//! agent switched on: their network namespace cookie is in `ENABLED_NETNS` (Kmesh does the
+//! same). Everything else goes on to kube-proxy untouched.
 //!
 //! Oldest kernel: 5.18 (bpf_link cgroup attach 5.7, getpeername hooks 5.8, sock_release 5.9,
 //! `bpf_sock_ops.sk` 5.10, `bpf_loop` 5.17, `bpf_set_retval` 5.18).
@@ -42,12 +48,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use lb_common::{
-    Affinity, AffinityKey, Algorithm, Backend, RebalanceStats, Service, ServiceKey, ServiceName,
-    ServiceStats, SlotKey, SockState, backend_state, client_hash,
+    Affinity, AffinityKey, Algorithm, Backend, IPPROTO_UDP, RebalanceStats, Service, ServiceKey,
+    ServiceName, ServiceStats, SlotKey, SockState, UdpPeer, backend_state, client_hash,
     limits::{
-        LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_MAGLEV_ENTRIES,
-        MAX_SERVICES, MAX_SLOTS,
+        LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS,
+        MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, UDP_PEERS,
     },
+    settings,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -89,6 +96,15 @@ static MAGLEV: HashMap<SlotKey, u32, { MAX_MAGLEV_ENTRIES as usize }, NO_PREALLO
 #[btf_map(pin_by_name)]
 static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITY as usize }> = LruHashMap::new();
 
+/// The agent's switches (`lb_common::settings`).
+#[btf_map(pin_by_name)]
+static SETTINGS: Array<u64, 1> = Array::new();
+
+/// Network namespace cookies of the pods switched on (Kubernetes mode).
+#[btf_map(pin_by_name)]
+static ENABLED_NETNS: HashMap<u64, u8, { MAX_ENABLED_NETNS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
 /// Written by the agent's rebalancer only; declared here so it is pinned with the rest.
 #[btf_map(pin_by_name)]
 static REBALANCE_STATS: HashMap<u32, RebalanceStats, { MAX_SERVICES as usize }, NO_PREALLOC> =
@@ -104,6 +120,11 @@ const ECONNREFUSED: i32 = 111;
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     unsafe { try_connect4(&ctx) }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    unsafe { try_sendmsg4(&ctx) }
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -135,6 +156,7 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     ALLOW
 }
 
+#[inline(always)]
 unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let key = ServiceKey {
@@ -152,6 +174,9 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let Some(service) = (unsafe { SERVICES.get(&key) }) else {
         return ALLOW;
     };
+    if !switched_on(ctx) {
+        return ALLOW;
+    }
     let Some((backend_id, backend)) = (unsafe { pick_backend(ctx, service) }) else {
         bump_stats(service.id, |s| unsafe { &raw mut (*s).refused });
         // Fail at once, like kube-proxy's REJECT rule, instead of letting the connect to an
@@ -175,7 +200,8 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
                 vip: key.addr,
                 backend_addr: backend.addr,
                 backend_port: backend.port,
-                _pad: 0,
+                udp_next: 0,
+                udp: [UdpPeer::default(); UDP_PEERS],
             };
         }
     }
@@ -188,7 +214,92 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Whether this socket's pod is balanced by socklb (always, outside Kubernetes mode).
+#[inline(always)]
+fn switched_on(ctx: &SockAddrContext) -> bool {
+    let flags = SETTINGS.get(settings::FLAGS).copied().unwrap_or(0);
+    if flags & settings::FILTER_BY_NETNS == 0 {
+        return true;
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    (unsafe { ENABLED_NETNS.get(&cookie) }).is_some()
+}
+
+/// A datagram from an unconnected UDP socket to a Service: send it to a backend, and remember
+/// the pair so that the answer is shown as coming from the Service. A socket keeps talking to
+/// the backend it got for a Service address while that backend is active.
+#[inline(always)]
+unsafe fn try_sendmsg4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if unsafe { (*sa).protocol } != u32::from(IPPROTO_UDP) {
+        return ALLOW;
+    }
+    let key = ServiceKey {
+        addr: unsafe { (*sa).user_ip4 },
+        port: unsafe { (*sa).user_port } as u16,
+        proto: IPPROTO_UDP,
+        _pad: 0,
+    };
+    let Some(service) = (unsafe { SERVICES.get(&key) }) else {
+        return ALLOW;
+    };
+    if !switched_on(ctx) {
+        return ALLOW;
+    }
+    let state = SOCKETS.get_or_insert_ptr_mut(ctx, None);
+    if state.is_null() {
+        return ALLOW;
+    }
+    let peer = unsafe { udp_peer(state, key, service.id) };
+    let chosen = match peer {
+        Some(p) => Some(p),
+        None => unsafe { pick_backend(ctx, service) }.map(|(backend_id, backend)| {
+            let slot = unsafe { (*state).udp_next } as usize % UDP_PEERS;
+            let p = UdpPeer {
+                vip: key.addr,
+                backend_addr: backend.addr,
+                vport: key.port,
+                backend_port: backend.port,
+                backend_id,
+            };
+            unsafe {
+                (*state).udp[slot] = p;
+                (*state).udp_next = (slot as u16 + 1) % UDP_PEERS as u16;
+            }
+            p
+        }),
+    };
+    let Some(p) = chosen else {
+        bump_stats(service.id, |s| unsafe { &raw mut (*s).refused });
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REJECT;
+    };
+    bump_stats(service.id, |s| unsafe { &raw mut (*s).connects });
+    unsafe {
+        write_volatile(&raw mut (*sa).user_ip4, p.backend_addr);
+        write_volatile(&raw mut (*sa).user_port, u32::from(p.backend_port));
+    }
+    ALLOW
+}
+
+/// The backend this socket already uses for `key`, if it is still active in the Service.
+#[inline(always)]
+unsafe fn udp_peer(state: *mut SockState, key: ServiceKey, service_id: u32) -> Option<UdpPeer> {
+    for i in 0..UDP_PEERS {
+        let p = unsafe { (*state).udp[i] };
+        if p.vip == key.addr && p.vport == key.port && p.backend_addr != 0 {
+            let backend = unsafe { BACKENDS.get(&p.backend_id) }?;
+            if backend.service_id == service_id && backend.state == backend_state::ACTIVE {
+                return Some(p);
+            }
+            return None;
+        }
+    }
+    None
+}
+
 /// Chooses a backend of `service`, or `None` if it has none.
+#[inline(always)]
 unsafe fn pick_backend(ctx: &SockAddrContext, service: &Service) -> Option<(u32, Backend)> {
     let count = service.count;
     if count == 0 {
@@ -246,6 +357,7 @@ unsafe fn pick_backend(ctx: &SockAddrContext, service: &Service) -> Option<(u32,
 }
 
 /// The backend this client used within the affinity timeout, if it is still in the Service.
+#[inline(always)]
 unsafe fn sticky_backend(service: &Service, client: u64) -> Option<(u32, Backend)> {
     let key = AffinityKey {
         service_id: service.id,
@@ -270,6 +382,7 @@ unsafe fn sticky_backend(service: &Service, client: u64) -> Option<(u32, Backend
 /// The next slot of this CPU's walk. CPUs start at different offsets so that a burst spread
 /// over CPUs does not hit the same slots first. BPF programs run without migration, so the
 /// per-CPU cursor needs no atomics.
+#[inline(always)]
 fn round_robin_slot(service_id: u32, count: u32) -> u32 {
     let cpu = unsafe { bpf_get_smp_processor_id() };
     match RR_CURSORS.get_ptr_mut(service_id) {
@@ -283,6 +396,7 @@ fn round_robin_slot(service_id: u32, count: u32) -> u32 {
 }
 
 /// The local port the application bound, or 0 (the usual case: bound during the connect).
+#[inline(always)]
 unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
@@ -300,6 +414,7 @@ unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
 ///
 /// The scan runs under `bpf_loop` so the verifier checks the body once instead of walking
 /// every path through every iteration.
+#[inline(always)]
 unsafe fn least_conn_slot(service_id: u32, count: u32) -> Option<u32> {
     let (start, window) = if count <= LEAST_CONN_WINDOW {
         (0, count)
@@ -371,22 +486,33 @@ extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
 
 /// getpeername/recvmsg: if the peer is the backend socklb chose for this socket, show the
 /// Service address instead, as if the connection had gone to the VIP.
+#[inline(always)]
 unsafe fn show_service_address(ctx: &SockAddrContext) {
     let state = SOCKETS.get_ptr_mut(ctx);
     if state.is_null() {
         return;
     }
     let sa = ctx.sock_addr;
+    let (addr, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let (mut vip, mut vport) = (0, 0);
     unsafe {
-        if (*sa).user_ip4 == (*state).backend_addr
-            && (*sa).user_port == u32::from((*state).backend_port)
-        {
-            write_volatile(&raw mut (*sa).user_ip4, (*state).vip);
-            write_volatile(&raw mut (*sa).user_port, u32::from((*state).vport));
+        if addr == (*state).backend_addr && port == u32::from((*state).backend_port) {
+            (vip, vport) = ((*state).vip, (*state).vport);
+        }
+        for i in 0..UDP_PEERS {
+            let p = (*state).udp[i];
+            if p.backend_addr == addr && u32::from(p.backend_port) == port {
+                (vip, vport) = (p.vip, p.vport);
+            }
+        }
+        if vip != 0 {
+            write_volatile(&raw mut (*sa).user_ip4, vip);
+            write_volatile(&raw mut (*sa).user_port, u32::from(vport));
         }
     }
 }
 
+#[inline(always)]
 unsafe fn track_tcp_state(ctx: &SockOpsContext) {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
@@ -422,6 +548,7 @@ unsafe fn track_tcp_state(ctx: &SockOpsContext) {
 
 /// Uncounts a socket's assignment. Callers are serialised per socket (see `SockState`), so
 /// the plain test-and-clear of `live` happens exactly once.
+#[inline(always)]
 unsafe fn release(state: *mut SockState) {
     if unsafe { (*state).live } == 1 {
         unsafe { (*state).live = 0 };
@@ -432,6 +559,7 @@ unsafe fn release(state: *mut SockState) {
     }
 }
 
+#[inline(always)]
 unsafe fn storage_of(sk: *mut bpf_sock) -> *mut SockState {
     // SkStorage's own accessors take a sock_addr context; sock_ops and sock_release hand us the
     // socket itself. The map's address is what the helper needs.
@@ -441,6 +569,7 @@ unsafe fn storage_of(sk: *mut bpf_sock) -> *mut SockState {
     unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) }.cast()
 }
 
+#[inline(always)]
 fn bump_stats(service_id: u32, field: impl Fn(*mut ServiceStats) -> *mut u64) {
     if let Some(stats) = SERVICE_STATS.get_ptr_mut(service_id) {
         unsafe { add(field(stats), 1) };
@@ -448,12 +577,14 @@ fn bump_stats(service_id: u32, field: impl Fn(*mut ServiceStats) -> *mut u64) {
 }
 
 /// Atomic `*counter += delta` (BPF atomic add; the old value is not needed).
+#[inline(always)]
 unsafe fn add(counter: *mut u64, delta: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta) };
 }
 
 /// Uniform in `0..n` (0 for n = 0; the explicit check also keeps a panic path out of the
 /// object, which the loader would reject).
+#[inline(always)]
 fn random_below(n: u32) -> u32 {
     if n == 0 {
         0

@@ -1,11 +1,13 @@
-//! The agent in standalone mode: manifests in a directory -> cluster model -> reconciler ->
-//! map writer -> BPF. It reconciles at start, whenever the directory changes, and every second
-//! while backends are draining (to forget them once their last connection closed).
+//! The agent loop: source (a manifest directory, or the API server) -> cluster model ->
+//! reconciler -> map writer -> BPF. It reconciles at start, on every change, every few
+//! seconds regardless, and every second while backends are draining (to forget them once
+//! their last connection closed). In Kubernetes mode it also keeps the per-pod switch
+//! (`pod_switch`) current, and rebalances opted-in Services on its own timer.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::Result;
-use lb_common::{Algorithm, backend_state};
+use anyhow::{Context as _, Result};
+use lb_common::{Algorithm, backend_state, settings};
 use log::{error, info, warn};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::{
@@ -15,75 +17,101 @@ use tokio::{
 };
 
 use crate::{
-    cluster::{self, Desired},
+    cluster::{self, ClusterState, Desired},
     datapath::{self, LinkAction, Maps},
+    kube_watch::KubeCluster,
     manifest_dir::ManifestDir,
+    pod_switch::{self, PodSwitch},
     rebalance,
     reconcile::{self, Programmed},
-    recount, writer,
+    recount,
+    status::{self, Status},
+    writer,
 };
 
+/// Where the agent learns what to program.
+pub enum Source {
+    /// Service and EndpointSlice YAML in a directory; every process in the cgroup is balanced.
+    Manifests(PathBuf),
+    /// The API server (in-cluster config, or a kubeconfig file); pods of enabled namespaces
+    /// under the cgroup root are balanced.
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        node: String,
+    },
+}
+
 pub struct Config {
-    pub manifests: PathBuf,
+    pub source: Source,
+    /// Standalone: the cgroup whose processes are balanced. Kubernetes: kubelet's cgroup root.
     pub cgroup: PathBuf,
     pub pin_path: PathBuf,
     pub default_algorithm: Algorithm,
     pub rebalance: rebalance::Policy,
+    /// Where /healthz, /readyz and /metrics are served, if anywhere.
+    pub status_address: Option<SocketAddr>,
 }
 
-/// How long to wait after a change in the directory before reading it, so that an editor's
-/// write-rename-chmod sequence is read once.
-const SETTLE: Duration = Duration::from_millis(100);
-/// Re-read the directory this often even without change events (belt and braces for
-/// filesystems without inotify).
+/// Re-read everything this often even without change events.
 const RESYNC: Duration = Duration::from_secs(10);
-const DRAIN_CHECK: Duration = Duration::from_secs(1);
+/// While backends drain or pods wait for their network namespace: check this often.
+const SHORT_CHECK: Duration = Duration::from_secs(1);
 
 pub async fn run(config: Config) -> Result<()> {
-    let (mut maps, actions) = datapath::install(&config.pin_path, &config.cgroup)?;
-    let adopted = actions.iter().any(|(_, a)| *a != LinkAction::Attached);
+    let status = Status::new(config.pin_path.clone());
+    if let Some(addr) = config.status_address {
+        status::start(addr, status.clone()).await?;
+    }
+    let kubernetes = matches!(config.source, Source::Kubernetes { .. });
+    let flags = if kubernetes {
+        settings::FILTER_BY_NETNS
+    } else {
+        0
+    };
+    let (mut maps, actions) = datapath::install(&config.pin_path, &config.cgroup, flags)?;
     let mut programmed = maps.read_programmed()?;
-    if adopted {
+    if actions.iter().any(|(_, a)| *a != LinkAction::Attached) {
         info!(
             "adopted pinned state at {}: {} service ports, {} backends",
             config.pin_path.display(),
             programmed.services.len(),
             programmed.backends.len()
         );
-        match recount::verify(&mut maps, &config.cgroup) {
-            Ok(r) => {
-                info!(
-                    "connection counts checked against {} live sockets in {} network namespaces",
-                    r.sockets, r.namespaces
-                );
-                for (id, was, now) in &r.corrected {
-                    warn!("backend {id}: count was {was}, {now} live sockets found; corrected");
-                }
-                for id in &r.unsettled {
-                    warn!(
-                        "backend {id}: count disagrees with the live sockets but kept changing; left as is"
-                    );
-                }
-            }
-            Err(e) => warn!("could not check connection counts against live sockets: {e:#}"),
-        }
+        check_counts(&mut maps, &config);
     }
 
     let (tx, mut changes) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
+    let (mut source, _watcher) = match &config.source {
+        Source::Manifests(dir) => {
+            let tx = tx.clone();
+            let mut watcher =
+                notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+                    if e.is_ok() {
+                        let _ = tx.send(());
+                    }
+                })?;
+            watcher.watch(dir, RecursiveMode::NonRecursive)?;
+            (Loaded::Manifests(ManifestDir::new(dir)), Some(watcher))
         }
-    })?;
-    watcher.watch(&config.manifests, RecursiveMode::NonRecursive)?;
+        Source::Kubernetes { kubeconfig, node } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let cluster = KubeCluster::start(client, node, tx.clone());
+            info!("watching the API server as node {node}");
+            cluster.wait_synced().await;
+            let switch = PodSwitch::new(&config.cgroup, &maps)?;
+            (Loaded::Kubernetes(cluster, switch), None)
+        }
+    };
 
     let mut agent = Agent {
-        dir: ManifestDir::new(&config.manifests),
         default_algorithm: config.default_algorithm,
         desired: reconcile::programmed_frontends(&programmed),
         last_errors: Vec::new(),
+        status: status.clone(),
+        pods_pending: false,
     };
-    agent.reconcile(&mut maps, &mut programmed, true);
+    agent.reconcile(&mut source, &mut maps, &mut programmed, true);
+    status.set_ready();
     info!(
         "synced: {} service ports programmed",
         programmed.services.len()
@@ -94,22 +122,24 @@ pub async fn run(config: Config) -> Result<()> {
     let mut next_resync = Instant::now() + RESYNC;
     let mut next_rebalance = Instant::now() + config.rebalance.interval;
     loop {
+        status.beat();
         let draining = programmed
             .backends
             .values()
             .any(|b| b.state == backend_state::DRAINING);
-        let wake = if draining {
-            next_resync.min(Instant::now() + DRAIN_CHECK)
+        let wake = if draining || agent.pods_pending {
+            next_resync.min(Instant::now() + SHORT_CHECK)
         } else {
             next_resync
         };
         let mut reload = tokio::select! {
             Some(()) = changes.recv() => {
-                tokio::time::sleep(SETTLE).await;
+                // Let a burst of changes (an editor's write-rename, a rollout) arrive first.
+                tokio::time::sleep(source.settle()).await;
                 while changes.try_recv().is_ok() {}
                 true
             }
-            () = sleep_until(wake) => false,
+            () = sleep_until(wake) => agent.pods_pending,
             () = sleep_until(next_rebalance) => {
                 next_rebalance = Instant::now() + config.rebalance.interval;
                 rebalance_once(&mut maps, &programmed, &config);
@@ -122,7 +152,7 @@ pub async fn run(config: Config) -> Result<()> {
             next_resync = Instant::now() + RESYNC;
             reload = true;
         }
-        agent.reconcile(&mut maps, &mut programmed, reload);
+        agent.reconcile(&mut source, &mut maps, &mut programmed, reload);
     }
     info!(
         "stopping; programs and maps stay pinned at {} so connections keep being balanced \
@@ -130,6 +160,41 @@ pub async fn run(config: Config) -> Result<()> {
         config.pin_path.display()
     );
     Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config or kubeconfig")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// After adopting pinned maps: check the counts against the live sockets.
+fn check_counts(maps: &mut Maps, config: &Config) {
+    match recount::verify(maps, &config.cgroup) {
+        Ok(r) => {
+            info!(
+                "connection counts checked against {} live sockets in {} network namespaces",
+                r.sockets, r.namespaces
+            );
+            for (id, was, now) in &r.corrected {
+                warn!("backend {id}: count was {was}, {now} live sockets found; corrected");
+            }
+            for id in &r.unsettled {
+                warn!(
+                    "backend {id}: count disagrees with the live sockets but kept changing; left as is"
+                );
+            }
+        }
+        Err(e) => warn!("could not check connection counts against live sockets: {e:#}"),
+    }
 }
 
 /// One rebalancing interval; what it closed goes to the log (and REBALANCE_STATS).
@@ -156,48 +221,105 @@ fn rebalance_once(maps: &mut Maps, programmed: &Programmed, config: &Config) {
     }
 }
 
+/// The source, once set up.
+enum Loaded {
+    Manifests(ManifestDir),
+    Kubernetes(KubeCluster, PodSwitch),
+}
+
+impl Loaded {
+    fn settle(&self) -> Duration {
+        match self {
+            // An editor's write-rename-chmod sequence is read once.
+            Loaded::Manifests(_) => Duration::from_millis(100),
+            Loaded::Kubernetes(..) => Duration::from_millis(5),
+        }
+    }
+
+    /// The cluster state, and what is wrong in it as (kind, message).
+    fn load(&mut self) -> (ClusterState, Vec<(&'static str, String)>) {
+        match self {
+            Loaded::Manifests(dir) => {
+                let (state, errors) = dir.load();
+                (
+                    state,
+                    errors.iter().map(|e| ("manifest", e.to_string())).collect(),
+                )
+            }
+            Loaded::Kubernetes(cluster, _) => (cluster.state(), Vec::new()),
+        }
+    }
+}
+
 struct Agent {
-    dir: ManifestDir,
     default_algorithm: Algorithm,
     /// Last desired state: what a Service in error keeps.
     desired: Desired,
     /// Errors of the previous round, so each is logged once.
     last_errors: Vec<String>,
+    status: Arc<Status>,
+    /// Pods to switch on whose network namespace is not there yet.
+    pods_pending: bool,
 }
 
 impl Agent {
-    /// One round: re-read the directory if `reload` (else only forget drained backends),
-    /// plan, write.
-    fn reconcile(&mut self, maps: &mut Maps, programmed: &mut Programmed, reload: bool) {
-        let (manifest_errors, service_errors) = if reload {
-            let (state, manifest_errors) = self.dir.load();
+    /// One round: re-read the source if `reload` (else only forget drained backends), plan,
+    /// write; in Kubernetes mode also the pod switch.
+    fn reconcile(
+        &mut self,
+        source: &mut Loaded,
+        maps: &mut Maps,
+        programmed: &mut Programmed,
+        reload: bool,
+    ) {
+        let start = std::time::Instant::now();
+        let mut errors: Vec<(&str, String)> = Vec::new();
+        if reload {
+            let (state, source_errors) = source.load();
             let (desired, service_errors) =
                 cluster::desired(&state, self.default_algorithm, &self.desired);
             self.desired = desired;
-            (manifest_errors, service_errors)
-        } else {
-            Default::default()
-        };
-        let desired = &self.desired;
-        let plan = reconcile::plan(desired, programmed, &|id| maps.connections(id));
+            errors.extend(source_errors);
+            errors.extend(service_errors.iter().map(|e| ("service", e.to_string())));
+        }
+        let plan = reconcile::plan(&self.desired, programmed, &|id| maps.connections(id));
         let applied = writer::apply(&plan, maps, programmed);
         for change in &plan.changes {
             info!("{} ({} map writes)", change.what, change.ops.len());
         }
+        errors.extend(plan.errors.iter().map(|e| ("map", e.clone())));
+        errors.extend(applied.errors.iter().map(|e| ("map", e.clone())));
 
-        if !reload && applied.errors.is_empty() {
+        if let Loaded::Kubernetes(cluster, switch) = source {
+            let pods = pod_switch::switched_on(&cluster.namespaces.state(), &cluster.pods.state());
+            match switch.sync(maps, &pods) {
+                Ok(s) => {
+                    if s.added + s.removed > 0 {
+                        info!(
+                            "pods switched on: {} (+{} -{})",
+                            s.enabled, s.added, s.removed
+                        );
+                    }
+                    self.pods_pending = !s.pending.is_empty();
+                }
+                Err(e) => errors.push(("map", format!("switching pods: {e:#}"))),
+            }
+        }
+        self.status.reconciles.inc();
+        self.status
+            .reconcile_seconds
+            .observe(start.elapsed().as_secs_f64());
+
+        if !reload && errors.is_empty() {
             return; // keep the errors of the last full round for de-duplication
         }
-        let errors: Vec<String> = manifest_errors
-            .iter()
-            .map(ToString::to_string)
-            .chain(service_errors.iter().map(ToString::to_string))
-            .chain(plan.errors.iter().cloned())
-            .chain(applied.errors.iter().cloned())
-            .collect();
-        for e in errors.iter().filter(|e| !self.last_errors.contains(e)) {
-            error!("{e}");
+        let messages: Vec<String> = errors.iter().map(|(_, m)| m.clone()).collect();
+        for (kind, message) in &errors {
+            if !self.last_errors.contains(message) {
+                error!("{message}");
+                self.status.error(kind);
+            }
         }
-        self.last_errors = errors;
+        self.last_errors = messages;
     }
 }

@@ -123,6 +123,9 @@ pub struct Desired {
 pub struct ClusterState {
     pub services: BTreeMap<ServiceRef, Service>,
     pub slices: BTreeMap<ServiceRef, EndpointSlice>,
+    /// The node the agent runs on, for `internalTrafficPolicy: Local` (unknown in standalone
+    /// mode, where Local Services use all their endpoints).
+    pub node: Option<String>,
 }
 
 /// A Service that could not be resolved; its previously programmed frontends stay.
@@ -169,8 +172,14 @@ pub fn desired(
         let slices = slices_by_service
             .get(service_ref)
             .map_or(&[][..], Vec::as_slice);
-        let resolved = resolve_service(service_ref, service, slices, default_algorithm)
-            .and_then(|frontends| claim(&out, frontends));
+        let resolved = resolve_service(
+            service_ref,
+            service,
+            slices,
+            default_algorithm,
+            state.node.as_deref(),
+        )
+        .and_then(|frontends| claim(&out, frontends));
         let frontends = match resolved {
             Ok(frontends) => frontends,
             Err(message) => {
@@ -214,6 +223,7 @@ fn resolve_service(
     service: &Service,
     slices: &[&EndpointSlice],
     default_algorithm: Algorithm,
+    node: Option<&str>,
 ) -> Result<Vec<Frontend>, String> {
     let labels = service.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(PROXY_NAME_LABEL)) {
@@ -284,6 +294,9 @@ fn resolve_service(
         Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),
     };
 
+    // internalTrafficPolicy: Local keeps traffic on the node: only endpoints on this node.
+    let local_to = node.filter(|_| spec.internal_traffic_policy.as_deref() == Some("Local"));
+
     let mut frontends = Vec::new();
     for port in spec.ports.iter().flatten() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -297,7 +310,7 @@ fn resolve_service(
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("port {} out of range", port.port))?;
         let port_name = port.name.clone().unwrap_or_default();
-        let backends = backends_for_port(port, &port_name, protocol, slices)?;
+        let backends = backends_for_port(port, &port_name, protocol, slices, local_to)?;
         if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
             return Err(format!(
                 "port {port_name:?} has {} backends, more than the {MAX_BACKENDS_PER_SERVICE} one Service port may have",
@@ -334,6 +347,7 @@ fn backends_for_port(
     port_name: &str,
     protocol: Protocol,
     slices: &[&EndpointSlice],
+    local_to: Option<&str>,
 ) -> Result<Vec<SocketAddrV4>, String> {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
@@ -376,6 +390,9 @@ fn backends_for_port(
                 )
             })?;
         for endpoint in &slice.endpoints {
+            if local_to.is_some() && endpoint.node_name.as_deref() != local_to {
+                continue;
+            }
             // kube-proxy uses the first address of an endpoint.
             let Some(address) = endpoint.addresses.first() else {
                 continue;
@@ -564,6 +581,33 @@ mod tests {
         );
         let (d, _) = desired(&state(&custom), Algorithm::LeastConn, &Desired::default());
         assert!(d.frontends.values().all(|f| f.affinity_timeout == 60));
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_to_this_node() {
+        let svc = service("web", "10.96.0.10", "").replace(
+            "  clusterIP: 10.96.0.10\n",
+            "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n",
+        );
+        let slices = slice("a", "web", &[("10.0.0.1", ""), ("10.0.0.2", "")])
+            .replace(
+                "- addresses: [10.0.0.1]\n",
+                "- addresses: [10.0.0.1]\n  nodeName: n1\n",
+            )
+            .replace(
+                "- addresses: [10.0.0.2]\n",
+                "- addresses: [10.0.0.2]\n  nodeName: n2\n",
+            );
+        let mut s = state(&format!("{svc}{slices}"));
+        s.node = Some("n2".into());
+        let (d, _) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert_eq!(backends(&d, 80), ["10.0.0.2:8080"]);
+        s.node = Some("n3".into());
+        let (d, _) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(
+            backends(&d, 80).is_empty(),
+            "no local endpoint: nothing, as kube-proxy drops it"
+        );
     }
 
     #[test]

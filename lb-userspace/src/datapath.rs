@@ -38,11 +38,12 @@ use crate::{
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/socklb";
 
 /// The programs, in the order they are attached.
-pub const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 6] = [
     "sock_ops",
     "sock_release",
     "getpeername4",
     "recvmsg4",
+    "sendmsg4",
     "connect4",
 ];
 
@@ -69,6 +70,9 @@ pub struct Maps {
     pub stats: Array<MapData, ServiceStats>,
     pub maglev: HashMap<MapData, SlotKey, u32>,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    pub settings: Array<MapData, u64>,
+    /// Network namespace cookies of the pods switched on (Kubernetes mode).
+    pub enabled_netns: HashMap<MapData, u64, u8>,
     /// Written by the rebalancer, read by socklbctl.
     pub rebalance_stats: HashMap<MapData, u32, RebalanceStats>,
     /// The socket storage map; only the kernel and sock_diag read it (it cannot be iterated).
@@ -76,8 +80,13 @@ pub struct Maps {
 }
 
 /// Loads the programs and attaches them to `cgroup`, or adopts what an earlier run pinned at
-/// `pin_path`. Returns the maps and what was done per program.
-pub fn install(pin_path: &Path, cgroup: &Path) -> Result<(Maps, Vec<(&'static str, LinkAction)>)> {
+/// `pin_path`. `flags` (`lb_common::settings`) are in force before any program is attached.
+/// Returns the maps and what was done per program.
+pub fn install(
+    pin_path: &Path,
+    cgroup: &Path,
+    flags: u64,
+) -> Result<(Maps, Vec<(&'static str, LinkAction)>)> {
     let cgroup_dir = fs::File::open(cgroup)
         .with_context(|| format!("cgroup {} cannot be opened", cgroup.display()))?;
     if fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
@@ -99,6 +108,11 @@ pub fn install(pin_path: &Path, cgroup: &Path) -> Result<(Maps, Vec<(&'static st
                 pin_path.display()
             )
         })?;
+
+    let settings = ebpf
+        .map_mut(map_names::SETTINGS)
+        .context("map SETTINGS missing from the BPF object")?;
+    Array::<_, u64>::try_from(settings)?.set(lb_common::settings::FLAGS, &flags, 0)?;
 
     let mut actions = Vec::new();
     for name in PROGRAMS {
@@ -254,6 +268,8 @@ impl Maps {
             stats: take(map_names::SERVICE_STATS)?.try_into()?,
             maglev: take(map_names::MAGLEV)?.try_into()?,
             affinity: take(map_names::AFFINITY)?.try_into()?,
+            settings: take(map_names::SETTINGS)?.try_into()?,
+            enabled_netns: take(map_names::ENABLED_NETNS)?.try_into()?,
             rebalance_stats: take(map_names::REBALANCE_STATS)?.try_into()?,
             sockets: map_data(take(map_names::SOCKETS)?)?,
         })
@@ -280,6 +296,8 @@ impl Maps {
             stats: open(map_names::SERVICE_STATS)?.try_into()?,
             maglev: open(map_names::MAGLEV)?.try_into()?,
             affinity: open(map_names::AFFINITY)?.try_into()?,
+            settings: open(map_names::SETTINGS)?.try_into()?,
+            enabled_netns: open(map_names::ENABLED_NETNS)?.try_into()?,
             rebalance_stats: open(map_names::REBALANCE_STATS)?.try_into()?,
             sockets: map_data(open(map_names::SOCKETS)?)?,
         })

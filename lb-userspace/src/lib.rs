@@ -24,13 +24,16 @@ mod bpf_sys;
 pub mod cluster;
 pub mod ctl;
 pub mod datapath;
+pub mod kube_watch;
 pub mod maglev;
 pub mod manifest;
 pub mod manifest_dir;
+pub mod pod_switch;
 pub mod rebalance;
 pub mod reconcile;
 pub mod recount;
 pub mod sockdiag;
+pub mod status;
 pub mod writer;
 
 /// Logging to stderr, `info` unless RUST_LOG says otherwise.

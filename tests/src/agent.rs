@@ -61,6 +61,7 @@ impl Agent {
             .arg(&self.cgroup)
             .arg("--pin-path")
             .arg(&self.pin_path)
+            .args(["--status-address", "127.0.0.1:0"])
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

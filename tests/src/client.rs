@@ -135,6 +135,28 @@ impl Client {
         })
     }
 
+    /// `rounds` unconnected UDP sockets each sending `count` datagrams to `target`; per socket
+    /// the pods that answered and where the answers came from.
+    pub fn sendto(
+        &mut self,
+        target: SocketAddrV4,
+        rounds: usize,
+        count: usize,
+    ) -> Result<Vec<(Vec<String>, Vec<String>)>> {
+        let reply = self.call(json!({ "cmd": "sendto", "target": target.to_string(), "rounds": rounds, "count": count }))?;
+        let mut out = Vec::new();
+        for s in reply["sockets"].as_array().cloned().unwrap_or_default() {
+            if let Some(e) = s.get("error") {
+                bail!("sendto: {e}");
+            }
+            out.push((
+                serde_json::from_value(s["pods"].clone())?,
+                serde_json::from_value(s["from"].clone())?,
+            ));
+        }
+        Ok(out)
+    }
+
     pub fn close_all(&mut self) -> Result<u64> {
         let reply = self.call(json!({ "cmd": "close" }))?;
         Ok(reply["closed"].as_u64().unwrap_or(0))

@@ -128,3 +128,44 @@ fn udp_connect_is_balanced_and_answers_come_from_the_vip() {
         "closing a UDP socket uncounts it"
     );
 }
+
+#[test]
+fn unconnected_udp_is_balanced_per_socket_and_answers_come_from_the_vip() {
+    require_privileges!();
+    let mut bed = Testbed::new("dns").unwrap();
+    let pods = pod_ips(18, 3);
+    for ip in &pods {
+        bed.netns.add_address(*ip).unwrap();
+        let name = format!("dns-{}", ip.octets()[3]);
+        bed.pods
+            .push(Pod::udp(&bed.netns, &name, SocketAddrV4::new(*ip, 5353)).unwrap());
+    }
+    let vip = Ipv4Addr::new(10, 96, 18, 10);
+    let mut spec = ServiceSpec::new("dns", vip, 53, 5353, &pods);
+    spec.protocol = "UDP";
+    spec.algorithm = Some("random");
+    bed.write_service(&spec).unwrap();
+    bed.start_agent(&[]).unwrap();
+
+    // DNS style: sendto/recvfrom on unconnected sockets.
+    let mut client = bed.client().unwrap();
+    let sockets = client.sendto(SocketAddrV4::new(vip, 53), 30, 4).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for (answered_by, from) in &sockets {
+        assert!(
+            from.iter().all(|f| f == "10.96.18.10:53"),
+            "answers must come from the VIP: {from:?}"
+        );
+        assert!(
+            answered_by.iter().all(|p| *p == answered_by[0]),
+            "one socket, one backend: {answered_by:?}"
+        );
+        used.insert(answered_by[0].clone());
+    }
+    assert_eq!(used.len(), 3, "30 sockets spread over the pods: {used:?}");
+    assert_eq!(
+        bed.counted_total().unwrap(),
+        0,
+        "datagrams are not connections"
+    );
+}

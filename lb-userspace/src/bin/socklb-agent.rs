@@ -1,28 +1,39 @@
-//! socklb-agent: programs the socket-level load balancer from Service and EndpointSlice
-//! manifests in a directory, and keeps it in step with the directory.
-use std::{path::PathBuf, time::Duration};
+//! socklb-agent: programs the socket-level load balancer.
+//!
+//! - Standalone: `--manifests DIR --cgroup CG` reads Service and EndpointSlice YAML from DIR
+//!   (and follows its changes); every process in CG is balanced.
+//! - Kubernetes (no `--manifests`): watches the API server (in-cluster, or `--kubeconfig`) as
+//!   node `--node-name` (default $NODE_NAME); `--cgroup` is kubelet's cgroup root (default
+//!   /sys/fs/cgroup) and pods of namespaces labelled socklb.io/enabled=true are balanced.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lb_common::Algorithm;
-use lb_userspace::{agent, cluster::algorithm_names, datapath, rebalance};
+use lb_userspace::{
+    agent::{self, Source},
+    cluster::algorithm_names,
+    datapath, rebalance,
+};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
-)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Directory of Service and EndpointSlice YAML (watched for changes).
-    #[arg(long, required = true)]
+    /// Standalone mode: directory of Service and EndpointSlice YAML (watched for changes).
+    #[arg(long)]
     manifests: Option<PathBuf>,
-    /// cgroup v2 directory whose processes' connections are balanced.
-    #[arg(long, required = true)]
+    /// Standalone: the cgroup v2 directory whose processes are balanced. Kubernetes: kubelet's
+    /// cgroup v2 root, where the programs attach and pods are found [default: /sys/fs/cgroup].
+    #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Kubernetes mode: a kubeconfig file instead of the in-cluster configuration.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: this node's name (pods are watched with spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     #[arg(long, default_value = datapath::DEFAULT_PIN_PATH)]
     pin_path: PathBuf,
     /// Algorithm for Services without a socklb.io/algorithm annotation.
@@ -37,6 +48,9 @@ struct Cli {
     /// The most of a Service's connections closed per round (fraction; at least one).
     #[arg(long, default_value_t = 0.05)]
     rebalance_max_share: f64,
+    /// Where /healthz, /readyz and /metrics are served ("off" for nowhere).
+    #[arg(long, default_value = "127.0.0.1:9967")]
+    status_address: String,
 }
 
 #[derive(Subcommand)]
@@ -65,9 +79,39 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
+    let (source, cgroup) = match cli.manifests {
+        Some(dir) => {
+            let Some(cgroup) = cli.cgroup else {
+                bail!("--manifests needs --cgroup: the cgroup whose processes are balanced");
+            };
+            (Source::Manifests(dir), cgroup)
+        }
+        None => {
+            let Some(node) = cli.node_name else {
+                bail!(
+                    "Kubernetes mode needs --node-name (or NODE_NAME); standalone mode needs --manifests"
+                );
+            };
+            let source = Source::Kubernetes {
+                kubeconfig: cli.kubeconfig,
+                node,
+            };
+            (
+                source,
+                cli.cgroup.unwrap_or_else(|| "/sys/fs/cgroup".into()),
+            )
+        }
+    };
+    let status_address = match cli.status_address.as_str() {
+        "off" => None,
+        addr => Some(
+            addr.parse::<SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("--status-address {addr}: {e}"))?,
+        ),
+    };
     let config = agent::Config {
-        manifests: cli.manifests.expect("required"),
-        cgroup: cli.cgroup.expect("required"),
+        source,
+        cgroup,
         pin_path: cli.pin_path,
         default_algorithm: cli.default_algorithm,
         rebalance: rebalance::Policy {
@@ -75,6 +119,7 @@ fn main() -> Result<()> {
             threshold: cli.rebalance_threshold.max(0.0),
             max_share: cli.rebalance_max_share.clamp(0.0, 1.0),
         },
+        status_address,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -17,6 +17,9 @@
 //! - `{"cmd":"latency","target":"ADDR:PORT","count":N}` connects, sends an HTTP/1.0 request
 //!   and waits for the first byte of the answer, N times in a row, and answers with the
 //!   latency percentiles and connections per second.
+//! - `{"cmd":"sendto","target":"VIP:PORT","count":N}` sends N datagrams from each of `rounds`
+//!   fresh unconnected UDP sockets (as a DNS client does) and answers with, per socket, the
+//!   pods that answered and the addresses the answers came from.
 //! - `{"cmd":"close"}` closes every open connection.
 
 use std::{
@@ -115,6 +118,7 @@ fn main() {
                 }
                 "churn" => churn(&c),
                 "latency" => latency(&c),
+                "sendto" => sendto(&c),
                 "pace" => {
                     let n = open.len();
                     pacer = Some(pace(std::mem::take(&mut open), c.rate.max(1)));
@@ -403,4 +407,32 @@ fn latency(c: &Command) -> serde_json::Value {
         "per_second": micros.len() as f64 / elapsed,
         "errors": errors,
     })
+}
+
+/// Unconnected UDP: `rounds` sockets, `count` datagrams each, with `sendto`/`recv_from`.
+fn sendto(c: &Command) -> serde_json::Value {
+    let Some(target) = c.target else {
+        return json!({ "error": "no target" });
+    };
+    let mut sockets = Vec::new();
+    for _ in 0..c.rounds.max(1) {
+        let result = (|| -> std::io::Result<(Vec<String>, Vec<String>)> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let (mut pods, mut from) = (Vec::new(), Vec::new());
+            let mut buf = [0u8; 256];
+            for _ in 0..c.count {
+                s.send_to(b"query", target)?;
+                let (n, source) = s.recv_from(&mut buf)?;
+                pods.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                from.push(source.to_string());
+            }
+            Ok((pods, from))
+        })();
+        sockets.push(match result {
+            Ok((pods, from)) => json!({ "pods": pods, "from": from }),
+            Err(e) => json!({ "error": e.to_string(), "errno": e.raw_os_error() }),
+        });
+    }
+    json!({ "sockets": sockets })
 }

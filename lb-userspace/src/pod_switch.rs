@@ -1,0 +1,324 @@
+//! The per-namespace switch. Pods in namespaces labelled `socklb.io/enabled=true` are balanced
+//! by socklb; a pod annotated `socklb.io/enabled: "false"` opts out (the per-pod opt-out
+//! cilium#34225 asks for). Everyone else keeps going through kube-proxy.
+//!
+//! How: the programs are attached once, at the cgroup root, and balance only sockets whose
+//! network namespace cookie is in `ENABLED_NETNS` (Kmesh's approach). One entry per pod, found
+//! through the pod's cgroup (kubelet's cgroupfs or systemd layout) -> a process in it -> its
+//! network namespace -> the namespace's cookie. Chosen over attaching per pod cgroup because it
+//! needs no attach or detach as containers come and go, and a switch flip is one map write.
+//! Flipping only affects new connections: open ones keep their socket state and counts.
+//! hostNetwork pods share the node's namespace and are never switched on.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+use crate::datapath::Maps;
+
+pub const ENABLED_LABEL: &str = "socklb.io/enabled";
+
+/// A pod to switch on.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodRef {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Which of the node's pods socklb balances.
+pub fn switched_on(namespaces: &[Arc<Namespace>], pods: &[Arc<Pod>]) -> Vec<PodRef> {
+    let enabled: BTreeSet<&str> = namespaces
+        .iter()
+        .filter(|ns| {
+            ns.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ENABLED_LABEL))
+                .map(String::as_str)
+                == Some("true")
+        })
+        .filter_map(|ns| ns.metadata.name.as_deref())
+        .collect();
+    let mut out: Vec<PodRef> = pods
+        .iter()
+        .filter(|p| enabled.contains(p.metadata.namespace.as_deref().unwrap_or("")))
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ENABLED_LABEL))
+                .map(String::as_str)
+                != Some("false")
+        })
+        .filter(|p| {
+            !p.spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false)
+        })
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .filter_map(|p| {
+            Some(PodRef {
+                uid: p.metadata.uid.clone()?,
+                namespace: p.metadata.namespace.clone()?,
+                name: p.metadata.name.clone()?,
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The pod cgroups under `root`, by pod UID. kubelet names them `pod<uid>` (cgroupfs driver)
+/// or `kubepods-<qos>-pod<uid with _>.slice` (systemd driver), at most three levels down
+/// (kubepods / QoS class / pod).
+pub fn pod_cgroups(root: &Path) -> BTreeMap<String, PathBuf> {
+    let mut found = BTreeMap::new();
+    let mut dirs = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(uid) = pod_uid(&name) {
+                found.insert(uid, entry.path());
+            } else if depth < 3 && name.starts_with("kubepods") {
+                dirs.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    found
+}
+
+/// The pod UID in a kubelet pod cgroup name, if it is one.
+fn pod_uid(name: &str) -> Option<String> {
+    let name = name.strip_suffix(".slice").unwrap_or(name);
+    let at = name.rfind("pod")?;
+    if at > 0 && !name[..at].ends_with('-') {
+        return None;
+    }
+    let uid = name[at + 3..].replace('_', "-");
+    let shape_ok = uid.len() == 36
+        && uid.split('-').map(str::len).eq([8, 4, 4, 4, 12])
+        && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    shape_ok.then_some(uid)
+}
+
+/// Keeps `ENABLED_NETNS` equal to the network namespaces of the pods to switch on.
+pub struct PodSwitch {
+    cgroup_root: PathBuf,
+    /// (dev, inode) of a network namespace -> its cookie.
+    cookies: HashMap<(u64, u64), u64>,
+    own_netns: (u64, u64),
+    /// What the map holds.
+    enabled: BTreeSet<u64>,
+}
+
+/// The result of one sync.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    pub enabled: usize,
+    pub added: usize,
+    pub removed: usize,
+    /// Pods to switch on whose network namespace could not be found yet (no process yet).
+    pub pending: Vec<String>,
+}
+
+impl PodSwitch {
+    pub fn new(cgroup_root: &Path, maps: &Maps) -> Result<PodSwitch> {
+        let own = fs::metadata("/proc/self/ns/net")?;
+        Ok(PodSwitch {
+            cgroup_root: cgroup_root.to_owned(),
+            cookies: HashMap::new(),
+            own_netns: (own.dev(), own.ino()),
+            enabled: maps.enabled_netns.keys().collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn sync(&mut self, maps: &mut Maps, pods: &[PodRef]) -> Result<Synced> {
+        let cgroups = pod_cgroups(&self.cgroup_root);
+        let mut want = BTreeSet::new();
+        let mut synced = Synced::default();
+        for pod in pods {
+            match cgroups
+                .get(&pod.uid)
+                .map(|cg| self.cookie_of(cg))
+                .transpose()?
+            {
+                Some(Some(cookie)) => drop(want.insert(cookie)),
+                _ => synced
+                    .pending
+                    .push(format!("{}/{}", pod.namespace, pod.name)),
+            }
+        }
+        for cookie in want.difference(&self.enabled) {
+            maps.enabled_netns.insert(cookie, &1, 0)?;
+            synced.added += 1;
+        }
+        for cookie in self.enabled.difference(&want) {
+            maps.enabled_netns.remove(cookie)?;
+            synced.removed += 1;
+        }
+        synced.enabled = want.len();
+        self.enabled = want;
+        Ok(synced)
+    }
+
+    /// The network namespace cookie of the first process in `cgroup` (or below), if any.
+    fn cookie_of(&mut self, cgroup: &Path) -> Result<Option<u64>> {
+        let Some(ns) = first_netns(cgroup) else {
+            return Ok(None);
+        };
+        let meta = ns.metadata()?;
+        let key = (meta.dev(), meta.ino());
+        if key == self.own_netns {
+            return Ok(None); // the node's own namespace: never
+        }
+        if let Some(c) = self.cookies.get(&key) {
+            return Ok(Some(*c));
+        }
+        let cookie =
+            netns_cookie(&ns).with_context(|| format!("netns cookie of {}", cgroup.display()))?;
+        self.cookies.insert(key, cookie);
+        Ok(Some(cookie))
+    }
+}
+
+fn first_netns(cgroup: &Path) -> Option<fs::File> {
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            if let Ok(f) = fs::File::open(format!("/proc/{pid}/ns/net")) {
+                return Some(f);
+            }
+        }
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            }
+        }
+    }
+    None
+}
+
+/// SO_NETNS_COOKIE of a socket made inside `netns` (on a thread that entered it): the same
+/// value `bpf_get_netns_cookie` gives the programs.
+fn netns_cookie(netns: &fs::File) -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let netns = netns.try_clone()?;
+    std::thread::spawn(move || -> Result<u64> {
+        // SAFETY: setns and a socket on this short-lived thread; the buffers are ours.
+        unsafe {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if s < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut cookie = 0u64;
+            let mut len = size_of::<u64>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                s,
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            );
+            libc::close(s);
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            Ok(cookie)
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap as Map;
+
+    use super::*;
+
+    fn namespace(name: &str, enabled: Option<&str>) -> Arc<Namespace> {
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.into());
+        if let Some(v) = enabled {
+            ns.metadata.labels = Some(Map::from([(ENABLED_LABEL.to_owned(), v.to_owned())]));
+        }
+        Arc::new(ns)
+    }
+
+    fn pod(ns: &str, name: &str, f: impl FnOnce(&mut Pod)) -> Arc<Pod> {
+        let mut p = Pod::default();
+        p.metadata.namespace = Some(ns.into());
+        p.metadata.name = Some(name.into());
+        p.metadata.uid = Some(format!("uid-{name}"));
+        f(&mut p);
+        Arc::new(p)
+    }
+
+    #[test]
+    fn enabled_namespaces_minus_opted_out_host_network_and_finished_pods() {
+        let namespaces = [
+            namespace("shop", Some("true")),
+            namespace("off", Some("false")),
+            namespace("plain", None),
+        ];
+        let pods = [
+            pod("shop", "a", |_| {}),
+            pod("shop", "opted-out", |p| {
+                p.metadata.annotations =
+                    Some(Map::from([(ENABLED_LABEL.to_owned(), "false".to_owned())]));
+            }),
+            pod("shop", "host", |p| {
+                p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+                    host_network: Some(true),
+                    ..Default::default()
+                })
+            }),
+            pod("shop", "done", |p| {
+                p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                    phase: Some("Succeeded".into()),
+                    ..Default::default()
+                })
+            }),
+            pod("off", "b", |_| {}),
+            pod("plain", "c", |_| {}),
+        ];
+        let names: Vec<String> = switched_on(&namespaces, &pods)
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["a"]);
+    }
+
+    #[test]
+    fn pod_uids_are_read_from_both_kubelet_cgroup_layouts() {
+        let uid = "0b3a9c1e-5f2d-4c7a-9e8b-1a2b3c4d5e6f";
+        assert_eq!(pod_uid(&format!("pod{uid}")).as_deref(), Some(uid));
+        let systemd = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
+        assert_eq!(pod_uid(&systemd).as_deref(), Some(uid));
+        assert_eq!(pod_uid("kubepods-burstable.slice"), None);
+        assert_eq!(pod_uid("cri-containerd-abc.scope"), None);
+        assert_eq!(pod_uid("notapod0b3a9c1e-5f2d-4c7a-9e8b-1a2b3c4d5e6f"), None);
+    }
+}
