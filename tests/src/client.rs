@@ -72,6 +72,17 @@ impl Client {
         self.open_with(json!({ "cmd": "open", "target": target.to_string(), "count": count }))
     }
 
+    /// Opens `count` TCP connections one after the other. Least-conn is exact this way; a
+    /// burst from several CPUs is only even to within one (two connects can see the same
+    /// least-loaded pod at the same moment).
+    pub fn open_one_by_one(&mut self, target: SocketAddrV4, count: usize) -> Result<Vec<Outcome>> {
+        let mut all = Vec::new();
+        for _ in 0..count {
+            all.extend(self.open(target, 1)?);
+        }
+        Ok(all)
+    }
+
     /// Opens `count` connections with extra options (`proto`, `timeout_ms`).
     pub fn open_with(&mut self, command: Value) -> Result<Vec<Outcome>> {
         let reply = self.call(command)?;

@@ -96,9 +96,12 @@ fn udp_connect_is_balanced_and_answers_come_from_the_vip() {
     bed.start_agent(&[]).unwrap();
 
     let mut client = bed.client().unwrap();
-    let outcomes = client
-        .open_with(json!({"cmd": "open", "target": "10.96.2.10:53", "count": 6, "proto": "udp"}))
-        .unwrap();
+    // One by one, so that least-conn's split is exact.
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        let one = json!({"cmd": "open", "target": "10.96.2.10:53", "count": 1, "proto": "udp"});
+        outcomes.extend(client.open_with(one).unwrap());
+    }
     for o in &outcomes {
         assert!(o.ok, "{o:?}");
         assert_eq!(

@@ -29,7 +29,7 @@ fn a_removed_backend_gets_no_new_connections_and_keeps_its_open_ones() {
 
     let mut old = bed.client().unwrap();
     assert_eq!(
-        per_pod(&old.open(vip, 9).unwrap())
+        per_pod(&old.open_one_by_one(vip, 9).unwrap())
             .values()
             .copied()
             .collect::<Vec<_>>(),
@@ -169,12 +169,12 @@ fn restarting_the_agent_keeps_open_and_new_connections_balanced() {
     let vip = spec.target();
 
     let mut c = bed.client().unwrap();
-    assert!(c.open(vip, 12).unwrap().iter().all(|o| o.ok));
+    assert!(c.open_one_by_one(vip, 12).unwrap().iter().all(|o| o.ok));
 
     // Agent stopped: pinned programs keep balancing and counting.
     bed.agent.as_mut().unwrap().stop().unwrap();
     assert_eq!(c.requests(1).unwrap().values().sum::<u64>(), 12);
-    let spread = per_pod(&c.open(vip, 6).unwrap());
+    let spread = per_pod(&c.open_one_by_one(vip, 6).unwrap());
     assert_eq!(
         spread.values().copied().collect::<Vec<_>>(),
         [2, 2, 2],
@@ -203,7 +203,7 @@ fn restarting_the_agent_keeps_open_and_new_connections_balanced() {
 
     // After the restart: old connections work, new ones are balanced.
     assert_eq!(c.requests(1).unwrap().values().sum::<u64>(), 18);
-    let spread = per_pod(&c.open(vip, 3).unwrap());
+    let spread = per_pod(&c.open_one_by_one(vip, 3).unwrap());
     assert_eq!(spread.values().copied().collect::<Vec<_>>(), [1, 1, 1]);
     c.close_all().unwrap();
     bed.settle_at(0).unwrap();
