@@ -54,8 +54,11 @@ pub struct Config {
 
 /// Re-read everything this often even without change events.
 const RESYNC: Duration = Duration::from_secs(10);
-/// While backends drain or pods wait for their network namespace: check this often.
-const SHORT_CHECK: Duration = Duration::from_secs(1);
+/// While backends drain: check this often whether their last connection closed.
+const DRAIN_CHECK: Duration = Duration::from_secs(1);
+/// While pods to switch on have no process (so no network namespace) yet: look this often, so
+/// a starting pod is balanced from about its first tenth of a second.
+const POD_CHECK: Duration = Duration::from_millis(100);
 
 pub async fn run(config: Config) -> Result<()> {
     let status = Status::new(config.pin_path.clone());
@@ -127,11 +130,13 @@ pub async fn run(config: Config) -> Result<()> {
             .backends
             .values()
             .any(|b| b.state == backend_state::DRAINING);
-        let wake = if draining || agent.pods_pending {
-            next_resync.min(Instant::now() + SHORT_CHECK)
-        } else {
-            next_resync
-        };
+        let mut wake = next_resync;
+        if draining {
+            wake = wake.min(Instant::now() + DRAIN_CHECK);
+        }
+        if agent.pods_pending {
+            wake = wake.min(Instant::now() + POD_CHECK);
+        }
         let mut reload = tokio::select! {
             Some(()) = changes.recv() => {
                 // Let a burst of changes (an editor's write-rename, a rollout) arrive first.
@@ -139,7 +144,7 @@ pub async fn run(config: Config) -> Result<()> {
                 while changes.try_recv().is_ok() {}
                 true
             }
-            () = sleep_until(wake) => agent.pods_pending,
+            () = sleep_until(wake) => false,
             () = sleep_until(next_rebalance) => {
                 next_rebalance = Instant::now() + config.rebalance.interval;
                 rebalance_once(&mut maps, &programmed, &config);

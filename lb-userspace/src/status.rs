@@ -162,7 +162,8 @@ async fn metrics(State(status): State<Arc<Status>>) -> impl IntoResponse {
     }
 }
 
-/// Per-scrape metrics from the pinned maps.
+/// Per-scrape metrics from the pinned maps (named without the prefix: the registry adds
+/// "socklb_").
 #[derive(Debug)]
 struct MapsCollector {
     pin_path: PathBuf,
@@ -207,7 +208,7 @@ impl Collector for MapsCollector {
         }
         gauges(
             &mut encoder,
-            "socklb_backend_connections",
+            "backend_connections",
             "Live connections per backend, counted on this node",
             &connections,
         )?;
@@ -235,25 +236,25 @@ impl Collector for MapsCollector {
         }
         counters(
             &mut encoder,
-            "socklb_service_connects",
+            "service_connects",
             "Connects (and unconnected UDP datagrams) balanced",
             &connects,
         )?;
         counters(
             &mut encoder,
-            "socklb_service_refused",
+            "service_refused",
             "Connects refused because the Service had no backend",
             &refused,
         )?;
         counters(
             &mut encoder,
-            "socklb_rebalance_closed",
+            "rebalance_closed",
             "Connections closed by rebalancing",
             &closed,
         )?;
         gauges(
             &mut encoder,
-            "socklb_service_backends",
+            "service_backends",
             "Backends in rotation per Service port",
             &active,
         )?;
@@ -275,19 +276,19 @@ impl Collector for MapsCollector {
             .collect();
         gauges(
             &mut encoder,
-            "socklb_map_entries",
+            "map_entries",
             "Entries in use per map",
             &entries,
         )?;
         gauges(
             &mut encoder,
-            "socklb_map_capacity",
+            "map_capacity",
             "Entries each map can hold",
             &capacity,
         )?;
         gauges(
             &mut encoder,
-            "socklb_enabled_pods",
+            "enabled_pods",
             "Pods switched on (network namespaces)",
             &[(vec![], enabled as i64)],
         )?;

@@ -17,9 +17,8 @@ pub struct Agent {
     child: Option<Child>,
     pub pin_path: PathBuf,
     log: PathBuf,
-    manifests: PathBuf,
-    cgroup: PathBuf,
-    extra: Vec<String>,
+    /// Everything but the pin path and status address.
+    args: Vec<std::ffi::OsString>,
 }
 
 /// A row of `socklbctl -j backend list`.
@@ -36,17 +35,59 @@ impl Agent {
     /// Starts an agent on `manifests` for `cgroup` with its own pin path, and waits until it
     /// has programmed the directory.
     pub fn start(manifests: &ManifestDir, cgroup: &Cgroup, extra: &[&str]) -> Result<Agent> {
+        let mut args = vec![
+            "--manifests".into(),
+            manifests.path().into(),
+            "--cgroup".into(),
+            cgroup.path().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        Agent::with_args(args)
+    }
+
+    /// Starts an agent in Kubernetes mode: the API server behind `kubeconfig`, node `node`,
+    /// pods under `cgroup_root`.
+    pub fn kubernetes(
+        kubeconfig: &Path,
+        node: &str,
+        cgroup_root: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut args = vec![
+            "--kubeconfig".into(),
+            kubeconfig.into(),
+            "--node-name".into(),
+            node.into(),
+            "--cgroup".into(),
+            cgroup_root.into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        Agent::with_args(args)
+    }
+
+    fn with_args(args: Vec<std::ffi::OsString>) -> Result<Agent> {
         let name = crate::unique("agent");
         let mut agent = Agent {
             child: None,
             pin_path: PathBuf::from("/sys/fs/bpf").join(&name),
             log: std::env::temp_dir().join(format!("{name}.log")),
-            manifests: manifests.path().to_owned(),
-            cgroup: cgroup.path().to_owned(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            args,
         };
         agent.launch()?;
         Ok(agent)
+    }
+
+    /// The agent's health and metrics address, from its log.
+    pub fn status_url(&self) -> Option<String> {
+        let log = self.log();
+        let at = log.rfind("health and metrics on http://")?;
+        let rest = &log[at + "health and metrics on ".len()..];
+        Some(
+            rest.split_whitespace()
+                .next()?
+                .trim_end_matches('/')
+                .to_owned(),
+        )
     }
 
     fn launch(&mut self) -> Result<()> {
@@ -55,14 +96,10 @@ impl Agent {
             .append(true)
             .open(&self.log)?;
         let child = Command::new(crate::bin("socklb-agent"))
-            .arg("--manifests")
-            .arg(&self.manifests)
-            .arg("--cgroup")
-            .arg(&self.cgroup)
+            .args(&self.args)
             .arg("--pin-path")
             .arg(&self.pin_path)
             .args(["--status-address", "127.0.0.1:0"])
-            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -80,6 +117,23 @@ impl Agent {
             }
             Ok((self.log().matches("synced:").count() > starts).then_some(()))
         })
+    }
+
+    /// The agent's /metrics page.
+    pub fn metrics(&self) -> Result<String> {
+        http_get(
+            &self.status_url().context("no status address in the log")?,
+            "/metrics",
+        )
+    }
+
+    /// One value from /metrics: the sample whose name and labels start with `prefix`.
+    pub fn metric(&self, prefix: &str) -> Result<Option<f64>> {
+        Ok(self
+            .metrics()?
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok()))
     }
 
     /// Stops the agent with SIGTERM (its pinned state stays) and waits for it to exit.
@@ -137,6 +191,21 @@ impl Agent {
             },
         )
     }
+}
+
+/// A GET over HTTP/1.0 on loopback; the body if the status is 200.
+pub fn http_get(base: &str, path: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
 }
 
 /// Runs `socklbctl -j ARGS` on `pin_path` and parses its output.

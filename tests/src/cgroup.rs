@@ -27,14 +27,6 @@ impl Cgroup {
         &self.path
     }
 
-    /// An open `cgroup.procs`, so a forked child can join with a single write (see client).
-    pub fn procs_file(&self) -> Result<OwnedFd> {
-        Ok(fs::OpenOptions::new()
-            .write(true)
-            .open(self.path.join("cgroup.procs"))?
-            .into())
-    }
-
     pub fn pids(&self) -> Vec<u32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()
@@ -46,16 +38,43 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        // cgroup.kill (5.14+) ends every process left in it; then the directory can go.
-        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+        remove(&self.path);
+    }
+}
+
+/// Ends every process in `path` and below (cgroup.kill, 5.14+) and removes the directories,
+/// deepest first.
+pub(crate) fn remove(path: &Path) {
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    let mut dirs = vec![path.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        for e in fs::read_dir(&dirs[i]).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            }
+        }
+        i += 1;
+    }
+    for dir in dirs.iter().rev() {
         for _ in 0..100 {
-            if fs::remove_dir(&self.path).is_ok() {
-                return;
+            if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                break;
             }
             thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("warning: could not remove {}", self.path.display());
     }
+    if path.exists() {
+        eprintln!("warning: could not remove {}", path.display());
+    }
+}
+
+/// An open `cgroup.procs` of `cgroup`, so a forked child can join with a single write.
+pub fn procs_file(cgroup: &Path) -> Result<OwnedFd> {
+    Ok(fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))?
+        .into())
 }
 
 /// Writes "0" (the writing process itself) to an open cgroup.procs: safe to call between fork

@@ -5,6 +5,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddrV4,
     os::{fd::AsRawFd, unix::process::CommandExt as _},
+    path::Path,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
 
@@ -12,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{cgroup::Cgroup, netns::Netns};
+use crate::netns::Netns;
 
 /// One connect as the client saw it.
 #[derive(Clone, Debug, Deserialize)]
@@ -35,7 +36,7 @@ pub struct Client {
 impl Client {
     /// Starts a client in `netns`, and in `cgroup` if given (outside it, socklb leaves its
     /// connections alone).
-    pub fn spawn(netns: &Netns, cgroup: Option<&Cgroup>) -> Result<Client> {
+    pub fn spawn(netns: &Netns, cgroup: Option<&Path>) -> Result<Client> {
         let mut command = Command::new(crate::bin("socklb-client"));
         command.stdin(Stdio::piped()).stdout(Stdio::piped());
         place(&mut command, netns, cgroup)?;
@@ -200,9 +201,9 @@ pub struct Paced {
 
 /// Makes `command` start inside `netns`, and inside `cgroup` if given: where a client pod's
 /// processes run.
-pub fn place(command: &mut Command, netns: &Netns, cgroup: Option<&Cgroup>) -> Result<()> {
+pub fn place(command: &mut Command, netns: &Netns, cgroup: Option<&Path>) -> Result<()> {
     let ns = netns.fd().try_clone_to_owned()?;
-    let procs = cgroup.map(Cgroup::procs_file).transpose()?;
+    let procs = cgroup.map(crate::cgroup::procs_file).transpose()?;
     // SAFETY: between fork and exec only async-signal-safe calls on fds opened before.
     unsafe {
         command.pre_exec(move || {

@@ -3,7 +3,9 @@
 //! (pkg/proxy/iptables/proxier.go): `KUBE-SERVICES` matches the ClusterIP and port and jumps to
 //! `KUBE-SVC-<hash>`, which picks an endpoint chain `KUBE-SEP-<hash>` with the probability
 //! ladder 1/n, 1/(n-1), ... and a last unconditional rule; each `KUBE-SEP` DNATs to its pod.
-//! The pick happens once per connection, so long-lived connections never move.
+//! The pick happens once per connection, so long-lived connections never move. Like
+//! kube-proxy it hooks both OUTPUT (processes of the namespace itself) and PREROUTING (pods
+//! whose traffic comes in over their veth).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -39,6 +41,7 @@ pub fn rules(services: &[ChainService]) -> String {
     ];
     let mut rules = vec![
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES".to_owned(),
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES".to_owned(),
         "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING".to_owned(),
         "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000".to_owned(),
         "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN".to_owned(),

@@ -13,11 +13,14 @@
 //! - `manifests`: Service and EndpointSlice YAML for a set of pods.
 //! - `servers`: nginx and redis-server as pods, for the benchmarks.
 //! - `testbed`: all of the above for one test, removed when dropped.
+//! - `apiserver`, `kubebed`: an API server double and a one-node cluster, for Kubernetes mode.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cgroup;
 pub mod client;
 pub mod kube_proxy;
+pub mod kubebed;
 pub mod manifests;
 pub mod netns;
 pub mod pod;

@@ -86,7 +86,7 @@ impl Testbed {
 
     /// A client inside the cgroup: socklb balances its connections.
     pub fn client(&self) -> Result<Client> {
-        Client::spawn(&self.netns, Some(&self.cgroup))
+        Client::spawn(&self.netns, Some(self.cgroup.path()))
     }
 
     /// The pod listening on `ip` (names repeat across subnets, addresses do not).

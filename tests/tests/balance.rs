@@ -148,7 +148,7 @@ fn the_cluster_wide_spread_stays_within_one_per_node() {
         std::iter::once(&bed.cgroup).chain(&cgroups).collect();
     let mut clients: Vec<_> = node_cgroups
         .iter()
-        .map(|cg| socklb_tests::client::Client::spawn(&bed.netns, Some(cg)).unwrap())
+        .map(|cg| socklb_tests::client::Client::spawn(&bed.netns, Some(cg.path())).unwrap())
         .collect();
 
     let mut seed = 0x5eed_u64; // fixed: the same connection counts every run

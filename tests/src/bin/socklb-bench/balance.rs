@@ -371,7 +371,7 @@ fn start_load(
     s: &Scenario,
     target: SocketAddrV4,
 ) -> Result<Vec<Client>> {
-    let cgroup = in_cgroup.then_some(&bed.cgroup);
+    let cgroup = in_cgroup.then_some(bed.cgroup.path());
     let spawn = |mut c: Command, kind: &'static str, timed: bool| -> Result<Client> {
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         place(&mut c, &bed.netns, cgroup)?;

@@ -26,7 +26,7 @@ pub fn run(results: &Path) -> Result<()> {
         .collect::<Result<_>>()?;
     let mut clients: Vec<Client> = std::iter::once(&bed.cgroup)
         .chain(&cgroups)
-        .map(|cg| Client::spawn(&bed.netns, Some(cg)))
+        .map(|cg| Client::spawn(&bed.netns, Some(cg.path())))
         .collect::<Result<_>>()?;
 
     let mut seed = 0x5eed_u64;

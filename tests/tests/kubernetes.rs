@@ -1,0 +1,252 @@
+//! Kubernetes mode end to end: the agent's production code against the API server double,
+//! pods with their own network namespaces and kubelet-shaped cgroups, kube-proxy on the node.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use socklb_tests::{
+    kubebed::{Condition, KubeBed},
+    manifests::{ServiceSpec, pod_ips},
+    require_privileges, wait_for,
+};
+
+fn web(pods: &[Ipv4Addr]) -> ServiceSpec {
+    let mut s = ServiceSpec::new("web", Ipv4Addr::new(10, 96, 30, 10), 80, 8080, pods);
+    s.namespace = "shop".into();
+    s
+}
+
+#[test]
+fn only_pods_of_enabled_namespaces_are_balanced_and_the_switch_flips_live() {
+    require_privileges!();
+    let mut bed = KubeBed::new("k8s").unwrap();
+    let pods = pod_ips(30, 3);
+    bed.tcp_backends(&pods, 8080).unwrap();
+    bed.namespace("shop", Some(true)).unwrap();
+    bed.namespace("plain", None).unwrap();
+    let spec = web(&pods);
+    bed.service(&spec).unwrap();
+    bed.client_pod("shop", "a", false).unwrap();
+    bed.client_pod("shop", "opted-out", true).unwrap();
+    bed.client_pod("plain", "c", false).unwrap();
+    bed.start_agent(&[]).unwrap();
+    bed.agent().wait_backends("shop/web", &pods).unwrap();
+
+    // Pod a (enabled namespace): socklb balances and counts its connections, from as soon as
+    // the pod has a process (its network namespace).
+    let mut a = bed.client("a").unwrap();
+    wait_for("pod a to be switched on", Duration::from_secs(5), || {
+        Ok((bed.agent().metric("socklb_enabled_pods")? == Some(1.0)).then_some(()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            bed.agent().metrics().unwrap_or_default(),
+            bed.agent().log()
+        )
+    });
+    let opened = a.open_one_by_one(spec.target(), 6).unwrap();
+    assert!(
+        opened
+            .iter()
+            .all(|o| o.ok && o.peer.as_deref() == Some("10.96.30.10:80")),
+        "{opened:?}"
+    );
+    assert_eq!(bed.counted().unwrap(), 6);
+
+    // The opted-out pod and the pod of the other namespace still reach the Service, through
+    // kube-proxy's chain on the node: socklb does not count them.
+    for pod in ["opted-out", "c"] {
+        let mut c = bed.client(pod).unwrap();
+        let o = c.open(spec.target(), 3).unwrap();
+        assert!(o.iter().all(|o| o.ok), "{pod}: {o:?}");
+        assert_eq!(
+            bed.counted().unwrap(),
+            6,
+            "{pod} must go through kube-proxy"
+        );
+    }
+
+    // Switch "plain" on: c's new connections are balanced, soon.
+    bed.namespace("plain", Some(true)).unwrap();
+    let mut c = bed.client("c").unwrap();
+    wait_for(
+        "plain's pods to be switched on",
+        Duration::from_secs(5),
+        || {
+            let before = bed.counted()?;
+            c.open(spec.target(), 1)?;
+            Ok((bed.counted()? > before).then_some(()))
+        },
+    )
+    .unwrap();
+
+    // Switch "shop" off: a's open connections stay up and counted, new ones go to kube-proxy.
+    bed.namespace("shop", Some(false)).unwrap();
+    wait_for(
+        "shop's pods to be switched off",
+        Duration::from_secs(5),
+        || {
+            let before = bed.counted()?;
+            a.open(spec.target(), 1)?;
+            Ok((bed.counted()? == before).then_some(()))
+        },
+    )
+    .unwrap();
+    a.requests(1)
+        .expect("every connection a holds still answers");
+    assert!(
+        bed.counted().unwrap() >= 6,
+        "the switch never cuts open connections"
+    );
+}
+
+/// A one-Service cluster with one switched-on pod `a`, and the agent running.
+fn cluster(prefix: &str, subnet: u8) -> (KubeBed, ServiceSpec) {
+    let mut bed = KubeBed::new(prefix).unwrap();
+    let pods = pod_ips(subnet, 3);
+    bed.tcp_backends(&pods, 8080).unwrap();
+    bed.namespace("shop", Some(true)).unwrap();
+    let mut spec = web(&pods);
+    spec.vip = Ipv4Addr::new(10, 96, subnet, 10);
+    bed.service(&spec).unwrap();
+    bed.client_pod("shop", "a", false).unwrap();
+    bed.start_agent(&[]).unwrap();
+    bed.agent().wait_backends("shop/web", &pods).unwrap();
+    (bed, spec)
+}
+
+fn switched_on(bed: &KubeBed, pods: f64) {
+    wait_for("pods to be switched on", Duration::from_secs(5), || {
+        Ok((bed.agent().metric("socklb_enabled_pods")? == Some(pods)).then_some(()))
+    })
+    .unwrap();
+}
+
+#[test]
+fn terminating_endpoints_and_an_api_server_that_restarts_or_drops_watches() {
+    require_privileges!();
+    let (mut bed, spec) = cluster("k8st", 31);
+    let mut a = bed.client("a").unwrap();
+    switched_on(&bed, 1.0);
+    let per_pod = |o: &[socklb_tests::client::Outcome]| socklb_tests::client::per_pod(o);
+    assert_eq!(
+        per_pod(&a.open_one_by_one(spec.target(), 6).unwrap()).len(),
+        3
+    );
+
+    // pod-3 starts terminating: no new connections while others are ready; its open ones stay.
+    let pods = spec.pods.clone();
+    let state = |last: Condition| {
+        vec![
+            (pods[0], Condition::Ready),
+            (pods[1], Condition::Ready),
+            (pods[2], last),
+        ]
+    };
+    bed.service_with(&spec, &state(Condition::Terminating))
+        .unwrap();
+    bed.agent().wait_backends("shop/web", &pods[..2]).unwrap();
+    assert!(!per_pod(&a.open_one_by_one(spec.target(), 6).unwrap()).contains_key("pod-3"));
+    assert_eq!(
+        a.requests(1).unwrap().get("pod-3"),
+        Some(&2),
+        "its open connections still work"
+    );
+
+    // Nothing ready: serving-and-terminating endpoints take new connections (kube-proxy's rule).
+    let all_terminating: Vec<_> = pods
+        .iter()
+        .map(|ip| (*ip, Condition::Terminating))
+        .collect();
+    bed.service_with(&spec, &all_terminating).unwrap();
+    bed.agent().wait_backends("shop/web", &pods).unwrap();
+
+    // The API server restarts with its history compacted: the watches get 410 Gone on
+    // resuming, list again, and the agent follows the changes made meanwhile.
+    bed.api.compact();
+    bed.api.restart().unwrap();
+    bed.service(&spec).unwrap();
+    let fourth = pod_ips(31, 4)[3];
+    bed.tcp_backends(&[fourth], 8080).unwrap();
+    let mut four = spec.clone();
+    four.pods.push(fourth);
+    bed.service(&four).unwrap();
+    bed.agent().wait_backends("shop/web", &four.pods).unwrap();
+    let log = bed.agent().log();
+    assert!(log.contains("watch of endpointslices: error returned by apiserver during watch: too old resource version"), "{log}");
+
+    // Every watch dropped: they resume and the next change arrives too.
+    bed.api.drop_watches();
+    bed.service(&spec).unwrap();
+    bed.agent().wait_backends("shop/web", &pods).unwrap();
+    a.requests(1).expect("no connection was cut by any of this");
+}
+
+#[test]
+fn the_agent_restarts_with_connections_open() {
+    require_privileges!();
+    let (mut bed, spec) = cluster("k8sr", 32);
+    let mut a = bed.client("a").unwrap();
+    switched_on(&bed, 1.0);
+    assert!(
+        a.open_one_by_one(spec.target(), 9)
+            .unwrap()
+            .iter()
+            .all(|o| o.ok)
+    );
+    let url = bed.agent().status_url().unwrap();
+    assert_eq!(
+        socklb_tests::agent::http_get(&url, "/readyz").unwrap(),
+        "ready\n"
+    );
+    assert_eq!(
+        socklb_tests::agent::http_get(&url, "/healthz").unwrap(),
+        "ok\n"
+    );
+
+    bed.agent.as_mut().unwrap().restart().unwrap();
+    let log = bed.agent().log();
+    assert!(log.contains("connect4: Adopted"), "{log}");
+    assert!(log.contains("checked against 9 live sockets"), "{log}");
+    // The pod stayed switched on, its connections work and count, new ones are balanced.
+    assert_eq!(a.requests(1).unwrap().values().sum::<u64>(), 9);
+    assert_eq!(bed.counted().unwrap(), 9);
+    let spread = socklb_tests::client::per_pod(&a.open_one_by_one(spec.target(), 3).unwrap());
+    assert_eq!(
+        spread.values().copied().collect::<Vec<_>>(),
+        [1, 1, 1],
+        "least-conn as before"
+    );
+    assert_eq!(bed.counted().unwrap(), 12);
+}
+
+#[test]
+fn dns_over_unconnected_udp_through_a_vip() {
+    require_privileges!();
+    let mut bed = KubeBed::new("k8sd").unwrap();
+    let pods = pod_ips(33, 2);
+    bed.udp_backends(&pods, 5353).unwrap();
+    bed.namespace("kube-system", None).unwrap();
+    bed.namespace("shop", Some(true)).unwrap();
+    let mut dns = ServiceSpec::new("kube-dns", Ipv4Addr::new(10, 96, 0, 10), 53, 5353, &pods);
+    dns.namespace = "kube-system".into();
+    dns.protocol = "UDP";
+    bed.service(&dns).unwrap();
+    bed.client_pod("shop", "a", false).unwrap();
+    bed.start_agent(&[]).unwrap();
+    bed.agent()
+        .wait_backends("kube-system/kube-dns", &pods)
+        .unwrap();
+    let mut a = bed.client("a").unwrap();
+    switched_on(&bed, 1.0);
+    for (answered_by, from) in a.sendto(dns.target(), 10, 3).unwrap() {
+        assert!(from.iter().all(|f| f == "10.96.0.10:53"), "{from:?}");
+        assert!(answered_by.iter().all(|p| *p == answered_by[0]));
+    }
+    let balanced: f64 = bed
+        .agent()
+        .metric("socklb_service_connects_total{service=\"kube-system/kube-dns\"")
+        .unwrap()
+        .unwrap();
+    assert_eq!(balanced, 30.0, "every datagram went through socklb");
+}
