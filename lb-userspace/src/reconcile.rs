@@ -1065,4 +1065,160 @@ mod tests {
             }
         }
     }
+
+    /// A change to the cluster, as the watches or the manifest directory deliver them.
+    #[derive(Clone, Debug)]
+    enum Event {
+        /// Service `svc{n}` at 10.96.1.n with `ports` ports (80, 81, ...), TCP or UDP.
+        Service {
+            n: u8,
+            ports: u8,
+            udp: bool,
+            algorithm: usize,
+        },
+        DeleteService(u8),
+        /// EndpointSlice `svc{n}-{k}` with endpoints (pod, ready, serving, terminating).
+        Slice {
+            n: u8,
+            k: u8,
+            endpoints: Vec<(u8, bool, bool, bool)>,
+        },
+        DeleteSlice {
+            n: u8,
+            k: u8,
+        },
+    }
+
+    fn apply_event(state: &mut crate::cluster::ClusterState, e: &Event) {
+        use k8s_openapi::api::{
+            core::v1::{Service as K8sService, ServicePort, ServiceSpec},
+            discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        };
+        let key = |name: String| ServiceRef {
+            namespace: "ns".into(),
+            name,
+        };
+        match e {
+            Event::Service {
+                n,
+                ports,
+                udp,
+                algorithm,
+            } => {
+                let mut s = K8sService::default();
+                s.metadata.name = Some(format!("svc{n}"));
+                s.metadata.namespace = Some("ns".into());
+                s.metadata.annotations = Some(
+                    [(
+                        "socklb.io/algorithm".to_owned(),
+                        Algorithm::ALL[*algorithm].name().to_owned(),
+                    )]
+                    .into(),
+                );
+                s.spec = Some(ServiceSpec {
+                    cluster_ip: Some(format!("10.96.1.{n}")),
+                    ports: Some(
+                        (0..*ports)
+                            .map(|p| ServicePort {
+                                name: Some(format!("p{p}")),
+                                port: 80 + i32::from(p),
+                                protocol: Some(if *udp { "UDP" } else { "TCP" }.into()),
+                                ..ServicePort::default()
+                            })
+                            .collect(),
+                    ),
+                    ..ServiceSpec::default()
+                });
+                state.services.insert(key(format!("svc{n}")), s);
+            }
+            Event::DeleteService(n) => drop(state.services.remove(&key(format!("svc{n}")))),
+            Event::Slice { n, k, endpoints } => {
+                let mut slice = EndpointSlice {
+                    address_type: "IPv4".into(),
+                    ports: Some(
+                        (0..3u8)
+                            .flat_map(|p| {
+                                ["TCP", "UDP"].map(|proto| EndpointPort {
+                                    name: Some(format!("p{p}")),
+                                    port: Some(8080 + i32::from(p)),
+                                    protocol: Some(proto.into()),
+                                    ..EndpointPort::default()
+                                })
+                            })
+                            .collect(),
+                    ),
+                    endpoints: endpoints
+                        .iter()
+                        .map(|(pod, ready, serving, terminating)| Endpoint {
+                            addresses: vec![format!("10.244.{n}.{pod}")],
+                            conditions: Some(EndpointConditions {
+                                ready: Some(*ready),
+                                serving: Some(*serving),
+                                terminating: Some(*terminating),
+                            }),
+                            ..Endpoint::default()
+                        })
+                        .collect(),
+                    ..EndpointSlice::default()
+                };
+                slice.metadata.name = Some(format!("svc{n}-{k}"));
+                slice.metadata.namespace = Some("ns".into());
+                slice.metadata.labels = Some(
+                    [(
+                        crate::manifest::SERVICE_NAME_LABEL.to_owned(),
+                        format!("svc{n}"),
+                    )]
+                    .into(),
+                );
+                state.slices.insert(key(format!("svc{n}-{k}")), slice);
+            }
+            Event::DeleteSlice { n, k } => drop(state.slices.remove(&key(format!("svc{n}-{k}")))),
+        }
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (1u8..5, 1u8..3, any::<bool>(), 0..Algorithm::ALL.len()).prop_map(
+                |(n, ports, udp, algorithm)| Event::Service {
+                    n,
+                    ports,
+                    udp,
+                    algorithm
+                }
+            ),
+            (1u8..5).prop_map(Event::DeleteService),
+            (
+                1u8..5,
+                0u8..2,
+                prop::collection::vec((1u8..8, any::<bool>(), any::<bool>(), any::<bool>()), 0..6)
+            )
+                .prop_map(|(n, k, endpoints)| Event::Slice { n, k, endpoints }),
+            (1u8..5, 0u8..2).prop_map(|(n, k)| Event::DeleteSlice { n, k }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// After any sequence of cluster events, each reconciled with connections open or not,
+        /// the maps hold exactly the desired state computed from the cluster, and no write on
+        /// the way let a connect see a slot or table entry pointing nowhere.
+        #[test]
+        fn maps_follow_any_sequence_of_cluster_events(
+            events in prop::collection::vec(event(), 1..25),
+            busy in prop::collection::btree_set(0u32..40, 0..10),
+        ) {
+            let mut state = crate::cluster::ClusterState::default();
+            let mut p = Programmed::default();
+            let mut previous = Desired::default();
+            for e in &events {
+                apply_event(&mut state, e);
+                let (d, errors) = crate::cluster::desired(&state, Algorithm::LeastConn, &previous);
+                prop_assert!(errors.is_empty(), "{errors:?}");
+                step(&d, &mut p, &|id| u64::from(busy.contains(&id)));
+                assert_programs(&d, &p);
+                previous = d;
+            }
+        }
+    }
 }

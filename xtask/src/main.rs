@@ -25,6 +25,9 @@ struct Cli {
 enum Task {
     /// Install the pinned toolchains, bpf-linker and the Debian packages the tests use.
     Setup,
+    /// Build the release binaries (socklb-agent, socklbctl, ...) into target/release; needs
+    /// only the toolchains, not the test packages (used by deploy/Dockerfile).
+    Build,
     /// Lint, build and run every test (unit and privileged end-to-end tests).
     Test {
         /// Only run tests whose name contains this.
@@ -44,9 +47,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
-    let tools = setup::run(&root)?;
+    let packages = !matches!(cli.task, Task::Build);
+    let tools = setup::run(&root, packages)?;
     match cli.task {
         Task::Setup => Ok(()),
+        Task::Build => cargo(&tools, &["build", "--release", "--bins"]),
         Task::Test { filter } => test(&tools, filter.as_deref()),
         Task::Demo => {
             cargo(&tools, &["build", "--release", "--bins"])?;

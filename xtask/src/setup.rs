@@ -60,13 +60,16 @@ impl Tools {
     }
 }
 
-pub fn run(root: &Path) -> Result<Tools> {
+/// `packages`: also the Debian packages (not needed just to build).
+pub fn run(root: &Path, packages: bool) -> Result<Tools> {
     let nightly = pinned_nightly(root)?;
     ensure_toolchain(USERSPACE_TOOLCHAIN, &["clippy", "rustfmt"])?;
     ensure_override(root)?;
     ensure_toolchain(&nightly, &["rust-src", "clippy"])?;
     let bpf_linker_dir = ensure_bpf_linker(&nightly)?;
-    ensure_packages(PACKAGES)?;
+    if packages {
+        ensure_packages(PACKAGES)?;
+    }
     Ok(Tools {
         nightly,
         bpf_linker_dir,
