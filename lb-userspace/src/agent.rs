@@ -1,10 +1,12 @@
 //! The agent loop: source (a manifest directory, or the API server) -> cluster model ->
-//! reconciler -> map writer -> BPF. It reconciles at start, on every change, every few
-//! seconds regardless, and every second while backends are draining (to forget them once
-//! their last connection closed). In Kubernetes mode it also keeps the per-pod switch
-//! (`pod_switch`) current, and rebalances opted-in Services on its own timer.
+//! reconciler -> map writer -> BPF. It reconciles everything at start, after a re-list and
+//! every few seconds regardless; a change to one Service (or its EndpointSlices) redoes only
+//! that Service, so its cost does not grow with the cluster. Every second while backends
+//! are draining it forgets those whose last connection closed. In Kubernetes mode it also
+//! keeps the per-pod switch (`pod_switch`) current, and rebalances opted-in Services on its
+//! own timer.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use lb_common::{Algorithm, backend_state, settings};
@@ -17,9 +19,9 @@ use tokio::{
 };
 
 use crate::{
-    cluster::{self, ClusterState, Desired},
+    cluster::{self, ClusterState, Desired, ServiceRef},
     datapath::{self, LinkAction, Maps},
-    kube_watch::KubeCluster,
+    kube_watch::{Changed, KubeCluster},
     manifest_dir::ManifestDir,
     pod_switch::{self, PodSwitch},
     rebalance,
@@ -90,7 +92,7 @@ pub async fn run(config: Config) -> Result<()> {
             let mut watcher =
                 notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
                     if e.is_ok() {
-                        let _ = tx.send(());
+                        let _ = tx.send(Changed::Everything);
                     }
                 })?;
             watcher.watch(dir, RecursiveMode::NonRecursive)?;
@@ -109,11 +111,12 @@ pub async fn run(config: Config) -> Result<()> {
     let mut agent = Agent {
         default_algorithm: config.default_algorithm,
         desired: reconcile::programmed_frontends(&programmed),
+        service_errors: false,
         last_errors: Vec::new(),
         status: status.clone(),
         pods_pending: false,
     };
-    agent.reconcile(&mut source, &mut maps, &mut programmed, true);
+    agent.reconcile(&mut source, &mut maps, &mut programmed, Work::everything());
     status.set_ready();
     info!(
         "synced: {} service ports programmed",
@@ -137,14 +140,21 @@ pub async fn run(config: Config) -> Result<()> {
         if agent.pods_pending {
             wake = wake.min(Instant::now() + POD_CHECK);
         }
-        let mut reload = tokio::select! {
-            Some(()) = changes.recv() => {
+        let mut work = tokio::select! {
+            Some(first) = changes.recv() => {
                 // Let a burst of changes (an editor's write-rename, a rollout) arrive first.
                 tokio::time::sleep(source.settle()).await;
-                while changes.try_recv().is_ok() {}
-                true
+                let mut work = Work::default();
+                work.add(first);
+                while let Ok(more) = changes.try_recv() {
+                    work.add(more);
+                }
+                work
             }
-            () = sleep_until(wake) => false,
+            () = sleep_until(wake) => Work {
+                pods: agent.pods_pending,
+                ..Work::default()
+            },
             () = sleep_until(next_rebalance) => {
                 next_rebalance = Instant::now() + config.rebalance.interval;
                 rebalance_once(&mut maps, &programmed, &config);
@@ -155,9 +165,9 @@ pub async fn run(config: Config) -> Result<()> {
         };
         if Instant::now() >= next_resync {
             next_resync = Instant::now() + RESYNC;
-            reload = true;
+            work = Work::everything();
         }
-        agent.reconcile(&mut source, &mut maps, &mut programmed, reload);
+        agent.reconcile(&mut source, &mut maps, &mut programmed, work);
     }
     info!(
         "stopping; programs and maps stay pinned at {} so connections keep being balanced \
@@ -241,6 +251,14 @@ impl Loaded {
         }
     }
 
+    /// The part of the cluster state `services` need, where the source can give it.
+    fn load_services(&self, services: &BTreeSet<ServiceRef>) -> Option<ClusterState> {
+        match self {
+            Loaded::Manifests(_) => None,
+            Loaded::Kubernetes(cluster, _) => Some(cluster.state_of(services)),
+        }
+    }
+
     /// The cluster state, and what is wrong in it as (kind, message).
     fn load(&mut self) -> (ClusterState, Vec<(&'static str, String)>) {
         match self {
@@ -256,10 +274,41 @@ impl Loaded {
     }
 }
 
+/// What a reconcile round redoes.
+#[derive(Default)]
+struct Work {
+    /// Re-read the whole source, plan every frontend, sync the pod switch.
+    everything: bool,
+    /// Re-read these Services.
+    services: BTreeSet<ServiceRef>,
+    /// Sync the pod switch.
+    pods: bool,
+}
+
+impl Work {
+    fn everything() -> Work {
+        Work {
+            everything: true,
+            ..Work::default()
+        }
+    }
+
+    fn add(&mut self, changed: Changed) {
+        match changed {
+            Changed::Everything => self.everything = true,
+            Changed::Service(s) => drop(self.services.insert(s)),
+            Changed::Pods => self.pods = true,
+        }
+    }
+}
+
 struct Agent {
     default_algorithm: Algorithm,
     /// Last desired state: what a Service in error keeps.
     desired: Desired,
+    /// Whether the last full round found Services in error (then every change is a full
+    /// round, as fixing one may free an address another wants).
+    service_errors: bool,
     /// Errors of the previous round, so each is logged once.
     last_errors: Vec<String>,
     status: Arc<Status>,
@@ -268,26 +317,53 @@ struct Agent {
 }
 
 impl Agent {
-    /// One round: re-read the source if `reload` (else only forget drained backends), plan,
+    /// Applies the change to `services` alone, if that gives what a full round would.
+    /// Returns the frontends that changed.
+    fn update(
+        &mut self,
+        source: &Loaded,
+        services: &BTreeSet<ServiceRef>,
+    ) -> Option<BTreeSet<cluster::FrontendKey>> {
+        if self.service_errors {
+            return None;
+        }
+        let state = source.load_services(services)?;
+        cluster::update(&mut self.desired, &state, services, self.default_algorithm)
+    }
+
+    /// One round: re-read what `work` says (nothing: only forget drained backends), plan,
     /// write; in Kubernetes mode also the pod switch.
     fn reconcile(
         &mut self,
         source: &mut Loaded,
         maps: &mut Maps,
         programmed: &mut Programmed,
-        reload: bool,
+        mut work: Work,
     ) {
         let start = std::time::Instant::now();
         let mut errors: Vec<(&str, String)> = Vec::new();
-        if reload {
+        let mut changed = BTreeSet::new();
+        if !work.everything && !work.services.is_empty() {
+            match self.update(source, &work.services) {
+                Some(keys) => changed = keys,
+                None => work = Work::everything(),
+            }
+        }
+        if work.everything {
             let (state, source_errors) = source.load();
             let (desired, service_errors) =
                 cluster::desired(&state, self.default_algorithm, &self.desired);
             self.desired = desired;
+            self.service_errors = !service_errors.is_empty();
             errors.extend(source_errors);
             errors.extend(service_errors.iter().map(|e| ("service", e.to_string())));
         }
-        let plan = reconcile::plan(&self.desired, programmed, &|id| maps.connections(id));
+        let connections = |id| maps.connections(id);
+        let plan = if work.everything {
+            reconcile::plan(&self.desired, programmed, &connections)
+        } else {
+            reconcile::plan_for(&self.desired, &changed, programmed, &connections)
+        };
         let applied = writer::apply(&plan, maps, programmed);
         for change in &plan.changes {
             info!("{} ({} map writes)", change.what, change.ops.len());
@@ -295,7 +371,9 @@ impl Agent {
         errors.extend(plan.errors.iter().map(|e| ("map", e.clone())));
         errors.extend(applied.errors.iter().map(|e| ("map", e.clone())));
 
-        if let Loaded::Kubernetes(cluster, switch) = source {
+        if let (Loaded::Kubernetes(cluster, switch), true) =
+            (&mut *source, work.everything || work.pods)
+        {
             let pods = pod_switch::switched_on(&cluster.namespaces.state(), &cluster.pods.state());
             match switch.sync(maps, &pods) {
                 Ok(s) => {
@@ -315,7 +393,7 @@ impl Agent {
             .reconcile_seconds
             .observe(start.elapsed().as_secs_f64());
 
-        if !reload && errors.is_empty() {
+        if !work.everything && errors.is_empty() {
             return; // keep the errors of the last full round for de-duplication
         }
         let messages: Vec<String> = errors.iter().map(|(_, m)| m.clone()).collect();

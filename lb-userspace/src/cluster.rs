@@ -7,9 +7,10 @@
 //! left alone.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -119,10 +120,11 @@ pub struct Desired {
 }
 
 /// The Services and EndpointSlices socklb knows about, from manifests or the API server.
+/// Shared with the watch caches, so taking a snapshot copies no object.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
-    pub services: BTreeMap<ServiceRef, Service>,
-    pub slices: BTreeMap<ServiceRef, EndpointSlice>,
+    pub services: BTreeMap<ServiceRef, Arc<Service>>,
+    pub slices: BTreeMap<ServiceRef, Arc<EndpointSlice>>,
     /// The node the agent runs on, for `internalTrafficPolicy: Local` (unknown in standalone
     /// mode, where Local Services use all their endpoints).
     pub node: Option<String>,
@@ -148,34 +150,14 @@ pub fn desired(
     default_algorithm: Algorithm,
     previous: &Desired,
 ) -> (Desired, Vec<ServiceError>) {
-    let mut slices_by_service: BTreeMap<ServiceRef, Vec<&EndpointSlice>> = BTreeMap::new();
-    for (slice_ref, slice) in &state.slices {
-        if let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            slices_by_service
-                .entry(ServiceRef {
-                    namespace: slice_ref.namespace.clone(),
-                    name: service.clone(),
-                })
-                .or_default()
-                .push(slice);
-        }
-    }
-
+    let slices = SlicesByService::new(state);
     let mut out = Desired::default();
     let mut errors = Vec::new();
     for (service_ref, service) in &state.services {
-        let slices = slices_by_service
-            .get(service_ref)
-            .map_or(&[][..], Vec::as_slice);
         let resolved = resolve_service(
             service_ref,
             service,
-            slices,
+            slices.of(service_ref),
             default_algorithm,
             state.node.as_deref(),
         )
@@ -201,6 +183,86 @@ pub fn desired(
         }
     }
     (out, errors)
+}
+
+/// Recomputes the frontends of `services` alone (after a change to them or their slices;
+/// `state` needs to hold only those and their slices), keeping every other Service's. Returns
+/// the frontend addresses whose desired state changed, or None where the outcome could depend
+/// on other Services (one of `services` is in error, or wants an address another Service
+/// holds): the caller then computes everything with `desired`.
+pub fn update(
+    desired: &mut Desired,
+    state: &ClusterState,
+    services: &BTreeSet<ServiceRef>,
+    default_algorithm: Algorithm,
+) -> Option<BTreeSet<FrontendKey>> {
+    let slices = SlicesByService::new(state);
+    let mut new: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+    for service_ref in services {
+        let Some(service) = state.services.get(service_ref) else {
+            continue; // deleted
+        };
+        let frontends = resolve_service(
+            service_ref,
+            service,
+            slices.of(service_ref),
+            default_algorithm,
+            state.node.as_deref(),
+        )
+        .ok()?;
+        for f in frontends {
+            let held_by_other = desired
+                .frontends
+                .get(&f.key)
+                .is_some_and(|o| !services.contains(&o.service));
+            if held_by_other || new.contains_key(&f.key) {
+                return None;
+            }
+            new.insert(f.key, f);
+        }
+    }
+    let old_keys: Vec<FrontendKey> = desired
+        .frontends
+        .values()
+        .filter(|f| services.contains(&f.service))
+        .map(|f| f.key)
+        .collect();
+    let old: BTreeMap<FrontendKey, Frontend> = old_keys
+        .into_iter()
+        .filter_map(|k| desired.frontends.remove_entry(&k))
+        .collect();
+    let changed = old
+        .keys()
+        .chain(new.keys())
+        .filter(|k| old.get(k) != new.get(k))
+        .copied()
+        .collect();
+    desired.frontends.extend(new);
+    Some(changed)
+}
+
+/// Each Service's EndpointSlices (by their `kubernetes.io/service-name` label).
+struct SlicesByService<'a>(HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>);
+
+impl<'a> SlicesByService<'a> {
+    fn new(state: &'a ClusterState) -> Self {
+        let mut map: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for (slice_ref, slice) in &state.slices {
+            let labels = slice.metadata.labels.as_ref();
+            if let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+                map.entry((&slice_ref.namespace, service))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        SlicesByService(map)
+    }
+
+    fn of<'b>(&'b self, service: &'b ServiceRef) -> &'b [&'b EndpointSlice] {
+        self.0
+            .get(&(service.namespace.as_str(), service.name.as_str()))
+            .map_or(&[], Vec::as_slice)
+    }
 }
 
 /// Checks that no frontend's address is already taken by another Service.
@@ -441,8 +503,8 @@ mod tests {
                 name: id.name,
             };
             match object {
-                Object::Service(s) => state.services.insert(key, *s).is_none(),
-                Object::EndpointSlice(s) => state.slices.insert(key, *s).is_none(),
+                Object::Service(s) => state.services.insert(key, s).is_none(),
+                Object::EndpointSlice(s) => state.slices.insert(key, s).is_none(),
             };
         }
         state
@@ -496,6 +558,56 @@ mod tests {
         let udp = d.frontends.values().find(|f| f.key.port == 53).unwrap();
         assert_eq!(udp.key.protocol, Protocol::Udp);
         assert_eq!(udp.algorithm, Algorithm::LeastConn);
+    }
+
+    #[test]
+    fn update_redoes_one_service_and_defers_to_a_full_round_when_others_matter() {
+        let web = |eps: &[(&str, &str)]| {
+            state(&format!(
+                "{}{}{}",
+                service("web", "10.96.0.10", ""),
+                slice("web-1", "web", eps),
+                service("db", "10.96.0.11", ""),
+            ))
+        };
+        let only_web = BTreeSet::from([ServiceRef {
+            namespace: "ns".into(),
+            name: "web".into(),
+        }]);
+        let (mut d, _) = desired(
+            &web(&[("10.0.0.1", "")]),
+            Algorithm::LeastConn,
+            &Desired::default(),
+        );
+        let changed = update(
+            &mut d,
+            &web(&[("10.0.0.2", "")]),
+            &only_web,
+            Algorithm::LeastConn,
+        );
+        // Both ports of web changed; db was not looked at.
+        assert_eq!(changed.map(|c| c.len()), Some(2));
+        assert_eq!(backends(&d, 80), ["10.0.0.2:8080"]);
+        assert_eq!(d.frontends.len(), 4, "db (no endpoints: refused) kept");
+
+        // web moving onto db's address, or into error: only a full round can tell.
+        let clash = state(&service("web", "10.96.0.11", ""));
+        let mut with_db = desired(&web(&[]), Algorithm::LeastConn, &Desired::default()).0;
+        let before = with_db.clone();
+        assert_eq!(
+            update(&mut with_db, &clash, &only_web, Algorithm::LeastConn),
+            None
+        );
+        let bad = state(&service(
+            "web",
+            "10.96.0.10",
+            ", annotations: {socklb.io/algorithm: nope}",
+        ));
+        assert_eq!(
+            update(&mut with_db, &bad, &only_web, Algorithm::LeastConn),
+            None
+        );
+        assert_eq!(with_db, before, "left as it was");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! --validate=strict` would: an unknown field or kind is an error naming the file and object.
 //! Every object is checked, so one pass reports every mistake in a file.
 
-use std::{fmt, path::Path};
+use std::{fmt, path::Path, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::{Deserialize, de::DeserializeOwned};
@@ -14,8 +14,8 @@ use serde_json::Value;
 /// An object read from a manifest.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
 }
 
 impl Object {
@@ -136,10 +136,10 @@ fn collect(file: &str, where_: &str, value: Value, parsed: &mut Parsed) {
             return;
         }
         (Some("Service"), Some("v1")) => {
-            strict::<Service>(value).map(|s| Object::Service(Box::new(s)))
+            strict::<Service>(value).map(|s| Object::Service(Arc::new(s)))
         }
         (Some("EndpointSlice"), Some("discovery.k8s.io/v1")) => {
-            strict::<EndpointSlice>(value).map(|s| Object::EndpointSlice(Box::new(s)))
+            strict::<EndpointSlice>(value).map(|s| Object::EndpointSlice(Arc::new(s)))
         }
         (Some(kind @ ("Service" | "EndpointSlice")), version) => Err(format!(
             "unsupported apiVersion {:?} for {kind} (expected {})",

@@ -9,6 +9,7 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use crate::{
@@ -99,10 +100,10 @@ impl ManifestDir {
                 };
                 match (object, id.kind) {
                     (Object::Service(s), Kind::Service) => {
-                        state.services.insert(key, (**s).clone());
+                        state.services.insert(key, Arc::clone(s));
                     }
                     (Object::EndpointSlice(s), Kind::EndpointSlice) => {
-                        state.slices.insert(key, (**s).clone());
+                        state.slices.insert(key, Arc::clone(s));
                     }
                     _ => unreachable!("id kind follows the object"),
                 }

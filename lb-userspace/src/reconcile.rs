@@ -13,7 +13,7 @@
 //! reused after its last connection closed (`gc`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -134,25 +134,74 @@ pub fn name_str(field: &[u8]) -> String {
 /// Computes the plan. `connections(backend_id)` is the live count, used to tell when a
 /// draining backend can go.
 pub fn plan(desired: &Desired, current: &Programmed, connections: &dyn Fn(u32) -> u64) -> Plan {
-    let mut planner = Planner::new(current);
+    plan_in(desired, None, current, connections)
+}
+
+/// Like `plan`, for the frontends at `keys` only (those whose desired state changed); every
+/// other frontend is taken to be programmed as desired already. Its cost follows the size of
+/// the change rather than of the cluster (apart from one pass over the backends to forget
+/// drained ones), which is what keeps one EndpointSlice change in a large cluster fast. The
+/// agent still runs the full `plan` at start and periodically, which also repairs anything
+/// left by an interrupted run.
+pub fn plan_for(
+    desired: &Desired,
+    keys: &BTreeSet<FrontendKey>,
+    current: &Programmed,
+    connections: &dyn Fn(u32) -> u64,
+) -> Plan {
+    plan_in(desired, Some(keys), current, connections)
+}
+
+fn plan_in(
+    desired: &Desired,
+    keys: Option<&BTreeSet<FrontendKey>>,
+    current: &Programmed,
+    connections: &dyn Fn(u32) -> u64,
+) -> Plan {
+    let scope = keys.map(|keys| {
+        keys.iter()
+            .filter_map(|k| current.services.get(&map_key(k)))
+            .map(|s| s.id)
+            .collect()
+    });
+    let mut planner = Planner::new(current, scope);
     let mut plan = Plan::default();
 
-    for (key, service) in &current.services {
-        let wanted = frontend_key(key).is_some_and(|k| desired.frontends.contains_key(&k));
+    let programmed: Vec<(ServiceKey, Service)> = match keys {
+        None => current.services.iter().map(|(k, s)| (*k, *s)).collect(),
+        Some(keys) => keys
+            .iter()
+            .filter_map(|k| {
+                let key = map_key(k);
+                current.services.get(&key).map(|s| (key, *s))
+            })
+            .collect(),
+    };
+    for (key, service) in programmed {
+        let wanted = frontend_key(&key).is_some_and(|k| desired.frontends.contains_key(&k));
         if !wanted {
-            plan.changes.push(planner.remove(*key, *service));
+            plan.changes.push(planner.remove(key, service));
         }
     }
+    let frontends: Vec<&Frontend> = match keys {
+        None => desired.frontends.values().collect(),
+        Some(keys) => keys
+            .iter()
+            .filter_map(|k| desired.frontends.get(k))
+            .collect(),
+    };
     // Frontends already programmed first, so updates never lose capacity to new Services.
-    let (existing, new): (Vec<_>, Vec<_>) = desired
-        .frontends
-        .values()
+    let (existing, new): (Vec<_>, Vec<_>) = frontends
+        .into_iter()
         .partition(|f| current.services.contains_key(&map_key(&f.key)));
     for frontend in existing.into_iter().chain(new) {
         match planner.upsert(frontend) {
             Ok(Some(change)) => plan.changes.push(change),
             Ok(None) => {}
-            Err(e) => plan.errors.push(format!("{frontend}: {e}; left as it was")),
+            Err(e) => {
+                planner.keep(frontend);
+                plan.errors.push(format!("{frontend}: {e}; left as it was"));
+            }
         }
     }
     if let Some(change) = planner.repair() {
@@ -167,19 +216,22 @@ pub fn plan(desired: &Desired, current: &Programmed, connections: &dyn Fn(u32) -
 /// Tracks ids and map fill while the plan is built.
 struct Planner<'a> {
     current: &'a Programmed,
-    /// Slots per service id, by index (`u32::MAX` where a slot is missing), including any
-    /// past the service's count left by an interrupted run.
+    /// The service ids of the programmed frontends the plan covers; None for all.
+    scope: Option<HashSet<u32>>,
+    /// Slots per service id in scope, by index (`u32::MAX` where a slot is missing),
+    /// including any past the service's count left by an interrupted run.
     slots: HashMap<u32, Vec<u32>>,
-    /// (service id, pod) -> backend id.
+    /// (service id, pod) -> backend id, for the service ids in scope.
     backend_ids: HashMap<(u32, SocketAddrV4), u32>,
-    service_ids: IdAllocator,
+    /// Built when the first new frontend needs an id.
+    service_ids: Option<IdAllocator>,
     backend_ids_free: IdAllocator,
     /// Service ids of removed frontends (their slots are deleted by the removal).
-    removed_service_ids: BTreeSet<u32>,
+    removed_service_ids: HashSet<u32>,
     /// Service ids of the desired frontends.
-    wanted_service_ids: BTreeSet<u32>,
+    wanted_service_ids: HashSet<u32>,
     /// Backend ids the desired frontends use.
-    wanted_backends: BTreeSet<u32>,
+    wanted_backends: HashSet<u32>,
     services: usize,
     slot_count: usize,
     maglev_count: usize,
@@ -187,53 +239,88 @@ struct Planner<'a> {
 
 /// The Maglev entries of one service id, by table index.
 fn maglev_entries(current: &Programmed, service_id: u32) -> BTreeMap<u32, u32> {
-    let range = slot(service_id, 0)..=SlotKey {
-        service_id,
-        index: u32::MAX,
-    };
-    current
-        .maglev
-        .range(range)
+    service_range(&current.maglev, service_id)
         .map(|(k, id)| (k.index, *id))
         .collect()
 }
 
+/// The entries of one service id in a map keyed by `SlotKey`.
+fn service_range(
+    map: &BTreeMap<SlotKey, u32>,
+    service_id: u32,
+) -> impl Iterator<Item = (&SlotKey, &u32)> {
+    map.range(
+        slot(service_id, 0)..=SlotKey {
+            service_id,
+            index: u32::MAX,
+        },
+    )
+}
+
 impl<'a> Planner<'a> {
-    fn new(current: &'a Programmed) -> Self {
+    fn new(current: &'a Programmed, scope: Option<HashSet<u32>>) -> Self {
+        let in_scope = |id: &u32| scope.as_ref().is_none_or(|s| s.contains(id));
         let mut slots: HashMap<u32, Vec<u32>> = HashMap::new();
-        for (k, id) in &current.slots {
+        let mut add_slot = |k: &SlotKey, id: u32| {
             let v = slots.entry(k.service_id).or_default();
             let i = k.index as usize;
             if v.len() <= i {
                 v.resize(i + 1, u32::MAX);
             }
-            v[i] = *id;
+            v[i] = id;
+        };
+        match &scope {
+            None => current.slots.iter().for_each(|(k, id)| add_slot(k, *id)),
+            Some(ids) => ids
+                .iter()
+                .flat_map(|id| service_range(&current.slots, *id))
+                .for_each(|(k, id)| add_slot(k, *id)),
         }
         let backend_ids = current
             .backends
             .iter()
+            .filter(|(_, b)| in_scope(&b.service_id))
             .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
             .collect();
-        let used_service_ids = current
-            .services
-            .values()
-            .map(|s| s.id)
-            .chain(current.names.keys().copied())
-            .chain(current.backends.values().map(|b| b.service_id))
-            .chain(current.slots.keys().map(|k| k.service_id))
-            .chain(current.maglev.keys().map(|k| k.service_id));
         Planner {
             current,
             slots,
             backend_ids,
-            service_ids: IdAllocator::new(used_service_ids, MAX_SERVICES),
+            service_ids: None,
             backend_ids_free: IdAllocator::new(current.backends.keys().copied(), MAX_BACKENDS),
-            removed_service_ids: BTreeSet::new(),
-            wanted_service_ids: BTreeSet::new(),
-            wanted_backends: BTreeSet::new(),
+            removed_service_ids: HashSet::new(),
+            wanted_service_ids: HashSet::new(),
+            wanted_backends: HashSet::new(),
+            scope,
             services: current.services.len(),
             slot_count: current.slots.len(),
             maglev_count: current.maglev.len(),
+        }
+    }
+
+    /// Every service id anything in the maps refers to.
+    fn service_ids(&mut self) -> &mut IdAllocator {
+        let current = self.current;
+        self.service_ids.get_or_insert_with(|| {
+            let used = current
+                .services
+                .values()
+                .map(|s| s.id)
+                .chain(current.names.keys().copied())
+                .chain(current.backends.values().map(|b| b.service_id))
+                .chain(current.slots.keys().map(|k| k.service_id))
+                .chain(current.maglev.keys().map(|k| k.service_id));
+            IdAllocator::new(used, MAX_SERVICES)
+        })
+    }
+
+    /// A frontend left as it was: its backends stay in use.
+    fn keep(&mut self, f: &Frontend) {
+        if let Some(service) = self.current.services.get(&map_key(&f.key)) {
+            self.wanted_service_ids.insert(service.id);
+            let slots = self.slots.get(&service.id).into_iter().flatten();
+            self.wanted_backends
+                .extend(slots.filter(|id| **id != u32::MAX));
         }
     }
 
@@ -281,7 +368,7 @@ impl<'a> Planner<'a> {
         if fresh > self.backend_ids_free.free() {
             return Err(format!("map BACKENDS is full ({MAX_BACKENDS} entries)"));
         }
-        if existing.is_none() && self.service_ids.free() == 0 {
+        if existing.is_none() && self.service_ids().free() == 0 {
             return Err(format!("no free service id (all {MAX_SERVICES} in use)"));
         }
         let old_maglev = existing
@@ -304,7 +391,7 @@ impl<'a> Planner<'a> {
         // Nothing can fail from here on.
         let service_id = match existing {
             Some(s) => s.id,
-            None => self.service_ids.take(),
+            None => self.service_ids().take(),
         };
         // A pod already known to this frontend keeps its backend id, and so its count.
         let mut backend_ops = Vec::new();
@@ -395,21 +482,36 @@ impl<'a> Planner<'a> {
         }))
     }
 
-    /// Marks backends no desired frontend uses as draining, and deletes slots that belong to
-    /// no frontend (left over by an interrupted run).
+    /// Marks backends no desired frontend uses as draining and, in a full plan, deletes slots
+    /// and table entries that belong to no frontend (left over by an interrupted run).
     fn repair(&self) -> Option<Change> {
-        let orphan_slots = self.current.slots.keys().filter(|k| {
-            !self.wanted_service_ids.contains(&k.service_id)
-                && !self.removed_service_ids.contains(&k.service_id)
-        });
-        let mut ops: Vec<Op> = orphan_slots.map(|k| Op::DeleteSlot(*k)).collect();
-        let orphan_maglev = self.current.maglev.keys().filter(|k| {
-            !self.wanted_service_ids.contains(&k.service_id)
-                && !self.removed_service_ids.contains(&k.service_id)
-        });
-        ops.extend(orphan_maglev.map(|k| Op::DeleteMaglev(*k)));
+        let mut ops: Vec<Op> = Vec::new();
+        if self.scope.is_none() {
+            let orphan = |k: &&SlotKey| {
+                !self.wanted_service_ids.contains(&k.service_id)
+                    && !self.removed_service_ids.contains(&k.service_id)
+            };
+            ops.extend(
+                self.current
+                    .slots
+                    .keys()
+                    .filter(orphan)
+                    .map(|k| Op::DeleteSlot(*k)),
+            );
+            ops.extend(
+                self.current
+                    .maglev
+                    .keys()
+                    .filter(orphan)
+                    .map(|k| Op::DeleteMaglev(*k)),
+            );
+        }
+        let in_scope = |id: &u32| self.scope.as_ref().is_none_or(|s| s.contains(id));
         for (id, b) in &self.current.backends {
-            if b.state == backend_state::ACTIVE && !self.wanted_backends.contains(id) {
+            if b.state == backend_state::ACTIVE
+                && in_scope(&b.service_id)
+                && !self.wanted_backends.contains(id)
+            {
                 let draining = Backend {
                     state: backend_state::DRAINING,
                     ..*b
@@ -426,29 +528,43 @@ impl<'a> Planner<'a> {
 
 /// Hands out the lowest free ids below `max`, in increasing order.
 struct IdAllocator {
-    used: BTreeSet<u32>,
+    /// Ids in use before this plan, sorted and deduplicated.
+    used: Vec<u32>,
+    /// How many of `used` are below `next`.
+    passed: usize,
+    taken: usize,
     next: u32,
     max: u32,
 }
 
 impl IdAllocator {
     fn new(used: impl Iterator<Item = u32>, max: u32) -> Self {
-        let used = used.filter(|id| *id < max).collect();
-        IdAllocator { used, next: 0, max }
+        let mut used: Vec<u32> = used.filter(|id| *id < max).collect();
+        used.sort_unstable();
+        used.dedup();
+        IdAllocator {
+            used,
+            passed: 0,
+            taken: 0,
+            next: 0,
+            max,
+        }
     }
 
     fn free(&self) -> usize {
-        (self.max as usize).saturating_sub(self.used.len())
+        (self.max as usize).saturating_sub(self.used.len() + self.taken)
     }
 
     /// The lowest free id. Callers check `free()` first.
     fn take(&mut self) -> u32 {
-        while self.used.contains(&self.next) {
+        while self.used.get(self.passed) == Some(&self.next) {
+            self.passed += 1;
             self.next += 1;
         }
         assert!(self.next < self.max, "checked by free()");
-        self.used.insert(self.next);
-        self.next
+        self.taken += 1;
+        self.next += 1;
+        self.next - 1
     }
 }
 
@@ -461,29 +577,38 @@ fn gc(
     planner: &Planner<'_>,
     connections: &dyn Fn(u32) -> u64,
 ) -> Option<Change> {
-    let in_slots: BTreeSet<u32> = current
-        .slots
+    // A backend is only ever in the slots and table of its own service id.
+    let in_slots = |id: &u32, service_id: u32| {
+        service_range(&current.slots, service_id)
+            .chain(service_range(&current.maglev, service_id))
+            .any(|(_, b)| b == id)
+    };
+    let mut ops = Vec::new();
+    // A name goes with the last frontend and backend of its service id.
+    let live: HashSet<u32> = current
+        .services
         .values()
-        .chain(current.maglev.values())
+        .map(|s| s.id)
+        .filter(|id| !planner.removed_service_ids.contains(id))
+        .chain(planner.wanted_service_ids.iter().copied())
+        .collect();
+    let mut unused_names: BTreeSet<u32> = current
+        .names
+        .keys()
+        .filter(|id| !live.contains(id))
         .copied()
         .collect();
-    let mut ops = Vec::new();
-    let mut kept_service_ids = planner.wanted_service_ids.clone();
     for (id, b) in &current.backends {
         let unused = b.state == backend_state::DRAINING
             && !planner.wanted_backends.contains(id)
-            && !in_slots.contains(id);
+            && !in_slots(id, b.service_id);
         if unused && connections(*id) == 0 {
             ops.push(Op::DeleteBackend(*id));
         } else {
-            kept_service_ids.insert(b.service_id);
+            unused_names.remove(&b.service_id);
         }
     }
-    for id in current.names.keys() {
-        if !kept_service_ids.contains(id) {
-            ops.push(Op::DeleteName(*id));
-        }
-    }
+    ops.extend(unused_names.into_iter().map(Op::DeleteName));
     (!ops.is_empty()).then(|| Change {
         what: "forget drained backends".into(),
         ops,
@@ -698,7 +823,11 @@ mod tests {
     }
 
     fn step(d: &Desired, p: &mut Programmed, conns: &dyn Fn(u32) -> u64) -> Plan {
-        let plan = super::plan(d, p, conns);
+        apply_checked(super::plan(d, p, conns), p)
+    }
+
+    /// Applies `plan` op by op, checking after each op that no slot points nowhere.
+    fn apply_checked(plan: Plan, p: &mut Programmed) -> Plan {
         let mut mirror = p.clone();
         let applied = writer::apply(&plan, &mut Checked(p), &mut mirror);
         assert!(applied.errors.is_empty());
@@ -1129,7 +1258,7 @@ mod tests {
                     ),
                     ..ServiceSpec::default()
                 });
-                state.services.insert(key(format!("svc{n}")), s);
+                state.services.insert(key(format!("svc{n}")), s.into());
             }
             Event::DeleteService(n) => drop(state.services.remove(&key(format!("svc{n}")))),
             Event::Slice { n, k, endpoints } => {
@@ -1170,9 +1299,25 @@ mod tests {
                     )]
                     .into(),
                 );
-                state.slices.insert(key(format!("svc{n}-{k}")), slice);
+                state
+                    .slices
+                    .insert(key(format!("svc{n}-{k}")), slice.into());
             }
             Event::DeleteSlice { n, k } => drop(state.slices.remove(&key(format!("svc{n}-{k}")))),
+        }
+    }
+
+    /// The Service an event is about.
+    fn service_of(e: &Event) -> ServiceRef {
+        let n = match e {
+            Event::Service { n, .. }
+            | Event::DeleteService(n)
+            | Event::Slice { n, .. }
+            | Event::DeleteSlice { n, .. } => n,
+        };
+        ServiceRef {
+            namespace: "ns".into(),
+            name: format!("svc{n}"),
         }
     }
 
@@ -1218,6 +1363,42 @@ mod tests {
                 step(&d, &mut p, &|id| u64::from(busy.contains(&id)));
                 assert_programs(&d, &p);
                 previous = d;
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// The agent's path for a change to one Service (`cluster::update`, then `plan_for`
+        /// over the frontends that changed) programs exactly what recomputing everything does:
+        /// the same desired state and the same maps, ids included.
+        #[test]
+        fn one_service_at_a_time_programs_what_a_full_reconcile_does(
+            events in prop::collection::vec(event(), 1..25),
+            busy in prop::collection::btree_set(0u32..40, 0..10),
+        ) {
+            let conns = |id| u64::from(busy.contains(&id));
+            let mut state = crate::cluster::ClusterState::default();
+            let (mut full, mut fast) = (Programmed::default(), Programmed::default());
+            let (mut full_desired, mut fast_desired) = (Desired::default(), Desired::default());
+            for e in &events {
+                apply_event(&mut state, e);
+                let (d, _) = crate::cluster::desired(&state, Algorithm::LeastConn, &full_desired);
+                step(&d, &mut full, &conns);
+                full_desired = d;
+
+                let services = BTreeSet::from([service_of(e)]);
+                let keys = crate::cluster::update(
+                    &mut fast_desired,
+                    &state,
+                    &services,
+                    Algorithm::LeastConn,
+                );
+                let keys = keys.expect("no errors or clashes in these events");
+                apply_checked(plan_for(&fast_desired, &keys, &fast, &conns), &mut fast);
+                prop_assert_eq!(&fast_desired, &full_desired);
+                prop_assert_eq!(&fast, &full);
             }
         }
     }

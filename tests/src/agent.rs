@@ -119,6 +119,10 @@ impl Agent {
         })
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The agent's /metrics page.
     pub fn metrics(&self) -> Result<String> {
         http_get(

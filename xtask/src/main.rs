@@ -36,9 +36,10 @@ enum Task {
     /// The kube-proxy chain vs socklb random vs socklb least-conn, side by side.
     Demo,
     /// Benchmarks, each against a baseline measured in the same run: `balance` (real clients
-    /// and servers, per-pod load), `connect` (the cost of a connect), `nodes` (several agents).
+    /// and servers, per-pod load), `connect` (the cost of a connect), `nodes` (several agents),
+    /// `control-plane` (sync and change latency at 10,000 Services).
     Bench {
-        #[arg(value_parser = ["balance", "connect", "nodes"])]
+        #[arg(value_parser = ["balance", "connect", "nodes", "control-plane"])]
         which: String,
     },
 }

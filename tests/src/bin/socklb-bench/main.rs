@@ -4,6 +4,7 @@
 mod balance;
 mod chart;
 mod connect;
+mod control_plane;
 mod nodes;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ fn main() -> Result<()> {
         Some("balance") => balance::run(&results.join("balance")),
         Some("connect") => connect::run(&results.join("connect")),
         Some("nodes") => nodes::run(&results.join("nodes")),
-        _ => bail!("usage: socklb-bench balance|connect|nodes"),
+        Some("control-plane") => control_plane::run(&results.join("control-plane")),
+        _ => bail!("usage: socklb-bench balance|connect|nodes|control-plane"),
     }
 }
