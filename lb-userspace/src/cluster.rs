@@ -150,18 +150,13 @@ pub fn desired(
     default_algorithm: Algorithm,
     previous: &Desired,
 ) -> (Desired, Vec<ServiceError>) {
-    let slices = SlicesByService::new(state);
+    let resolver = Resolver::new(state, default_algorithm);
     let mut out = Desired::default();
     let mut errors = Vec::new();
     for (service_ref, service) in &state.services {
-        let resolved = resolve_service(
-            service_ref,
-            service,
-            slices.of(service_ref),
-            default_algorithm,
-            state.node.as_deref(),
-        )
-        .and_then(|frontends| claim(&out, frontends));
+        let resolved = resolver
+            .frontends(service_ref, service)
+            .and_then(|frontends| claim(&out, frontends));
         let frontends = match resolved {
             Ok(frontends) => frontends,
             Err(message) => {
@@ -196,20 +191,13 @@ pub fn update(
     services: &BTreeSet<ServiceRef>,
     default_algorithm: Algorithm,
 ) -> Option<BTreeSet<FrontendKey>> {
-    let slices = SlicesByService::new(state);
+    let resolver = Resolver::new(state, default_algorithm);
     let mut new: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
     for service_ref in services {
         let Some(service) = state.services.get(service_ref) else {
             continue; // deleted
         };
-        let frontends = resolve_service(
-            service_ref,
-            service,
-            slices.of(service_ref),
-            default_algorithm,
-            state.node.as_deref(),
-        )
-        .ok()?;
+        let frontends = resolver.frontends(service_ref, service).ok()?;
         for f in frontends {
             let held_by_other = desired
                 .frontends
@@ -241,27 +229,47 @@ pub fn update(
     Some(changed)
 }
 
-/// Each Service's EndpointSlices (by their `kubernetes.io/service-name` label).
-struct SlicesByService<'a>(HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>);
+/// Resolves Services of one cluster state, each with its EndpointSlices (found by their
+/// `kubernetes.io/service-name` label).
+struct Resolver<'a> {
+    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    node: Option<&'a str>,
+    default_algorithm: Algorithm,
+}
 
-impl<'a> SlicesByService<'a> {
-    fn new(state: &'a ClusterState) -> Self {
-        let mut map: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+impl<'a> Resolver<'a> {
+    fn new(state: &'a ClusterState, default_algorithm: Algorithm) -> Self {
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for (slice_ref, slice) in &state.slices {
             let labels = slice.metadata.labels.as_ref();
             if let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-                map.entry((&slice_ref.namespace, service))
+                slices
+                    .entry((&slice_ref.namespace, service))
                     .or_default()
                     .push(slice);
             }
         }
-        SlicesByService(map)
+        Resolver {
+            slices,
+            node: state.node.as_deref(),
+            default_algorithm,
+        }
     }
 
-    fn of<'b>(&'b self, service: &'b ServiceRef) -> &'b [&'b EndpointSlice] {
-        self.0
-            .get(&(service.namespace.as_str(), service.name.as_str()))
-            .map_or(&[], Vec::as_slice)
+    fn frontends(
+        &self,
+        service_ref: &ServiceRef,
+        service: &Service,
+    ) -> Result<Vec<Frontend>, String> {
+        let key = (service_ref.namespace.as_str(), service_ref.name.as_str());
+        let slices = self.slices.get(&key).map_or(&[][..], Vec::as_slice);
+        resolve_service(
+            service_ref,
+            service,
+            slices,
+            self.default_algorithm,
+            self.node,
+        )
     }
 }
 
