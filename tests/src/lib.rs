@@ -14,6 +14,7 @@
 //! - `servers`: nginx and redis-server as pods, for the benchmarks.
 //! - `testbed`: all of the above for one test, removed when dropped.
 //! - `apiserver`, `kubebed`: an API server double and a one-node cluster, for Kubernetes mode.
+//! - `leftovers`: removes what killed test-bed processes left behind.
 
 pub mod agent;
 pub mod apiserver;
@@ -21,6 +22,7 @@ pub mod cgroup;
 pub mod client;
 pub mod kube_proxy;
 pub mod kubebed;
+mod leftovers;
 pub mod manifests;
 pub mod netns;
 pub mod pod;
@@ -37,8 +39,10 @@ use std::{
 
 use anyhow::{Result, bail};
 
-/// A name unique to this process and call, short enough for netns and chain names.
+/// A name unique to this process and call, short enough for netns and chain names. The first
+/// call removes what processes that died without cleaning up left behind (`leftovers`).
 pub fn unique(prefix: &str) -> String {
+    leftovers::reap_once();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
         "sl{}-{}-{}",

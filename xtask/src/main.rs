@@ -3,6 +3,7 @@
 //! Every task but `setup` runs the set-up first, so the two README commands work on a fresh
 //! machine. The set-up is idempotent and takes well under a second once done.
 
+mod bpffs;
 mod setup;
 
 use std::{
@@ -56,6 +57,7 @@ fn main() -> Result<()> {
         Task::Test { filter } => test(&tools, filter.as_deref()),
         Task::Demo => {
             cargo(&tools, &["build", "--release", "--bins"])?;
+            let _bpffs = bpffs::Bpffs::ensure()?;
             step(
                 "demo",
                 Command::new(root.join("target/release/socklb-demo")),
@@ -68,6 +70,7 @@ fn main() -> Result<()> {
             bench
                 .arg(&which)
                 .env("SOCKLB_RESULTS", root.join("results"));
+            let _bpffs = bpffs::Bpffs::ensure()?;
             step(&format!("bench {which}"), bench)
         }
     }
@@ -84,6 +87,7 @@ fn test(tools: &setup::Tools, filter: Option<&str>) -> Result<()> {
     if let Some(f) = filter {
         args.extend(["--", f]);
     }
+    let _bpffs = bpffs::Bpffs::ensure()?;
     cargo(tools, &args)?;
     println!("xtask: all tests passed in {:.0?}", start.elapsed());
     Ok(())
