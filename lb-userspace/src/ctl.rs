@@ -88,6 +88,19 @@ fn row(pairs: Vec<(&str, Value)>) -> Row {
     pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
+/// Rows of a map keyed by (service id, index) with backend ids as values (SLOTS, MAGLEV).
+fn slot_rows(map: &std::collections::BTreeMap<SlotKey, u32>) -> Vec<Row> {
+    map.iter()
+        .map(|(k, id)| {
+            row(vec![
+                ("service_id", json!(k.service_id)),
+                ("index", json!(k.index)),
+                ("backend_id", json!(id)),
+            ])
+        })
+        .collect()
+}
+
 fn service_label(name: Option<&ServiceName>) -> (String, String) {
     match name {
         Some(n) => (
@@ -241,17 +254,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
                 ])
             })
             .collect(),
-        map_names::SLOTS => p
-            .slots
-            .iter()
-            .map(|(k, id)| {
-                row(vec![
-                    ("service_id", json!(k.service_id)),
-                    ("index", json!(k.index)),
-                    ("backend_id", json!(id)),
-                ])
-            })
-            .collect(),
+        map_names::SLOTS => slot_rows(&p.slots),
         map_names::BACKENDS => p
             .backends
             .iter()
@@ -299,17 +302,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
                 ])
             })
             .collect(),
-        map_names::MAGLEV => p
-            .maglev
-            .iter()
-            .map(|(k, id)| {
-                row(vec![
-                    ("service_id", json!(k.service_id)),
-                    ("index", json!(k.index)),
-                    ("backend_id", json!(id)),
-                ])
-            })
-            .collect(),
+        map_names::MAGLEV => slot_rows(&p.maglev),
         map_names::AFFINITY => maps
             .affinity
             .iter()

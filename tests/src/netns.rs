@@ -43,7 +43,7 @@ impl Netns {
     pub fn ip(&self, args: &[&str]) -> Result<()> {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
-        run("ip", &all)
+        run("ip", &all).map(drop)
     }
 
     /// A command that runs inside the namespace (nsenter keeps the host's /sys, unlike
@@ -121,19 +121,15 @@ impl Drop for Netns {
 
 /// The processes in the network namespace `name`.
 pub(crate) fn pids(name: &str) -> Vec<i32> {
-    Command::new("ip")
-        .args(["netns", "pids", name])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    let listed = run("ip", &["netns", "pids", name]).unwrap_or_default();
+    listed
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
-pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
+/// Runs `program` to completion; its standard output, or an error with its standard error.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -145,5 +141,5 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
