@@ -4,7 +4,16 @@
 //! explicit padding: the kernel compares keys byte by byte, and an implicit hole would make
 //! two equal keys differ. Addresses and ports are kept in network byte order, exactly as the
 //! `bpf_sock_addr` context carries them, so the hot path never swaps bytes.
+//!
+//! Every address is 16 bytes (`Addr`). IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`),
+//! which is also how an `AF_INET6` socket names an IPv4 peer: a connect to `VIP` from an
+//! `AF_INET` socket and a connect to `::ffff:VIP` from a dual-mode `AF_INET6` socket (Java,
+//! .NET, gRPC C-core) look up the same Service entry, pick from the same backends and count
+//! against the same per-backend counter. One set of maps serves both families.
 #![no_std]
+
+#[cfg(test)]
+extern crate std;
 
 /// Names of the maps, as pinned under the pin path (bpffs file names).
 pub mod map_names {
@@ -141,12 +150,68 @@ pub const fn client_hash(netns_cookie: u64, port: u16) -> u32 {
     (z ^ (z >> 31)) as u32
 }
 
+/// An IP address as the maps hold it: 16 bytes in network byte order, laid out as the
+/// `user_ip6` words of `bpf_sock_addr`. IPv4 is v4-mapped (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr(pub [u32; 4]);
+
+/// The third word of a v4-mapped address (bytes `00 00 ff ff`).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Addr {
+    /// The v4-mapped form of an IPv4 address (network byte order, as `user_ip4`).
+    #[inline(always)]
+    pub const fn v4(ip4: u32) -> Addr {
+        Addr([0, 0, V4_MAPPED_WORD, ip4])
+    }
+
+    /// The IPv4 address (network byte order) if this is v4-mapped.
+    #[inline(always)]
+    pub const fn as_v4(&self) -> Option<u32> {
+        if self.0[0] == 0 && self.0[1] == 0 && self.0[2] == V4_MAPPED_WORD {
+            Some(self.0[3])
+        } else {
+            None
+        }
+    }
+
+    pub const fn is_unspecified(&self) -> bool {
+        self.0[0] == 0 && self.0[1] == 0 && self.0[2] == 0 && self.0[3] == 0
+    }
+
+    /// The address as userspace knows it: IPv4 for a v4-mapped address, else IPv6.
+    pub fn ip(&self) -> core::net::IpAddr {
+        let [a, b, c, d] = self.0.map(u32::to_ne_bytes);
+        let v6 = core::net::Ipv6Addr::from([
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => v6.into(),
+        }
+    }
+}
+
+impl From<core::net::IpAddr> for Addr {
+    fn from(ip: core::net::IpAddr) -> Addr {
+        let octets = match ip {
+            core::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            core::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        let word =
+            |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+        Addr([word(0), word(4), word(8), word(12)])
+    }
+}
+
 /// Key of the `SERVICES` map: a Service frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    /// ClusterIP, network byte order.
-    pub addr: u32,
+    /// ClusterIP (IPv4 v4-mapped).
+    pub addr: Addr,
     /// Service port, network byte order.
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
@@ -234,8 +299,8 @@ pub mod backend_state {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
-    /// Pod address, network byte order.
-    pub addr: u32,
+    /// Pod address (IPv4 v4-mapped); always of the family of its Service's ClusterIP.
+    pub addr: Addr,
     /// Pod port, network byte order.
     pub port: u16,
     pub state: u8,
@@ -283,10 +348,10 @@ pub struct SockState {
     pub vport: u16,
     pub backend_id: u32,
     pub service_id: u32,
-    /// The Service address the application asked for (network byte order), shown back to it by
-    /// getpeername and recvmsg.
-    pub vip: u32,
-    pub backend_addr: u32,
+    /// The Service address the application asked for, shown back to it by getpeername and
+    /// recvmsg (v4-mapped for an IPv4 Service, whatever the socket's family).
+    pub vip: Addr,
+    pub backend_addr: Addr,
     pub backend_port: u16,
     /// Next `udp` entry to overwrite.
     pub udp_next: u16,
@@ -300,8 +365,8 @@ pub struct SockState {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpPeer {
-    pub vip: u32,
-    pub backend_addr: u32,
+    pub vip: Addr,
+    pub backend_addr: Addr,
     pub vport: u16,
     pub backend_port: u16,
     pub backend_id: u32,
@@ -322,6 +387,7 @@ mod user {
     use super::*;
 
     // SAFETY: all types are repr(C), Copy, and have no implicit padding (checked below).
+    unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for SlotKey {}
@@ -335,16 +401,48 @@ mod user {
     unsafe impl aya::Pod for RebalanceStats {}
 
     const _: () = {
-        assert!(size_of::<ServiceKey>() == 8);
+        assert!(size_of::<Addr>() == 16);
+        assert!(size_of::<ServiceKey>() == 20);
         assert!(size_of::<Service>() == 16);
         assert!(size_of::<AffinityKey>() == 16);
         assert!(size_of::<Affinity>() == 16);
         assert!(size_of::<RebalanceStats>() == 32);
         assert!(size_of::<SlotKey>() == 8);
-        assert!(size_of::<Backend>() == 12);
+        assert!(size_of::<Backend>() == 24);
         assert!(size_of::<ServiceStats>() == 16);
         assert!(size_of::<ServiceName>() == 144);
-        assert!(size_of::<UdpPeer>() == 16);
-        assert!(size_of::<SockState>() == 24 + 16 * limits::UDP_PEERS);
+        assert!(size_of::<UdpPeer>() == 40);
+        assert!(size_of::<SockState>() == 48 + 40 * limits::UDP_PEERS);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    #[test]
+    fn ipv4_is_stored_v4_mapped_as_connect6_sees_it() {
+        let ip = Ipv4Addr::new(10, 96, 7, 7);
+        // What connect4 reads from user_ip4 (network byte order, read as a native u32) ...
+        let user_ip4 = u32::from_ne_bytes(ip.octets());
+        // ... and what connect6 reads from user_ip6 for `::ffff:10.96.7.7`.
+        let mapped = ip.to_ipv6_mapped().octets();
+        let user_ip6 = [0, 4, 8, 12]
+            .map(|i| u32::from_ne_bytes([mapped[i], mapped[i + 1], mapped[i + 2], mapped[i + 3]]));
+        assert_eq!(Addr::v4(user_ip4), Addr(user_ip6));
+        assert_eq!(Addr::from(IpAddr::V4(ip)), Addr(user_ip6));
+        assert_eq!(Addr::v4(user_ip4).as_v4(), Some(user_ip4));
+        assert_eq!(Addr::v4(user_ip4).ip(), IpAddr::V4(ip));
+    }
+
+    #[test]
+    fn ipv6_round_trips_and_is_not_v4() {
+        let ip: Ipv6Addr = "fd00:96::10".parse().unwrap();
+        let a = Addr::from(IpAddr::V6(ip));
+        assert_eq!(a.as_v4(), None);
+        assert_eq!(a.ip(), IpAddr::V6(ip));
+        assert!(Addr::default().is_unspecified() && !a.is_unspecified());
+    }
 }

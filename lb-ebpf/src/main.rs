@@ -1,11 +1,21 @@
 //! socklb's BPF programs, attached to a cgroup v2 directory.
 //!
-//! - `connect4` rewrites a connect to a Service VIP:port into a connect to a chosen backend, so
-//!   there is no per-packet NAT and no conntrack entry. It also counts the connection against the
-//!   backend from that moment (`CONN_COUNTS`), which is what least-conn balances on.
-//! - `sendmsg4` does the same for each datagram an unconnected UDP socket sends to a Service
-//!   (`sendto`, as DNS clients do), without counting it as a connection.
-//! - `getpeername4` and `recvmsg4` show the application the Service address it asked for.
+//! - `connect4`/`connect6` rewrite a connect to a Service VIP:port into a connect to a chosen
+//!   backend, so there is no per-packet NAT and no conntrack entry. They also count the
+//!   connection against the backend from that moment (`CONN_COUNTS`), which is what least-conn
+//!   balances on.
+//! - `sendmsg4`/`sendmsg6` do the same for each datagram an unconnected UDP socket sends to a
+//!   Service (`sendto`, as DNS clients do), without counting it as a connection.
+//! - `getpeername4/6` and `recvmsg4/6` show the application the Service address it asked for.
+//!
+//! Both families share one set of maps: addresses are 16 bytes, IPv4 stored v4-mapped
+//! (`lb_common::Addr`). A dual-mode `AF_INET6` socket (Java's, .NET's and gRPC C-core's
+//! default) connecting to `::ffff:VIP` reaches `connect6` with exactly the key an `AF_INET`
+//! connect to `VIP` builds in `connect4`, so both get the same Service, algorithm and
+//! per-backend count, and the v6 socket is sent to `::ffff:pod`. What the kernel runs for such
+//! sockets (checked by the tests): `connect6` for TCP and connected UDP; `sendmsg4` for
+//! `sendto(::ffff:VIP)`, because `udpv6_sendmsg` hands v4-mapped destinations to the IPv4
+//! path before its own hook; `recvmsg6` and `getpeername6`, which see `::ffff:pod`.
 //! - `sock_ops` asks for TCP state callbacks on the sockets socklb assigned and stops counting a
 //!   connection when it leaves ESTABLISHED (closed, reset, refused, timed out).
 //! - `sock_release` stops counting when the application closes a socket that never got that far
@@ -48,8 +58,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use lb_common::{
-    Affinity, AffinityKey, Algorithm, Backend, IPPROTO_UDP, RebalanceStats, Service, ServiceKey,
-    ServiceName, ServiceStats, SlotKey, SockState, UdpPeer, backend_state, client_hash,
+    Addr, Affinity, AffinityKey, Algorithm, Backend, IPPROTO_UDP, RebalanceStats, Service,
+    ServiceKey, ServiceName, ServiceStats, SlotKey, SockState, UdpPeer, backend_state, client_hash,
     limits::{
         LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS,
         MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, UDP_PEERS,
@@ -119,23 +129,74 @@ const ECONNREFUSED: i32 = 111;
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
-    unsafe { try_connect4(&ctx) }
+    let key = unsafe { service_key(&ctx, Addr::v4((*ctx.sock_addr).user_ip4)) };
+    match unsafe { try_connect(&ctx, key) } {
+        Verdict::Rewrite(addr, port) => match addr.as_v4() {
+            Some(ip4) => unsafe { write_v4(&ctx, ip4, port) },
+            // An IPv4 Service only ever has IPv4 backends; leave anything else alone.
+            None => ALLOW,
+        },
+        other => other.code(),
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    let key = unsafe { service_key(&ctx, read_v6(&ctx)) };
+    match unsafe { try_connect(&ctx, key) } {
+        // `::ffff:VIP` (an IPv4 Service) goes to `::ffff:pod`, an IPv6 VIP to an IPv6 pod.
+        Verdict::Rewrite(addr, port) => unsafe { write_v6(&ctx, addr, port) },
+        other => other.code(),
+    }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    unsafe { try_sendmsg4(&ctx) }
+    let key = unsafe { service_key(&ctx, Addr::v4((*ctx.sock_addr).user_ip4)) };
+    match unsafe { try_sendmsg(&ctx, key) } {
+        Verdict::Rewrite(addr, port) => match addr.as_v4() {
+            Some(ip4) => unsafe { write_v4(&ctx, ip4, port) },
+            None => ALLOW,
+        },
+        other => other.code(),
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    let key = unsafe { service_key(&ctx, read_v6(&ctx)) };
+    if key.addr.as_v4().is_some() {
+        // The kernel sends v4-mapped datagrams through sendmsg4 and never gets here with one;
+        // rewriting to a v4-mapped destination here would fail the send (-ENOTSUPP).
+        return ALLOW;
+    }
+    match unsafe { try_sendmsg(&ctx, key) } {
+        Verdict::Rewrite(addr, port) => unsafe { write_v6(&ctx, addr, port) },
+        other => other.code(),
+    }
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    unsafe { show_service_address(&ctx) };
+    unsafe { show_service_address4(&ctx) };
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
-    unsafe { show_service_address(&ctx) };
+    unsafe { show_service_address4(&ctx) };
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    unsafe { show_service_address6(&ctx) };
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    unsafe { show_service_address6(&ctx) };
     ALLOW
 }
 
@@ -156,15 +217,84 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     ALLOW
 }
 
+/// What a hook does with the address the application gave.
+enum Verdict {
+    /// Not a Service (or not this pod's): leave it.
+    Pass,
+    /// The Service has no backend: fail with ECONNREFUSED.
+    Refuse,
+    /// Send it to this backend (address, port in network byte order).
+    Rewrite(Addr, u16),
+}
+
+impl Verdict {
+    #[inline(always)]
+    fn code(self) -> i32 {
+        match self {
+            Verdict::Refuse => {
+                // Fail at once, like kube-proxy's REJECT rule, instead of letting the connect to
+                // an unrouted VIP hang or leave the node.
+                unsafe { bpf_set_retval(-ECONNREFUSED) };
+                REJECT
+            }
+            Verdict::Pass | Verdict::Rewrite(..) => ALLOW,
+        }
+    }
+}
+
 #[inline(always)]
-unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
+unsafe fn service_key(ctx: &SockAddrContext, addr: Addr) -> ServiceKey {
     let sa = ctx.sock_addr;
-    let key = ServiceKey {
-        addr: unsafe { (*sa).user_ip4 },
+    ServiceKey {
+        addr,
         port: unsafe { (*sa).user_port } as u16,
         proto: unsafe { (*sa).protocol } as u8,
         _pad: 0,
-    };
+    }
+}
+
+/// The IPv6 destination (only readable in the v6 hooks).
+#[inline(always)]
+unsafe fn read_v6(ctx: &SockAddrContext) -> Addr {
+    let ip = unsafe { &raw const (*ctx.sock_addr).user_ip6 };
+    unsafe {
+        Addr([
+            read_volatile(&raw const (*ip)[0]),
+            read_volatile(&raw const (*ip)[1]),
+            read_volatile(&raw const (*ip)[2]),
+            read_volatile(&raw const (*ip)[3]),
+        ])
+    }
+}
+
+// The verifier only accepts full 4-byte stores into the address and port fields.
+#[inline(always)]
+unsafe fn write_v4(ctx: &SockAddrContext, ip4: u32, port: u16) -> i32 {
+    let sa = ctx.sock_addr;
+    unsafe {
+        write_volatile(&raw mut (*sa).user_ip4, ip4);
+        write_volatile(&raw mut (*sa).user_port, u32::from(port));
+    }
+    ALLOW
+}
+
+#[inline(always)]
+unsafe fn write_v6(ctx: &SockAddrContext, addr: Addr, port: u16) -> i32 {
+    let sa = ctx.sock_addr;
+    unsafe {
+        let ip = &raw mut (*sa).user_ip6;
+        write_volatile(&raw mut (*ip)[0], addr.0[0]);
+        write_volatile(&raw mut (*ip)[1], addr.0[1]);
+        write_volatile(&raw mut (*ip)[2], addr.0[2]);
+        write_volatile(&raw mut (*ip)[3], addr.0[3]);
+        write_volatile(&raw mut (*sa).user_port, u32::from(port));
+    }
+    ALLOW
+}
+
+/// connect4/connect6: pick a backend for a connect to a Service and count it.
+#[inline(always)]
+unsafe fn try_connect(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
     let previous = SOCKETS.get_ptr_mut(ctx);
     if !previous.is_null() {
         // The socket is connecting again (UDP re-connect, or a TCP connect retried after a
@@ -172,17 +302,14 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
         unsafe { release(previous) };
     }
     let Some(service) = (unsafe { SERVICES.get(&key) }) else {
-        return ALLOW;
+        return Verdict::Pass;
     };
     if !switched_on(ctx) {
-        return ALLOW;
+        return Verdict::Pass;
     }
     let Some((backend_id, backend)) = (unsafe { pick_backend(ctx, service) }) else {
         bump_stats(service.id, |s| unsafe { &raw mut (*s).refused });
-        // Fail at once, like kube-proxy's REJECT rule, instead of letting the connect to an
-        // unrouted VIP hang or leave the node.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        return REJECT;
+        return Verdict::Refuse;
     };
 
     let state = SOCKETS.get_or_insert_ptr_mut(ctx, None);
@@ -206,12 +333,7 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
         }
     }
     bump_stats(service.id, |s| unsafe { &raw mut (*s).connects });
-    // The verifier only accepts full 4-byte stores into these context fields.
-    unsafe {
-        write_volatile(&raw mut (*sa).user_ip4, backend.addr);
-        write_volatile(&raw mut (*sa).user_port, u32::from(backend.port));
-    }
-    ALLOW
+    Verdict::Rewrite(backend.addr, backend.port)
 }
 
 /// Whether this socket's pod is balanced by socklb (always, outside Kubernetes mode).
@@ -229,26 +351,19 @@ fn switched_on(ctx: &SockAddrContext) -> bool {
 /// the pair so that the answer is shown as coming from the Service. A socket keeps talking to
 /// the backend it got for a Service address while that backend is active.
 #[inline(always)]
-unsafe fn try_sendmsg4(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    if unsafe { (*sa).protocol } != u32::from(IPPROTO_UDP) {
-        return ALLOW;
+unsafe fn try_sendmsg(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
+    if key.proto != IPPROTO_UDP {
+        return Verdict::Pass;
     }
-    let key = ServiceKey {
-        addr: unsafe { (*sa).user_ip4 },
-        port: unsafe { (*sa).user_port } as u16,
-        proto: IPPROTO_UDP,
-        _pad: 0,
-    };
     let Some(service) = (unsafe { SERVICES.get(&key) }) else {
-        return ALLOW;
+        return Verdict::Pass;
     };
     if !switched_on(ctx) {
-        return ALLOW;
+        return Verdict::Pass;
     }
     let state = SOCKETS.get_or_insert_ptr_mut(ctx, None);
     if state.is_null() {
-        return ALLOW;
+        return Verdict::Pass;
     }
     let peer = unsafe { udp_peer(state, key, service.id) };
     let chosen = match peer {
@@ -271,15 +386,10 @@ unsafe fn try_sendmsg4(ctx: &SockAddrContext) -> i32 {
     };
     let Some(p) = chosen else {
         bump_stats(service.id, |s| unsafe { &raw mut (*s).refused });
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        return REJECT;
+        return Verdict::Refuse;
     };
     bump_stats(service.id, |s| unsafe { &raw mut (*s).connects });
-    unsafe {
-        write_volatile(&raw mut (*sa).user_ip4, p.backend_addr);
-        write_volatile(&raw mut (*sa).user_port, u32::from(p.backend_port));
-    }
-    ALLOW
+    Verdict::Rewrite(p.backend_addr, p.backend_port)
 }
 
 /// The backend this socket already uses for `key`, if it is still active in the Service.
@@ -287,7 +397,7 @@ unsafe fn try_sendmsg4(ctx: &SockAddrContext) -> i32 {
 unsafe fn udp_peer(state: *mut SockState, key: ServiceKey, service_id: u32) -> Option<UdpPeer> {
     for i in 0..UDP_PEERS {
         let p = unsafe { (*state).udp[i] };
-        if p.vip == key.addr && p.vport == key.port && p.backend_addr != 0 {
+        if p.vip == key.addr && p.vport == key.port && !p.backend_addr.is_unspecified() {
             let backend = unsafe { BACKENDS.get(&p.backend_id) }?;
             if backend.service_id == service_id && backend.state == backend_state::ACTIVE {
                 return Some(p);
@@ -484,32 +594,52 @@ extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
     CONTINUE
 }
 
-/// getpeername/recvmsg: if the peer is the backend socklb chose for this socket, show the
-/// Service address instead, as if the connection had gone to the VIP.
+/// getpeername4/recvmsg4: see `service_address`.
 #[inline(always)]
-unsafe fn show_service_address(ctx: &SockAddrContext) {
+unsafe fn show_service_address4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let (ip4, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    if let Some((vip, vport)) = unsafe { service_address(ctx, Addr::v4(ip4), port) }
+        && let Some(vip4) = vip.as_v4()
+    {
+        unsafe { write_v4(ctx, vip4, vport) };
+    }
+}
+
+/// getpeername6/recvmsg6: see `service_address`. An IPv4 peer of a dual-mode socket is
+/// `::ffff:pod` here, and is shown as `::ffff:VIP`.
+#[inline(always)]
+unsafe fn show_service_address6(ctx: &SockAddrContext) {
+    let peer = unsafe { read_v6(ctx) };
+    let port = unsafe { (*ctx.sock_addr).user_port };
+    if let Some((vip, vport)) = unsafe { service_address(ctx, peer, port) } {
+        unsafe { write_v6(ctx, vip, vport) };
+    }
+}
+
+/// If the peer is the backend socklb chose for this socket (or, for unconnected UDP, one it
+/// sent to), the Service address to show instead, as if the connection had gone to the VIP.
+#[inline(always)]
+unsafe fn service_address(ctx: &SockAddrContext, peer: Addr, port: u32) -> Option<(Addr, u16)> {
     let state = SOCKETS.get_ptr_mut(ctx);
     if state.is_null() {
-        return;
+        return None;
     }
-    let sa = ctx.sock_addr;
-    let (addr, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    let (mut vip, mut vport) = (0, 0);
+    // Plain initialised values rather than an Option built up in the loop: LLVM leaves an
+    // Option's payload undefined on the None path, and the verifier rejects reading it.
+    let (mut found, mut vip, mut vport) = (false, Addr::default(), 0u16);
     unsafe {
-        if addr == (*state).backend_addr && port == u32::from((*state).backend_port) {
-            (vip, vport) = ((*state).vip, (*state).vport);
+        if peer == (*state).backend_addr && port == u32::from((*state).backend_port) {
+            (found, vip, vport) = (true, (*state).vip, (*state).vport);
         }
         for i in 0..UDP_PEERS {
             let p = (*state).udp[i];
-            if p.backend_addr == addr && u32::from(p.backend_port) == port {
-                (vip, vport) = (p.vip, p.vport);
+            if p.backend_addr == peer && u32::from(p.backend_port) == port {
+                (found, vip, vport) = (true, p.vip, p.vport);
             }
         }
-        if vip != 0 {
-            write_volatile(&raw mut (*sa).user_ip4, vip);
-            write_volatile(&raw mut (*sa).user_port, u32::from(vport));
-        }
     }
+    found.then_some((vip, vport))
 }
 
 #[inline(always)]

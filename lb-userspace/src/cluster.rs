@@ -1,20 +1,21 @@
 //! The cluster model: Services and EndpointSlices in, the frontends socklb should program out.
 //!
 //! The rules are kube-proxy's, because users rely on them: a ClusterIP Service gets one
-//! frontend per port; its backends are the EndpointSlice endpoints of that port that are
-//! ready, or, only if none is ready, those that are serving and terminating. Headless,
-//! ExternalName and other proxies' Services (`service.kubernetes.io/service-proxy-name`) are
-//! left alone.
+//! frontend per ClusterIP (one per IP family: `spec.clusterIPs`) and port; its backends are
+//! the endpoints of that port in the EndpointSlices of the same family (`addressType`) that
+//! are ready, or, only if none is ready, those that are serving and terminating, so an IPv6
+//! ClusterIP never gets an IPv4 pod. Headless, ExternalName and other proxies' Services
+//! (`service.kubernetes.io/service-proxy-name`) are left alone.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
 };
 use lb_common::{Algorithm, limits::MAX_BACKENDS_PER_SERVICE};
@@ -77,14 +78,20 @@ impl fmt::Display for Protocol {
 /// A Service address as connect() sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for FrontendKey {
+    /// `10.96.0.10:80/TCP`, `[fd00:96::10]:80/TCP`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.ip, self.port),
+            self.protocol
+        )
     }
 }
 
@@ -99,8 +106,8 @@ pub struct Frontend {
     pub rebalance: bool,
     /// `sessionAffinity: ClientIP` timeout in seconds, 0 for none.
     pub affinity_timeout: u32,
-    /// Sorted and deduplicated.
-    pub backends: Vec<SocketAddrV4>,
+    /// Sorted and deduplicated; all of the family of `key.ip`.
+    pub backends: Vec<SocketAddr>,
 }
 
 impl fmt::Display for Frontend {
@@ -287,7 +294,7 @@ fn claim(out: &Desired, frontends: Vec<Frontend>) -> Result<Vec<Frontend>, Strin
 }
 
 /// The frontends of one Service, or why it cannot be programmed. Services socklb does not
-/// handle (headless, ExternalName, another proxy's, IPv6) resolve to no frontends.
+/// handle (headless, ExternalName, another proxy's) resolve to no frontends.
 fn resolve_service(
     service_ref: &ServiceRef,
     service: &Service,
@@ -305,13 +312,8 @@ fn resolve_service(
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(Vec::new());
     }
-    let ip = match spec.cluster_ip.as_deref() {
-        Some("None") => return Ok(Vec::new()), // headless: DNS only
-        None | Some("") => return Err("missing field `spec.clusterIP`".into()),
-        Some(ip) if ip.contains(':') => return Ok(Vec::new()), // IPv6: not handled yet
-        Some(ip) => ip
-            .parse::<Ipv4Addr>()
-            .map_err(|_| format!("spec.clusterIP {ip:?} is not an IPv4 address"))?,
+    let Some(ips) = cluster_ips(spec)? else {
+        return Ok(Vec::new()); // headless: DNS only
     };
     let annotation = |name| {
         service
@@ -368,40 +370,114 @@ fn resolve_service(
     let local_to = node.filter(|_| spec.internal_traffic_policy.as_deref() == Some("Local"));
 
     let mut frontends = Vec::new();
-    for port in spec.ports.iter().flatten() {
-        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            "SCTP" => continue, // not balanced at the socket layer
-            other => return Err(format!("port {}: unknown protocol {other:?}", port.port)),
-        };
-        let number = u16::try_from(port.port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("port {} out of range", port.port))?;
-        let port_name = port.name.clone().unwrap_or_default();
-        let backends = backends_for_port(port, &port_name, protocol, slices, local_to)?;
-        if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
-            return Err(format!(
-                "port {port_name:?} has {} backends, more than the {MAX_BACKENDS_PER_SERVICE} one Service port may have",
-                backends.len()
-            ));
-        }
-        frontends.push(Frontend {
-            key: FrontendKey {
+    for ip in ips {
+        for port in spec.ports.iter().flatten() {
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => continue, // not balanced at the socket layer
+                other => return Err(format!("port {}: unknown protocol {other:?}", port.port)),
+            };
+            let number = u16::try_from(port.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("port {} out of range", port.port))?;
+            let port_name = port.name.clone().unwrap_or_default();
+            let key = FrontendKey {
                 ip,
                 port: number,
                 protocol,
-            },
-            service: service_ref.clone(),
-            port_name,
-            algorithm,
-            rebalance,
-            affinity_timeout,
-            backends,
-        });
+            };
+            let backends = backends_for_port(&key, &port_name, slices, local_to)?;
+            if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+                return Err(format!(
+                    "port {port_name:?} ({key}) has {} backends, more than the {MAX_BACKENDS_PER_SERVICE} one Service port may have",
+                    backends.len()
+                ));
+            }
+            frontends.push(Frontend {
+                key,
+                service: service_ref.clone(),
+                port_name,
+                algorithm,
+                rebalance,
+                affinity_timeout,
+                backends,
+            });
+        }
     }
     Ok(frontends)
+}
+
+/// The ClusterIPs to program, one per family (None for a headless Service), checked as the API
+/// server checks them: `clusterIP` is `clusterIPs[0]`, at most one address per family,
+/// `ipFamilies` in the same order, and as many as `ipFamilyPolicy` asks for.
+fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, String> {
+    let listed: Vec<&str> = match (&spec.cluster_ips, spec.cluster_ip.as_deref()) {
+        (Some(ips), first) if !ips.is_empty() => {
+            if let Some(first) = first.filter(|f| !f.is_empty())
+                && first != ips[0]
+            {
+                return Err(format!(
+                    "spec.clusterIP {first:?} is not spec.clusterIPs[0] {:?}",
+                    ips[0]
+                ));
+            }
+            ips.iter().map(String::as_str).collect()
+        }
+        (_, Some(ip)) if !ip.is_empty() => vec![ip],
+        _ => return Err("missing field `spec.clusterIP`".into()),
+    };
+    if listed.contains(&"None") {
+        return Ok(None);
+    }
+    let mut ips = Vec::new();
+    for text in &listed {
+        let ip: IpAddr = text
+            .parse()
+            .map_err(|_| format!("spec.clusterIPs: {text:?} is not an IP address"))?;
+        if matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+            return Err(format!(
+                "spec.clusterIPs: {text:?} is a v4-mapped IPv6 address; give the IPv4 address"
+            ));
+        }
+        if ips.iter().any(|o: &IpAddr| o.is_ipv4() == ip.is_ipv4()) {
+            return Err(format!(
+                "spec.clusterIPs {listed:?}: at most one address per IP family"
+            ));
+        }
+        ips.push(ip);
+    }
+    if let Some(families) = &spec.ip_families {
+        let actual: Vec<&str> = ips.iter().map(|ip| family_name(*ip)).collect();
+        if families
+            .iter()
+            .map(String::as_str)
+            .ne(actual.iter().copied())
+        {
+            return Err(format!(
+                "spec.ipFamilies {families:?} do not match spec.clusterIPs {listed:?}"
+            ));
+        }
+    }
+    match spec.ip_family_policy.as_deref() {
+        None | Some("PreferDualStack") => {}
+        Some("SingleStack") if ips.len() == 1 => {}
+        Some("RequireDualStack") if ips.len() == 2 => {}
+        Some(policy @ ("SingleStack" | "RequireDualStack")) => {
+            return Err(format!(
+                "spec.ipFamilyPolicy {policy} does not allow {} ClusterIP(s) {listed:?}",
+                ips.len()
+            ));
+        }
+        Some(other) => return Err(format!("unknown spec.ipFamilyPolicy {other:?}")),
+    }
+    Ok(Some(ips))
+}
+
+/// The Kubernetes name of an address's family (`ipFamilies`, EndpointSlice `addressType`).
+fn family_name(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// "least-conn, random, round-robin, maglev" for error messages.
@@ -410,21 +486,24 @@ pub fn algorithm_names() -> String {
     names.join(", ")
 }
 
-/// Backends of one Service port across all its slices, with kube-proxy's fallback: ready
-/// endpoints, or if there are none, serving-and-terminating ones.
+/// Backends of one Service port (at one ClusterIP) across all its slices of that ClusterIP's
+/// family, with kube-proxy's fallback: ready endpoints, or if there are none,
+/// serving-and-terminating ones.
 fn backends_for_port(
-    port: &ServicePort,
+    key: &FrontendKey,
     port_name: &str,
-    protocol: Protocol,
     slices: &[&EndpointSlice],
     local_to: Option<&str>,
-) -> Result<Vec<SocketAddrV4>, String> {
+) -> Result<Vec<SocketAddr>, String> {
+    let protocol = key.protocol;
+    let family = family_name(key.ip);
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
+        if slice.address_type != family {
+            continue; // the other family's (or FQDN) slices
         }
+        let slice_name = slice.metadata.name.as_deref().unwrap_or("?");
         let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
                 && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
@@ -439,9 +518,8 @@ fn backends_for_port(
                 .map(|p| format!("{:?}", p.name.as_deref().unwrap_or("")))
                 .collect();
             return Err(format!(
-                "port {port_name:?} ({}/{protocol}) does not resolve: EndpointSlice {} has no port named {port_name:?} (its ports: {})",
-                port.port,
-                slice.metadata.name.as_deref().unwrap_or("?"),
+                "port {port_name:?} ({}/{protocol}) does not resolve: EndpointSlice {slice_name} has no port named {port_name:?} (its ports: {})",
+                key.port,
                 if names.is_empty() {
                     "none".into()
                 } else {
@@ -454,10 +532,7 @@ fn backends_for_port(
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
             .ok_or_else(|| {
-                format!(
-                    "EndpointSlice {} port {port_name:?} has no valid port number",
-                    slice.metadata.name.as_deref().unwrap_or("?")
-                )
+                format!("EndpointSlice {slice_name} port {port_name:?} has no valid port number")
             })?;
         for endpoint in &slice.endpoints {
             if local_to.is_some() && endpoint.node_name.as_deref() != local_to {
@@ -467,13 +542,10 @@ fn backends_for_port(
             let Some(address) = endpoint.addresses.first() else {
                 continue;
             };
-            let ip: Ipv4Addr = address.parse().map_err(|_| {
-                format!(
-                    "EndpointSlice {}: {address:?} is not an IPv4 address",
-                    slice.metadata.name.as_deref().unwrap_or("?")
-                )
+            let ip = endpoint_ip(address, family).map_err(|why| {
+                format!("EndpointSlice {slice_name} (addressType {family}): {address:?} {why}")
             })?;
-            let backend = SocketAddrV4::new(ip, number);
+            let backend = SocketAddr::new(ip, number);
             let (is_ready, serving, is_terminating) = conditions(endpoint);
             if is_ready {
                 ready.insert(backend);
@@ -484,6 +556,19 @@ fn backends_for_port(
     }
     let chosen = if ready.is_empty() { terminating } else { ready };
     Ok(chosen.into_iter().collect())
+}
+
+/// An endpoint address of a slice of `family`.
+fn endpoint_ip(address: &str, family: &str) -> Result<IpAddr, &'static str> {
+    match (address.parse::<IpAddr>(), family) {
+        (Ok(ip @ IpAddr::V4(_)), "IPv4") => Ok(ip),
+        (Ok(IpAddr::V6(v6)), "IPv6") if v6.to_ipv4_mapped().is_some() => {
+            Err("is a v4-mapped address, not an IPv6 endpoint")
+        }
+        (Ok(ip @ IpAddr::V6(_)), "IPv6") => Ok(ip),
+        (Ok(_), _) => Err("is of the other IP family"),
+        (Err(_), _) => Err("is not an IP address"),
+    }
 }
 
 /// (ready, serving, terminating) with the API's defaults for unset conditions.
@@ -803,6 +888,146 @@ mod tests {
         assert!(d.frontends.values().all(|f| f.service.name == "a"));
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("Service ns/b: 10.96.0.10:"));
+    }
+
+    /// `slice()` with another address type.
+    fn slice6(name: &str, service: &str, endpoints: &[(&str, &str)]) -> String {
+        slice(name, service, endpoints).replace("addressType: IPv4", "addressType: IPv6")
+    }
+
+    fn dual_stack(policy: &str) -> String {
+        service("web", "10.96.0.10", "").replace(
+            "  clusterIP: 10.96.0.10\n",
+            &format!(
+                "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: {policy}\n"
+            ),
+        )
+    }
+
+    #[test]
+    fn a_dual_stack_service_balances_each_family_over_its_own_endpoints() {
+        let s = state(&format!(
+            "{}{}{}",
+            dual_stack("RequireDualStack"),
+            slice("web-v4", "web", &[("10.0.0.1", ""), ("10.0.0.2", "")]),
+            slice6(
+                "web-v6",
+                "web",
+                &[("fd00:244::1", ""), ("fd00:244::2", "ready: false")]
+            ),
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let keys: Vec<String> = d.frontends.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            keys,
+            [
+                "10.96.0.10:53/UDP",
+                "10.96.0.10:80/TCP",
+                "[fd00:96::10]:53/UDP",
+                "[fd00:96::10]:80/TCP"
+            ]
+        );
+        let of = |k: &str| {
+            let f = d
+                .frontends
+                .values()
+                .find(|f| f.key.to_string() == k)
+                .unwrap();
+            f.backends
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of("10.96.0.10:80/TCP"), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(of("[fd00:96::10]:80/TCP"), ["[fd00:244::1]:8080"]);
+
+        // IPv6 only: the IPv4 slice is not used.
+        let v6_only = service("web", "fd00:96::10", "")
+            .replace("clusterIP: fd00:96::10", "clusterIP: \"fd00:96::10\"");
+        let s = state(&format!(
+            "{v6_only}{}{}",
+            slice("web-v4", "web", &[("10.0.0.1", "")]),
+            slice6("web-v6", "web", &[("fd00:244::1", "")]),
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(backends(&d, 80), ["[fd00:244::1]:8080"]);
+    }
+
+    #[test]
+    fn cluster_ips_are_checked_as_the_api_server_does() {
+        let with = |from: &str, to: &str| {
+            let yaml = dual_stack("PreferDualStack").replace(from, to);
+            let (d, errors) = desired(&state(&yaml), Algorithm::LeastConn, &Desired::default());
+            assert!(d.frontends.is_empty(), "{yaml}");
+            errors[0].message.clone()
+        };
+        let cases = [
+            (
+                "clusterIP: 10.96.0.10",
+                "clusterIP: 10.96.0.11",
+                "is not spec.clusterIPs[0]",
+            ),
+            (
+                "\"fd00:96::10\"]",
+                "10.96.0.12]",
+                "at most one address per IP family",
+            ),
+            (
+                "ipFamilies: [IPv4, IPv6]",
+                "ipFamilies: [IPv6, IPv4]",
+                "do not match",
+            ),
+            (
+                "PreferDualStack",
+                "SingleStack",
+                "does not allow 2 ClusterIP(s)",
+            ),
+            (
+                "PreferDualStack",
+                "Sometimes",
+                "unknown spec.ipFamilyPolicy",
+            ),
+            ("\"fd00:96::10\"]", "\"::ffff:10.96.0.12\"]", "v4-mapped"),
+        ];
+        for (from, to, want) in cases {
+            let message = with(from, to);
+            assert!(message.contains(want), "{to}: {message}");
+        }
+        let single = service("web", "10.96.0.10", "").replace(
+            "  clusterIP: 10.96.0.10\n",
+            "  clusterIP: 10.96.0.10\n  ipFamilyPolicy: RequireDualStack\n",
+        );
+        let (_, errors) = desired(&state(&single), Algorithm::LeastConn, &Desired::default());
+        assert!(
+            errors[0]
+                .message
+                .contains("RequireDualStack does not allow 1")
+        );
+    }
+
+    #[test]
+    fn an_endpoint_of_the_wrong_family_is_an_error_naming_the_slice() {
+        for (endpoint, want) in [
+            ("10.0.0.1", "is of the other IP family"),
+            ("\"::ffff:10.0.0.1\"", "is a v4-mapped address"),
+        ] {
+            let s = state(&format!(
+                "{}{}",
+                dual_stack("PreferDualStack"),
+                slice6("web-v6", "web", &[(endpoint, "")]),
+            ));
+            let (_, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+            assert!(
+                errors[0]
+                    .message
+                    .contains("EndpointSlice web-v6 (addressType IPv6)")
+                    && errors[0].message.contains(want),
+                "{}",
+                errors[0]
+            );
+        }
     }
 
     #[test]

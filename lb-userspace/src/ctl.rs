@@ -182,7 +182,7 @@ pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
             r["port_name"].to_string(),
             r["ip"]
                 .as_str()
-                .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok()),
+                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok()),
             r["port"].as_u64(),
         )
     });

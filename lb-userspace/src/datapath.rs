@@ -37,14 +37,19 @@ use crate::{
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/socklb";
 
-/// The programs, in the order they are attached.
-pub const PROGRAMS: [&str; 6] = [
+/// The programs, in the order they are attached: the ones that undo or show a rewrite before
+/// the ones that make it, so no rewritten socket ever lacks its counterpart.
+pub const PROGRAMS: [&str; 10] = [
     "sock_ops",
     "sock_release",
     "getpeername4",
+    "getpeername6",
     "recvmsg4",
+    "recvmsg6",
     "sendmsg4",
+    "sendmsg6",
     "connect4",
+    "connect6",
 ];
 
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));

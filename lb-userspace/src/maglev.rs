@@ -6,7 +6,10 @@
 //! a client goes to the same pod whichever node it connects from. Adding or removing one of n
 //! backends moves about 1/n of the entries.
 
-use std::{hash::Hasher as _, net::SocketAddrV4};
+use std::{
+    hash::Hasher as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use siphasher::sip::SipHasher13;
 
@@ -14,16 +17,19 @@ use siphasher::sip::SipHasher13;
 const OFFSET_KEY: (u64, u64) = (0x736f_636b_6c62_0001, 0x6d61_676c_6576_0001);
 const SKIP_KEY: (u64, u64) = (0x736f_636b_6c62_0002, 0x6d61_676c_6576_0002);
 
-fn hash(key: (u64, u64), backend: &SocketAddrV4) -> u64 {
+fn hash(key: (u64, u64), backend: &SocketAddr) -> u64 {
     let mut h = SipHasher13::new_with_keys(key.0, key.1);
-    h.write(&backend.ip().octets());
+    match backend.ip() {
+        IpAddr::V4(ip) => h.write(&ip.octets()),
+        IpAddr::V6(ip) => h.write(&ip.octets()),
+    }
     h.write(&backend.port().to_be_bytes());
     h.finish()
 }
 
 /// The lookup table of size `m` (a prime): entry i holds an index into `backends`.
 /// Empty if there are no backends.
-pub fn table(backends: &[SocketAddrV4], m: u32) -> Vec<u32> {
+pub fn table(backends: &[SocketAddr], m: u32) -> Vec<u32> {
     let m = m as u64;
     if backends.is_empty() {
         return Vec::new();
@@ -64,14 +70,14 @@ mod tests {
 
     use super::*;
 
-    fn pods(n: u8) -> Vec<SocketAddrV4> {
+    fn pods(n: u8) -> Vec<SocketAddr> {
         (1..=n)
-            .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, i), 8080))
+            .map(|i| SocketAddr::from((Ipv4Addr::new(10, 244, 0, i), 8080)))
             .collect()
     }
 
     /// Which pod each of many clients lands on.
-    fn owners(backends: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
+    fn owners(backends: &[SocketAddr]) -> Vec<SocketAddr> {
         let t = table(backends, M);
         (0..20_000u64)
             .map(|client| backends[t[(lb_common::client_hash(client, 0) % M) as usize] as usize])
@@ -92,7 +98,7 @@ mod tests {
     }
 
     /// Fraction of clients whose pod changed.
-    fn moved(before: &[SocketAddrV4], after: &[SocketAddrV4]) -> f64 {
+    fn moved(before: &[SocketAddr], after: &[SocketAddr]) -> f64 {
         let n = before.iter().zip(after).filter(|(a, b)| a != b).count();
         n as f64 / before.len() as f64
     }
@@ -109,7 +115,10 @@ mod tests {
                 fraction < ideal * 1.25,
                 "n={n}: moved {fraction:.3}, ideal {ideal:.3}"
             );
-            let to_new = after.iter().filter(|a| a.ip().octets()[3] == n + 1).count() as f64;
+            let to_new = after
+                .iter()
+                .filter(|a| a.ip() == IpAddr::from(Ipv4Addr::new(10, 244, 0, n + 1)))
+                .count() as f64;
             assert!(
                 (to_new / after.len() as f64 - ideal).abs() < 0.03,
                 "n={n}: new pod share"
@@ -123,10 +132,10 @@ mod tests {
         let mut five = pods(6);
         five.remove(2);
         let after = owners(&five);
-        let others: Vec<(SocketAddrV4, SocketAddrV4)> = before
+        let others: Vec<(SocketAddr, SocketAddr)> = before
             .iter()
             .zip(&after)
-            .filter(|(b, _)| b.ip().octets()[3] != 3)
+            .filter(|(b, _)| b.ip() != IpAddr::from(Ipv4Addr::new(10, 244, 0, 3)))
             .map(|(b, a)| (*b, *a))
             .collect();
         let (b, a): (Vec<_>, Vec<_>) = others.into_iter().unzip();

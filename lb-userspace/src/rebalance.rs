@@ -317,6 +317,7 @@ mod tests {
 
     fn socket(state: u8, queues: (u32, u32), sent: u32, received: u32) -> AssignedSocket {
         AssignedSocket {
+            family: libc::AF_INET as u8,
             protocol: IPPROTO_TCP,
             state,
             local: "10.0.0.1:1".parse().unwrap(),

@@ -14,11 +14,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
 };
 
 use lb_common::{
-    Algorithm, Backend, Service, ServiceKey, ServiceName, SlotKey, backend_state,
+    Addr, Algorithm, Backend, Service, ServiceKey, ServiceName, SlotKey, backend_state,
     limits::{MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS},
     service_flags,
 };
@@ -92,7 +92,7 @@ impl Programmed {
 
 pub fn map_key(key: &FrontendKey) -> ServiceKey {
     ServiceKey {
-        addr: u32::from(key.ip).to_be(),
+        addr: Addr::from(key.ip),
         port: key.port.to_be(),
         proto: key.protocol.number(),
         _pad: 0,
@@ -102,14 +102,14 @@ pub fn map_key(key: &FrontendKey) -> ServiceKey {
 /// The frontend a map key stands for (None for a protocol socklb never writes).
 pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
     Some(FrontendKey {
-        ip: Ipv4Addr::from(u32::from_be(key.addr)),
+        ip: key.addr.ip(),
         port: u16::from_be(key.port),
         protocol: Protocol::from_number(key.proto)?,
     })
 }
 
-pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(b.addr)), u16::from_be(b.port))
+pub fn backend_addr(b: &Backend) -> SocketAddr {
+    SocketAddr::new(b.addr.ip(), u16::from_be(b.port))
 }
 
 pub fn service_name(f: &Frontend) -> ServiceName {
@@ -222,7 +222,7 @@ struct Planner<'a> {
     /// including any past the service's count left by an interrupted run.
     slots: HashMap<u32, Vec<u32>>,
     /// (service id, pod) -> backend id, for the service ids in scope.
-    backend_ids: HashMap<(u32, SocketAddrV4), u32>,
+    backend_ids: HashMap<(u32, SocketAddr), u32>,
     /// Built when the first new frontend needs an id.
     service_ids: Option<IdAllocator>,
     backend_ids_free: IdAllocator,
@@ -636,9 +636,9 @@ fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-fn backend(addr: SocketAddrV4, service_id: u32) -> Backend {
+fn backend(addr: SocketAddr, service_id: u32) -> Backend {
     Backend {
-        addr: u32::from(*addr.ip()).to_be(),
+        addr: Addr::from(addr.ip()),
         port: addr.port().to_be(),
         state: backend_state::ACTIVE,
         _pad: 0,
@@ -671,7 +671,7 @@ pub fn programmed_frontends(p: &Programmed) -> Desired {
             .get(&service.id)
             .copied()
             .unwrap_or(ServiceName::empty());
-        let mut backends: Vec<SocketAddrV4> = (0..service.count)
+        let mut backends: Vec<SocketAddr> = (0..service.count)
             .filter_map(|index| {
                 let id = p.slots.get(&SlotKey {
                     service_id: service.id,
@@ -701,7 +701,7 @@ pub fn programmed_frontends(p: &Programmed) -> Desired {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use proptest::prelude::*;
 
@@ -712,15 +712,15 @@ mod tests {
     };
 
     fn frontend(vip: u8, backends: &[u8]) -> Frontend {
-        let mut backends: Vec<SocketAddrV4> = backends
+        let mut backends: Vec<SocketAddr> = backends
             .iter()
-            .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, *b), 8080))
+            .map(|b| SocketAddr::from((Ipv4Addr::new(10, 244, 0, *b), 8080)))
             .collect();
         backends.sort();
         backends.dedup();
         Frontend {
             key: FrontendKey {
-                ip: Ipv4Addr::new(10, 96, 0, vip),
+                ip: Ipv4Addr::new(10, 96, 0, vip).into(),
                 port: 80,
                 protocol: Protocol::Tcp,
             },
@@ -907,6 +907,55 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_and_dual_stack_frontends_are_programmed_like_ipv4_ones() {
+        let mut p = Programmed::default();
+        let v6 = |f: &mut Frontend, b: &[u16]| {
+            f.key.ip = "fd00:96::1".parse().unwrap();
+            f.backends = b
+                .iter()
+                .map(|i| SocketAddr::from((Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, *i), 8080)))
+                .collect();
+        };
+        let mut six = frontend(1, &[]);
+        v6(&mut six, &[1, 2]);
+        let d = desired([frontend(1, &[1, 2, 3]), six.clone()]);
+        step(&d, &mut p, &none);
+        assert_programs(&d, &p);
+        let keys: Vec<String> = p
+            .services
+            .keys()
+            .filter_map(|k| frontend_key(k).map(|k| k.to_string()))
+            .collect();
+        assert_eq!(keys, ["10.96.0.1:80/TCP", "[fd00:96::1]:80/TCP"]);
+        // The IPv4 frontend's key and backends are v4-mapped, as connect6 sees `::ffff:VIP`.
+        let v4_key = p
+            .services
+            .keys()
+            .find(|k| k.addr.as_v4().is_some())
+            .unwrap();
+        assert_eq!(v4_key.addr.ip(), Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(
+            p.backends
+                .values()
+                .filter(|b| b.addr.as_v4().is_some())
+                .count(),
+            3
+        );
+        // Scaling the IPv6 side drains only IPv6 backends.
+        v6(&mut six, &[2]);
+        let d = desired([frontend(1, &[1, 2, 3]), six]);
+        step(&d, &mut p, &|_| 1);
+        assert_programs(&d, &p);
+        let draining: Vec<String> = p
+            .backends
+            .values()
+            .filter(|b| b.state == backend_state::DRAINING)
+            .map(|b| backend_addr(b).to_string())
+            .collect();
+        assert_eq!(draining, ["[fd00:244::1]:8080"]);
+    }
+
+    #[test]
     fn scale_up_keeps_slots_and_ids_of_the_pods_already_there() {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
@@ -934,7 +983,7 @@ mod tests {
         let gone = *p
             .backends
             .iter()
-            .find(|(_, b)| backend_addr(b).ip().octets()[3] == 1)
+            .find(|(_, b)| backend_addr(b).ip() == Ipv4Addr::new(10, 244, 0, 1))
             .unwrap()
             .0;
         let d = desired([frontend(1, &[2, 3])]);
@@ -968,7 +1017,7 @@ mod tests {
     fn a_pod_that_comes_back_keeps_its_id_and_so_its_count() {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2])]), &mut p, &none);
-        let ids: BTreeMap<SocketAddrV4, u32> = p
+        let ids: BTreeMap<SocketAddr, u32> = p
             .backends
             .iter()
             .map(|(id, b)| (backend_addr(b), *id))
@@ -976,7 +1025,7 @@ mod tests {
         step(&desired([frontend(1, &[2])]), &mut p, &|_| 3);
         let d = desired([frontend(1, &[1, 2])]);
         step(&d, &mut p, &|_| 3);
-        let again: BTreeMap<SocketAddrV4, u32> = p
+        let again: BTreeMap<SocketAddr, u32> = p
             .backends
             .iter()
             .map(|(id, b)| (backend_addr(b), *id))
@@ -1051,7 +1100,7 @@ mod tests {
         let many = |n: u32| {
             (0..n).map(|i| {
                 let mut f = frontend(0, &[]);
-                f.key.ip = Ipv4Addr::from(0x0a60_0000 + i);
+                f.key.ip = Ipv4Addr::from(0x0a60_0000 + i).into();
                 f
             })
         };
@@ -1076,7 +1125,7 @@ mod tests {
         let big = |vip: u8| {
             let mut f = frontend(vip, &[]);
             f.backends = (0..per_service as u32)
-                .map(|i| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + i), 8080))
+                .map(|i| SocketAddr::from((Ipv4Addr::from(0x0af4_0000 + i), 8080)))
                 .collect();
             f
         };
@@ -1151,7 +1200,7 @@ mod tests {
         );
         p.backends.insert(
             42,
-            backend(SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 9), 80), 9),
+            backend(SocketAddr::from((Ipv4Addr::new(10, 244, 0, 9), 80)), 9),
         );
         step(&d, &mut p, &none);
         step(&d, &mut p, &none);

@@ -10,7 +10,7 @@
 use std::{
     collections::BTreeMap,
     fs, io,
-    net::{IpAddr, SocketAddrV4},
+    net::SocketAddr,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt as _,
@@ -26,10 +26,10 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     SOCK_DIAG_BY_FAMILY, SockDiagDestroy, SockDiagMessage,
-    constants::{AF_INET, IPPROTO_TCP, IPPROTO_UDP},
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla as InetNla},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 
 const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
 const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
@@ -41,11 +41,13 @@ const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
 /// A socket carrying socklb storage.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AssignedSocket {
+    /// AF_INET or AF_INET6 (a dual-mode socket talking to `::ffff:pod` is AF_INET6).
+    pub family: u8,
     pub protocol: u8,
     /// TCP state (1 = ESTABLISHED ...), 7 (CLOSE) for connected UDP.
     pub state: u8,
-    pub local: SocketAddrV4,
-    pub remote: SocketAddrV4,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
     /// The kernel's socket cookie: SOCK_DESTROY acts on exactly this socket.
     pub cookie: [u8; 8],
     /// Bytes received but not read by the application.
@@ -109,7 +111,7 @@ pub fn in_netns<T: Send>(
             let mut socket =
                 Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
             socket.bind_auto()?;
-            socket.connect(&SocketAddr::new(0, 0))?;
+            socket.connect(&NetlinkAddr::new(0, 0))?;
             f(&mut Session {
                 socket,
                 map_fd,
@@ -122,26 +124,36 @@ pub fn in_netns<T: Send>(
 }
 
 impl Session {
-    /// The TCP and UDP IPv4 sockets of the namespace that carry socklb storage.
+    /// The TCP and UDP sockets of the namespace, of both families, that carry socklb storage.
+    /// (A dump is per family: an AF_INET6 socket connected to `::ffff:pod` is only in the
+    /// AF_INET6 one.)
     pub fn assigned(&mut self) -> Result<Vec<AssignedSocket>> {
-        let mut out = self.dump(IPPROTO_TCP)?;
-        out.extend(self.dump(IPPROTO_UDP)?);
+        let mut out = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
+                out.extend(self.dump(family, protocol)?);
+            }
+        }
         Ok(out)
     }
 
-    fn dump(&mut self, protocol: u8) -> Result<Vec<AssignedSocket>> {
+    fn dump(&mut self, family: u8, protocol: u8) -> Result<Vec<AssignedSocket>> {
         let fd = (self.map_fd.as_raw_fd() as u32).to_ne_bytes().to_vec();
         let fd_attr = DefaultNla::new(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, fd);
         let mut nested = vec![0; fd_attr.buffer_len()];
         fd_attr.emit(&mut nested);
         let request = DumpRequest {
             request: SockDiagMessage::InetRequest(InetRequest {
-                family: AF_INET,
+                family,
                 protocol,
                 // tcp_info carries the last-send and last-receive times the rebalancer uses.
                 extensions: ExtensionFlags::INFO,
                 states: StateFlags::all(),
-                socket_id: SocketId::new_v4(),
+                socket_id: if family == AF_INET {
+                    SocketId::new_v4()
+                } else {
+                    SocketId::new_v6()
+                },
             }),
             storages: DefaultNla::new(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, nested),
         };
@@ -150,7 +162,7 @@ impl Session {
         let map_id = self.map_id;
         self.receive(|message| {
             if let SockDiagMessage::InetResponse(r) = message
-                && let Some(socket) = assigned(protocol, &r, map_id)
+                && let Some(socket) = assigned(family, protocol, &r, map_id)
             {
                 out.push(socket);
             }
@@ -161,14 +173,16 @@ impl Session {
     /// Closes one socket (SOCK_DESTROY, as `ss -K`): the kernel aborts it, the peer gets a
     /// reset and the application's next call on it fails with ECONNABORTED.
     pub fn destroy(&mut self, socket: &AssignedSocket) -> Result<()> {
+        // The addresses as the dump reported them, in the socket's own family: the kernel looks
+        // an AF_INET6 request with v4-mapped addresses up among the IPv4 connections.
         let mut id = SocketId::new_v4();
-        id.source_address = IpAddr::V4(*socket.local.ip());
+        id.source_address = socket.local.ip();
         id.source_port = socket.local.port();
-        id.destination_address = IpAddr::V4(*socket.remote.ip());
+        id.destination_address = socket.remote.ip();
         id.destination_port = socket.remote.port();
         id.cookie = socket.cookie;
         let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
-            family: AF_INET,
+            family: socket.family,
             protocol: socket.protocol,
             extensions: ExtensionFlags::empty(),
             states: StateFlags::all(),
@@ -251,7 +265,7 @@ impl From<DumpRequest> for NetlinkPayload<DumpRequest> {
 }
 
 /// The socket, if it carries a value of our storage map.
-fn assigned(protocol: u8, r: &InetResponse, map_id: u32) -> Option<AssignedSocket> {
+fn assigned(family: u8, protocol: u8, r: &InetResponse, map_id: u32) -> Option<AssignedSocket> {
     let mut storage = None;
     let mut times = None;
     for nla in &r.nlas {
@@ -265,17 +279,13 @@ fn assigned(protocol: u8, r: &InetResponse, map_id: u32) -> Option<AssignedSocke
             _ => {}
         }
     }
-    let (IpAddr::V4(local), IpAddr::V4(remote)) = (
-        r.header.socket_id.source_address,
-        r.header.socket_id.destination_address,
-    ) else {
-        return None;
-    };
+    let id = &r.header.socket_id;
     Some(AssignedSocket {
+        family,
         protocol,
         state: r.header.state,
-        local: SocketAddrV4::new(local, r.header.socket_id.source_port),
-        remote: SocketAddrV4::new(remote, r.header.socket_id.destination_port),
+        local: SocketAddr::new(id.source_address, id.source_port),
+        remote: SocketAddr::new(id.destination_address, id.destination_port),
         cookie: r.header.socket_id.cookie,
         recv_queue: r.header.recv_queue,
         send_queue: r.header.send_queue,

@@ -95,7 +95,7 @@ fn bad_manifests_are_reported_by_name_and_leave_the_programmed_state() {
         ),
         (
             too_many_backends(&good),
-            "Service demo/web: port \"main\" has 8193 backends, more than the 8192",
+            "Service demo/web: port \"main\" (10.96.9.10:80/TCP) has 8193 backends, more than the 8192",
         ),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {

@@ -136,7 +136,7 @@ pub fn run(results: &Path) -> Result<()> {
         eps.push(moved);
         let (_, slice) = objects(i, &eps);
         let key = map_key(&FrontendKey {
-            ip: vip(i),
+            ip: vip(i).into(),
             port: 80,
             protocol: Protocol::Tcp,
         });
@@ -241,7 +241,7 @@ fn programmed(maps: &Maps, key: &lb_common::ServiceKey, backend: SocketAddrV4) -
             )
             .ok()
             .and_then(|id| maps.backends.get(&id, 0).ok())
-            .is_some_and(|b| backend_addr(&b) == backend)
+            .is_some_and(|b| backend_addr(&b) == backend.into())
     })
 }
 
