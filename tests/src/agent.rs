@@ -177,8 +177,12 @@ impl Agent {
     }
 
     /// Waits until the active backends of `service` are exactly `ips` (as the maps say).
-    pub fn wait_backends(&self, service: &str, ips: &[std::net::Ipv4Addr]) -> Result<()> {
-        let mut want: Vec<String> = ips.iter().map(ToString::to_string).collect();
+    pub fn wait_backends<A: Into<std::net::IpAddr> + Copy>(
+        &self,
+        service: &str,
+        ips: &[A],
+    ) -> Result<()> {
+        let mut want: Vec<String> = ips.iter().map(|ip| (*ip).into().to_string()).collect();
         want.sort();
         wait_for(
             &format!("{service} backends {want:?}"),

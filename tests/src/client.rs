@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::SocketAddrV4,
+    net::SocketAddr,
     os::{fd::AsRawFd, unix::process::CommandExt as _},
     path::Path,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
@@ -68,15 +68,22 @@ impl Client {
         Ok(reply)
     }
 
-    /// Opens `count` TCP connections at once and keeps them.
-    pub fn open(&mut self, target: SocketAddrV4, count: usize) -> Result<Vec<Outcome>> {
+    /// Opens `count` TCP connections at once and keeps them. The socket's family is the
+    /// target's: `[::ffff:VIP]:port` is an AF_INET6 socket to an IPv4 address, as Java's.
+    pub fn open(&mut self, target: impl Into<SocketAddr>, count: usize) -> Result<Vec<Outcome>> {
+        let target = target.into();
         self.open_with(json!({ "cmd": "open", "target": target.to_string(), "count": count }))
     }
 
     /// Opens `count` TCP connections one after the other. Least-conn is exact this way; a
     /// burst from several CPUs is only even to within one (two connects can see the same
     /// least-loaded pod at the same moment).
-    pub fn open_one_by_one(&mut self, target: SocketAddrV4, count: usize) -> Result<Vec<Outcome>> {
+    pub fn open_one_by_one(
+        &mut self,
+        target: impl Into<SocketAddr>,
+        count: usize,
+    ) -> Result<Vec<Outcome>> {
+        let target = target.into();
         let mut all = Vec::new();
         for _ in 0..count {
             all.extend(self.open(target, 1)?);
@@ -102,9 +109,10 @@ impl Client {
     /// `count` connect-request-close cycles; returns (successes, errors by message).
     pub fn churn(
         &mut self,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
         count: usize,
     ) -> Result<(u64, BTreeMap<String, u64>)> {
+        let target = target.into();
         let reply =
             self.call(json!({ "cmd": "churn", "target": target.to_string(), "count": count }))?;
         Ok((
@@ -129,12 +137,18 @@ impl Client {
     }
 
     /// Opens one connection per local port, in order (see socklb-client).
-    pub fn open_bound(&mut self, target: SocketAddrV4, ports: &[u16]) -> Result<Vec<Outcome>> {
+    pub fn open_bound(
+        &mut self,
+        target: impl Into<SocketAddr>,
+        ports: &[u16],
+    ) -> Result<Vec<Outcome>> {
+        let target = target.into();
         self.open_with(json!({ "cmd": "open", "target": target.to_string(), "bind_ports": ports }))
     }
 
     /// `count` connect + first-byte round trips (HTTP/1.0) one after another.
-    pub fn latency(&mut self, target: SocketAddrV4, count: usize) -> Result<Latency> {
+    pub fn latency(&mut self, target: impl Into<SocketAddr>, count: usize) -> Result<Latency> {
+        let target = target.into();
         let reply =
             self.call(json!({ "cmd": "latency", "target": target.to_string(), "count": count }))?;
         if reply["errors"].as_u64() != Some(0) {
@@ -151,10 +165,11 @@ impl Client {
     /// the pods that answered and where the answers came from.
     pub fn sendto(
         &mut self,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
         rounds: usize,
         count: usize,
     ) -> Result<Vec<(Vec<String>, Vec<String>)>> {
+        let target = target.into();
         let reply = self.call(json!({ "cmd": "sendto", "target": target.to_string(), "rounds": rounds, "count": count }))?;
         let mut out = Vec::new();
         for s in reply["sockets"].as_array().cloned().unwrap_or_default() {

@@ -5,9 +5,10 @@
 //! ladder 1/n, 1/(n-1), ... and a last unconditional rule; each `KUBE-SEP` DNATs to its pod.
 //! The pick happens once per connection, so long-lived connections never move. Like
 //! kube-proxy it hooks both OUTPUT (processes of the namespace itself) and PREROUTING (pods
-//! whose traffic comes in over their veth).
+//! whose traffic comes in over their veth). IPv6 Services get the same chains in ip6tables, as
+//! kube-proxy's IPv6 proxier writes them.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use data_encoding::BASE32;
@@ -20,11 +21,12 @@ use crate::netns::Netns;
 pub struct ChainService {
     /// "namespace/name:port", kube-proxy's ServicePortName.
     pub port_name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     /// "tcp" or "udp".
     pub protocol: &'static str,
-    pub endpoints: Vec<SocketAddrV4>,
+    /// Of the VIP's family.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// kube-proxy's chain-name hash: base32(sha256(text)) cut to 16 characters.
@@ -32,8 +34,10 @@ fn hash(text: &str) -> String {
     BASE32.encode(&Sha256::digest(text.as_bytes()))[..16].to_owned()
 }
 
-/// The nat table kube-proxy would write for `services`, as iptables-restore input.
-pub fn rules(services: &[ChainService]) -> String {
+/// The nat table kube-proxy would write for the `services` of one family (`ipv6`), as
+/// iptables-restore (ip6tables-restore) input; the other family's are left out.
+pub fn rules(services: &[ChainService], ipv6: bool) -> String {
+    let host = if ipv6 { 128 } else { 32 };
     let mut chains = vec![
         "KUBE-SERVICES".to_owned(),
         "KUBE-MARK-MASQ".to_owned(),
@@ -48,7 +52,7 @@ pub fn rules(services: &[ChainService]) -> String {
         "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000".to_owned(),
         "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_owned(),
     ];
-    for s in services {
+    for s in services.iter().filter(|s| s.vip.is_ipv6() == ipv6) {
         let proto_upper = s.protocol.to_uppercase();
         let svc_chain = format!(
             "KUBE-SVC-{}",
@@ -56,7 +60,7 @@ pub fn rules(services: &[ChainService]) -> String {
         );
         chains.push(svc_chain.clone());
         rules.push(format!(
-            "-A KUBE-SERVICES -d {}/32 -p {p} -m comment --comment \"{} cluster IP\" -m {p} --dport {} -j {svc_chain}",
+            "-A KUBE-SERVICES -d {}/{host} -p {p} -m comment --comment \"{} cluster IP\" -m {p} --dport {} -j {svc_chain}",
             s.vip, s.port_name, s.port, p = s.protocol
         ));
         let n = s.endpoints.len();
@@ -79,7 +83,7 @@ pub fn rules(services: &[ChainService]) -> String {
                 s.port_name
             ));
             rules.push(format!(
-                "-A {sep_chain} -s {}/32 -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
+                "-A {sep_chain} -s {}/{host} -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
                 ep.ip(),
                 s.port_name
             ));
@@ -101,29 +105,45 @@ pub fn rules(services: &[ChainService]) -> String {
     out + "COMMIT\n"
 }
 
-/// Installs the chain in `netns`, with a route for the Service range to loopback (inside the
-/// namespace only) so a connect to a VIP reaches the nat OUTPUT hook.
+/// The Service ranges of the test beds (10.96.0.0/12, and fd00:96::/32 for IPv6).
+pub const SERVICE_RANGES: [&str; 2] = ["10.96.0.0/12", "fd00:96::/32"];
+
+/// Installs the chains of both families in `netns`, with a route for the Service ranges to
+/// loopback (inside the namespace only) so a connect to a VIP reaches the nat OUTPUT hook.
 pub fn install(netns: &Netns, services: &[ChainService]) -> Result<()> {
-    netns.ip(&["route", "add", "10.96.0.0/12", "dev", "lo"])?;
-    netns.run_with_input("iptables-restore", &[], &rules(services))?;
+    for range in SERVICE_RANGES {
+        netns.ip(&["route", "add", range, "dev", "lo"])?;
+    }
+    reload(netns, services)
+}
+
+/// Replaces the chains of both families with those for `services`.
+pub fn reload(netns: &Netns, services: &[ChainService]) -> Result<()> {
+    netns.run_with_input("iptables-restore", &[], &rules(services, false))?;
+    netns.run_with_input("ip6tables-restore", &[], &rules(services, true))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
     fn probability_ladder_and_chain_names_follow_kube_proxy() {
-        let text = rules(&[ChainService {
-            port_name: "demo/web:http".into(),
-            vip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 80,
-            protocol: "tcp",
-            endpoints: (1..=3)
-                .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, i), 8080))
-                .collect(),
-        }]);
+        let text = rules(
+            &[ChainService {
+                port_name: "demo/web:http".into(),
+                vip: Ipv4Addr::new(10, 96, 0, 10).into(),
+                port: 80,
+                protocol: "tcp",
+                endpoints: (1..=3)
+                    .map(|i| SocketAddr::from((Ipv4Addr::new(10, 244, 0, i), 8080)))
+                    .collect(),
+            }],
+            false,
+        );
         assert!(text.contains("--probability 0.3333333333 -j KUBE-SEP-"));
         assert!(text.contains("--probability 0.5000000000 -j KUBE-SEP-"));
         assert_eq!(
@@ -134,5 +154,20 @@ mod tests {
         assert!(text.contains("-j DNAT --to-destination 10.244.0.3:8080"));
         let svc = text.lines().find(|l| l.starts_with(":KUBE-SVC-")).unwrap();
         assert_eq!(svc.len(), ":KUBE-SVC-".len() + 16 + " - [0:0]".len());
+    }
+
+    #[test]
+    fn ipv6_services_get_ip6tables_rules_only() {
+        let six = ChainService {
+            port_name: "demo/web:http".into(),
+            vip: "fd00:96::10".parse().unwrap(),
+            port: 80,
+            protocol: "tcp",
+            endpoints: vec!["[fd00:244::1]:8080".parse().unwrap()],
+        };
+        let v6 = rules(std::slice::from_ref(&six), true);
+        assert!(v6.contains("-d fd00:96::10/128 -p tcp"));
+        assert!(v6.contains("-j DNAT --to-destination [fd00:244::1]:8080"));
+        assert!(!rules(&[six], false).contains("fd00"));
     }
 }

@@ -3,9 +3,10 @@
 //! - the API server double (`apiserver`) holding Namespaces, Services, EndpointSlices, Pods;
 //! - a "node" network namespace where the backend pods listen (on its loopback) and where
 //!   kube-proxy's chain is installed (PREROUTING, as for pod traffic);
-//! - client pods, each with its own network namespace joined to the node by a veth pair
-//!   (routes only to the pod and Service ranges: no default route), and a cgroup laid out as
-//!   kubelet's systemd driver does under a test cgroup root;
+//! - client pods, each with its own network namespace joined to the node by a veth pair, with
+//!   an IPv4 and an IPv6 (ULA) address (routes only to the pod and Service ranges of each
+//!   family: no default route), and a cgroup laid out as kubelet's systemd driver does under a
+//!   test cgroup root;
 //! - the agent in Kubernetes mode, through a kubeconfig pointing at the double.
 //!
 //! A connect from a pod that socklb does not balance reaches the node unchanged and goes
@@ -13,7 +14,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
 };
 
@@ -35,7 +36,7 @@ use crate::{
     cgroup::{self, Cgroup},
     client::Client,
     kube_proxy::{self, ChainService},
-    manifests::{ManifestDir, ServiceSpec},
+    manifests::{ManifestDir, ServiceSpec, family},
     netns::Netns,
     pod::Pod,
 };
@@ -48,6 +49,7 @@ pub struct ClientPod {
     pub name: String,
     pub uid: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     /// Its container's cgroup.
     pub cgroup: PathBuf,
     pod_cgroup: PathBuf,
@@ -127,41 +129,46 @@ impl KubeBed {
     }
 
     /// TCP backend pods (HTTP servers) on the node at `ips`.
-    pub fn tcp_backends(&mut self, ips: &[Ipv4Addr], port: u16) -> Result<()> {
+    pub fn tcp_backends<A: Into<IpAddr> + Copy>(&mut self, ips: &[A], port: u16) -> Result<()> {
         for ip in ips {
-            self.node.add_address(*ip)?;
-            let name = format!("pod-{}", ip.octets()[3]);
+            let ip: IpAddr = (*ip).into();
+            self.node.add_address(ip)?;
             self.backends
-                .push(Pod::tcp(&self.node, &name, SocketAddrV4::new(*ip, port))?);
+                .push(Pod::tcp(&self.node, &Pod::name_for(ip), (ip, port))?);
         }
         Ok(())
     }
 
     /// UDP backend pods on the node at `ips`.
-    pub fn udp_backends(&mut self, ips: &[Ipv4Addr], port: u16) -> Result<()> {
+    pub fn udp_backends<A: Into<IpAddr> + Copy>(&mut self, ips: &[A], port: u16) -> Result<()> {
         for ip in ips {
-            self.node.add_address(*ip)?;
-            let name = format!("dns-{}", ip.octets()[3]);
-            self.backends
-                .push(Pod::udp(&self.node, &name, SocketAddrV4::new(*ip, port))?);
+            let ip: IpAddr = (*ip).into();
+            self.node.add_address(ip)?;
+            let name = Pod::name_for(ip).replacen("pod", "dns", 1);
+            self.backends.push(Pod::udp(&self.node, &name, (ip, port))?);
         }
         Ok(())
     }
 
-    /// Creates or updates a Service and its EndpointSlice (every pod ready), and kube-proxy's
+    /// Creates or updates a Service and its EndpointSlices (every pod ready), and kube-proxy's
     /// chain for it.
     pub fn service(&mut self, spec: &ServiceSpec) -> Result<()> {
-        let endpoints: Vec<(Ipv4Addr, Condition)> =
+        let endpoints: Vec<(IpAddr, Condition)> =
             spec.pods.iter().map(|ip| (*ip, Condition::Ready)).collect();
         self.service_with(spec, &endpoints)
     }
 
     /// Same, with each endpoint's condition given.
-    pub fn service_with(
+    /// Like `service`, with each endpoint's condition given. A dual-stack spec (`vip2`) gets
+    /// `clusterIPs` and one EndpointSlice per family.
+    pub fn service_with<A: Into<IpAddr> + Copy>(
         &mut self,
         spec: &ServiceSpec,
-        endpoints: &[(Ipv4Addr, Condition)],
+        endpoints: &[(A, Condition)],
     ) -> Result<()> {
+        let endpoints: Vec<(IpAddr, Condition)> =
+            endpoints.iter().map(|(ip, c)| ((*ip).into(), *c)).collect();
+        let vips: Vec<IpAddr> = [Some(spec.vip), spec.vip2].into_iter().flatten().collect();
         let meta = |name: &str| ObjectMeta {
             name: Some(name.into()),
             namespace: Some(spec.namespace.clone()),
@@ -178,6 +185,16 @@ impl KubeBed {
             },
             spec: Some(K8sServiceSpec {
                 cluster_ip: Some(spec.vip.to_string()),
+                cluster_ips: Some(vips.iter().map(ToString::to_string).collect()),
+                ip_families: Some(vips.iter().map(|ip| family(*ip).to_owned()).collect()),
+                ip_family_policy: Some(
+                    if vips.len() == 2 {
+                        "RequireDualStack"
+                    } else {
+                        "SingleStack"
+                    }
+                    .into(),
+                ),
                 ports: Some(vec![ServicePort {
                     name: Some("main".into()),
                     port: i32::from(spec.port),
@@ -189,73 +206,80 @@ impl KubeBed {
             }),
             status: None,
         };
-        let slice = EndpointSlice {
-            metadata: ObjectMeta {
-                labels: Some(BTreeMap::from([(
-                    "kubernetes.io/service-name".to_owned(),
-                    spec.name.clone(),
-                )])),
-                ..meta(&format!("{}-1", spec.name))
-            },
-            address_type: "IPv4".into(),
-            ports: Some(vec![EndpointPort {
-                name: Some("main".into()),
-                port: Some(i32::from(spec.target_port)),
-                protocol: Some(spec.protocol.into()),
-                ..EndpointPort::default()
-            }]),
-            endpoints: endpoints
-                .iter()
-                .map(|(ip, c)| Endpoint {
-                    addresses: vec![ip.to_string()],
-                    node_name: Some(NODE.into()),
-                    conditions: Some(match c {
-                        Condition::Ready => EndpointConditions {
-                            ready: Some(true),
-                            serving: Some(true),
-                            terminating: Some(false),
-                        },
-                        Condition::Terminating => EndpointConditions {
-                            ready: Some(false),
-                            serving: Some(true),
-                            terminating: Some(true),
-                        },
-                    }),
-                    ..Endpoint::default()
-                })
-                .collect(),
-        };
         self.api.apply(&service)?;
-        self.api.apply(&slice)?;
-
-        // kube-proxy, too, uses ready endpoints, or serving-terminating ones if none is ready.
-        let ready: Vec<Ipv4Addr> = endpoints
-            .iter()
-            .filter(|(_, c)| *c == Condition::Ready)
-            .map(|(ip, _)| *ip)
-            .collect();
-        let used = if ready.is_empty() {
-            endpoints.iter().map(|(ip, _)| *ip).collect()
-        } else {
-            ready
-        };
-        self.services.insert(
-            format!("{}/{}", spec.namespace, spec.name),
-            ChainService {
-                port_name: format!("{}/{}:main", spec.namespace, spec.name),
-                vip: spec.vip,
-                port: spec.port,
-                protocol: if spec.protocol == "UDP" { "udp" } else { "tcp" },
-                endpoints: used
+        for (i, vip) in vips.iter().enumerate() {
+            let of_family: Vec<(IpAddr, Condition)> = endpoints
+                .iter()
+                .filter(|(ip, _)| ip.is_ipv4() == vip.is_ipv4())
+                .copied()
+                .collect();
+            let slice = EndpointSlice {
+                metadata: ObjectMeta {
+                    labels: Some(BTreeMap::from([(
+                        "kubernetes.io/service-name".to_owned(),
+                        spec.name.clone(),
+                    )])),
+                    ..meta(&format!("{}-{}", spec.name, i + 1))
+                },
+                address_type: family(*vip).into(),
+                ports: Some(vec![EndpointPort {
+                    name: Some("main".into()),
+                    port: Some(i32::from(spec.target_port)),
+                    protocol: Some(spec.protocol.into()),
+                    ..EndpointPort::default()
+                }]),
+                endpoints: of_family
                     .iter()
-                    .map(|ip| SocketAddrV4::new(*ip, spec.target_port))
+                    .map(|(ip, c)| Endpoint {
+                        addresses: vec![ip.to_string()],
+                        node_name: Some(NODE.into()),
+                        conditions: Some(match c {
+                            Condition::Ready => EndpointConditions {
+                                ready: Some(true),
+                                serving: Some(true),
+                                terminating: Some(false),
+                            },
+                            Condition::Terminating => EndpointConditions {
+                                ready: Some(false),
+                                serving: Some(true),
+                                terminating: Some(true),
+                            },
+                        }),
+                        ..Endpoint::default()
+                    })
                     .collect(),
-            },
-        );
+            };
+            self.api.apply(&slice)?;
+
+            // kube-proxy, too, uses ready endpoints, or serving-terminating ones if none is
+            // ready; one chain per ClusterIP.
+            let ready: Vec<IpAddr> = of_family
+                .iter()
+                .filter(|(_, c)| *c == Condition::Ready)
+                .map(|(ip, _)| *ip)
+                .collect();
+            let used = if ready.is_empty() {
+                of_family.iter().map(|(ip, _)| *ip).collect()
+            } else {
+                ready
+            };
+            self.services.insert(
+                format!("{}/{}/{vip}", spec.namespace, spec.name),
+                ChainService {
+                    port_name: format!("{}/{}:main", spec.namespace, spec.name),
+                    vip: *vip,
+                    port: spec.port,
+                    protocol: if spec.protocol == "UDP" { "udp" } else { "tcp" },
+                    endpoints: used
+                        .iter()
+                        .map(|ip| SocketAddr::new(*ip, spec.target_port))
+                        .collect(),
+                },
+            );
+        }
         let chain: Vec<ChainService> = self.services.values().cloned().collect();
         if self.chain_installed {
-            self.node
-                .run_with_input("iptables-restore", &[], &kube_proxy::rules(&chain))?;
+            kube_proxy::reload(&self.node, &chain)?;
         } else {
             kube_proxy::install(&self.node, &chain)?;
             self.chain_installed = true;
@@ -269,6 +293,7 @@ impl KubeBed {
         let n = self.next_pod;
         self.next_pod += 1;
         let ip = Ipv4Addr::new(10, 250, 0, n as u8);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, n as u16);
         let uid = format!("5e0c1b2a-{n:04x}-4c00-8000-{:012x}", std::process::id());
         let netns = Netns::new(&format!("p{n}"))?;
         let veth = format!("{}v{n}", &crate::unique("")[2..])
@@ -305,6 +330,24 @@ impl KubeBed {
         ])?;
         for range in ["10.244.0.0/16", "10.96.0.0/12"] {
             netns.ip(&["route", "add", range, "via", "169.254.1.1", "dev", "eth0"])?;
+        }
+        // IPv6: the node's end of the veth is fe80::1; the pod routes the IPv6 pod and Service
+        // ranges there, and the node routes the pod's address back down the veth.
+        self.node
+            .ip(&["-6", "addr", "add", "fe80::1/64", "dev", &veth, "nodad"])?;
+        self.node
+            .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &veth])?;
+        netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        for range in ["fd00:244::/32", kube_proxy::SERVICE_RANGES[1]] {
+            netns.ip(&["-6", "route", "add", range, "via", "fe80::1", "dev", "eth0"])?;
         }
 
         let pod_cgroup = self
@@ -354,6 +397,7 @@ impl KubeBed {
             name: name.into(),
             uid,
             ip,
+            ip6,
             cgroup: container,
             pod_cgroup,
             netns,

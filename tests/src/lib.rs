@@ -12,6 +12,7 @@
 //! - `kube_proxy`: the kube-proxy iptables chain for the same Services, as the baseline.
 //! - `manifests`: Service and EndpointSlice YAML for a set of pods.
 //! - `servers`: nginx and redis-server as pods, for the benchmarks.
+//! - `real_clients`: real client stacks (a JVM) driven by the tests.
 //! - `testbed`: all of the above for one test, removed when dropped.
 //! - `apiserver`, `kubebed`: an API server double and a one-node cluster, for Kubernetes mode.
 //! - `leftovers`: removes what killed test-bed processes left behind.
@@ -27,6 +28,7 @@ pub mod manifests;
 pub mod netns;
 pub mod pod;
 pub mod privileges;
+pub mod real_clients;
 pub mod servers;
 pub mod testbed;
 

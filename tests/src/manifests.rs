@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -13,7 +13,10 @@ use anyhow::Result;
 pub struct ServiceSpec {
     pub namespace: String,
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// The ClusterIP (`clusterIPs[0]`).
+    pub vip: IpAddr,
+    /// A second ClusterIP of the other family: a dual-stack Service (RequireDualStack).
+    pub vip2: Option<IpAddr>,
     pub port: u16,
     pub target_port: u16,
     /// "TCP" or "UDP".
@@ -24,28 +27,49 @@ pub struct ServiceSpec {
     pub rebalance: bool,
     /// `sessionAffinity: ClientIP` with this timeout (seconds).
     pub affinity_timeout: Option<u32>,
-    pub pods: Vec<Ipv4Addr>,
+    /// Pods of either family: each family's go into an EndpointSlice of that `addressType`.
+    pub pods: Vec<IpAddr>,
 }
 
 impl ServiceSpec {
-    pub fn new(name: &str, vip: Ipv4Addr, port: u16, target_port: u16, pods: &[Ipv4Addr]) -> Self {
+    pub fn new<A: Into<IpAddr> + Copy>(
+        name: &str,
+        vip: impl Into<IpAddr>,
+        port: u16,
+        target_port: u16,
+        pods: &[A],
+    ) -> Self {
         ServiceSpec {
             namespace: "demo".into(),
             name: name.into(),
-            vip,
+            vip: vip.into(),
+            vip2: None,
             port,
             target_port,
             protocol: "TCP",
             algorithm: None,
             rebalance: false,
             affinity_timeout: None,
-            pods: pods.to_vec(),
+            pods: pods.iter().map(|p| (*p).into()).collect(),
         }
     }
 
+    /// Sets the pods (either family).
+    pub fn set_pods<A: Into<IpAddr> + Copy>(&mut self, pods: &[A]) {
+        self.pods = pods.iter().map(|p| (*p).into()).collect();
+    }
+
     /// Where clients connect.
-    pub fn target(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.vip, self.port)
+    pub fn target(&self) -> SocketAddr {
+        SocketAddr::new(self.vip, self.port)
+    }
+
+    /// The VIP as a dual-mode IPv6 socket names it: `[::ffff:VIP]:port` (IPv4 Services only).
+    pub fn mapped_target(&self) -> SocketAddr {
+        match self.vip {
+            IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), self.port),
+            IpAddr::V6(_) => self.target(),
+        }
     }
 
     /// The Service and one EndpointSlice with every pod ready.
@@ -67,25 +91,52 @@ impl ServiceSpec {
             ),
             None => String::new(),
         };
-        let endpoints: String = self
-            .pods
-            .iter()
-            .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-            .collect();
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}{annotations}\nspec:\n  clusterIP: {vip}{affinity}\n  ports:\n  - {{name: main, port: {port}, targetPort: {target}, protocol: {proto}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: main, port: {target}, protocol: {proto}}}]\nendpoints:{list}",
+        let families = match self.vip2 {
+            Some(second) => format!(
+                "\n  clusterIPs: [\"{}\", \"{second}\"]\n  ipFamilies: [{}, {}]\n  ipFamilyPolicy: RequireDualStack",
+                self.vip,
+                family(self.vip),
+                family(second)
+            ),
+            None => String::new(),
+        };
+        let mut text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}{annotations}\nspec:\n  clusterIP: \"{vip}\"{families}{affinity}\n  ports:\n  - {{name: main, port: {port}, targetPort: {target}, protocol: {proto}}}\n",
             name = self.name,
             ns = self.namespace,
             vip = self.vip,
             port = self.port,
             target = self.target_port,
             proto = self.protocol,
-            list = if endpoints.is_empty() {
-                " []\n".to_owned()
-            } else {
-                format!("\n{endpoints}")
-            },
-        )
+        );
+        // One slice per family that has a ClusterIP (`-1` for the first, as before).
+        for (i, vip) in [Some(self.vip), self.vip2]
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let endpoints: String = self
+                .pods
+                .iter()
+                .filter(|ip| ip.is_ipv4() == vip.is_ipv4())
+                .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+                .collect();
+            text += &format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{n}\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports: [{{name: main, port: {target}, protocol: {proto}}}]\nendpoints:{list}",
+                n = i + 1,
+                name = self.name,
+                ns = self.namespace,
+                family = family(vip),
+                target = self.target_port,
+                proto = self.protocol,
+                list = if endpoints.is_empty() {
+                    " []\n".to_owned()
+                } else {
+                    format!("\n{endpoints}")
+                },
+            );
+        }
+        text
     }
 }
 
@@ -127,4 +178,21 @@ impl Drop for ManifestDir {
 /// Pod addresses 10.244.<subnet>.1..=n.
 pub fn pod_ips(subnet: u8, n: u8) -> Vec<Ipv4Addr> {
     (1..=n).map(|i| Ipv4Addr::new(10, 244, subnet, i)).collect()
+}
+
+/// IPv6 pod addresses fd00:244:<subnet>::1..=n (unique local addresses).
+pub fn pod_ips6(subnet: u8, n: u8) -> Vec<Ipv6Addr> {
+    (1..=n)
+        .map(|i| Ipv6Addr::new(0xfd00, 0x244, subnet.into(), 0, 0, 0, 0, i.into()))
+        .collect()
+}
+
+/// An IPv6 Service address fd00:96:<subnet>::10, the counterpart of 10.96.<subnet>.10.
+pub fn vip6(subnet: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x96, subnet.into(), 0, 0, 0, 0, 0x10)
+}
+
+/// "IPv4" or "IPv6", as `ipFamilies` and `addressType` say it.
+pub fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }

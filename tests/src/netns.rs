@@ -1,9 +1,10 @@
 //! Network namespaces made for one test and deleted with it. They have a loopback interface
-//! and no default route: pods and VIPs are addresses inside, nothing routes out.
+//! with IPv4 and IPv6 on, and no default route in either family: pods and VIPs are addresses
+//! inside (IPv6 ones from the ULA range fd00::/8), nothing routes out.
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::PathBuf,
     process::{Command, Output},
@@ -22,6 +23,14 @@ impl Netns {
         run("ip", &["netns", "add", &name])?;
         let file = File::open(format!("/run/netns/{name}"))?;
         let ns = Netns { name, file };
+        // IPv6 on (the host's default may have it off); the sysctls under /proc/sys/net are
+        // those of the namespace of the thread that writes them.
+        ns.run(|| {
+            for conf in ["all", "default", "lo"] {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "0")?;
+            }
+            Ok(())
+        })?;
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -34,9 +43,21 @@ impl Netns {
         PathBuf::from(format!("/run/netns/{}", self.name))
     }
 
-    /// Adds `ip` as a local address (a "pod" lives there).
-    pub fn add_address(&self, ip: Ipv4Addr) -> Result<()> {
-        self.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+    /// Adds `ip` as a local address (a "pod" lives there). IPv6 ones skip duplicate address
+    /// detection so they are usable at once.
+    pub fn add_address(&self, ip: impl Into<IpAddr>) -> Result<()> {
+        match ip.into() {
+            IpAddr::V4(ip) => self.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]),
+            IpAddr::V6(ip) => self.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ]),
+        }
     }
 
     /// `ip ARGS` inside the namespace.
@@ -106,6 +127,28 @@ impl Netns {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    }
+
+    /// The established TCP connections of one socket family in the namespace, as `ss` lists
+    /// them: (local, peer). An AF_INET6 socket talking to an IPv4 peer shows `::ffff:` addresses
+    /// and only in the IPv6 list.
+    pub fn established(&self, ipv6: bool) -> Result<Vec<(String, String)>> {
+        let family = if ipv6 { "-6" } else { "-4" };
+        let out = self
+            .command("ss")
+            .args(["-Htn", family, "state", "established"])
+            .output()?;
+        if !out.status.success() {
+            bail!("ss: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut fields = l.split_whitespace().rev();
+                let peer = fields.next()?.to_owned();
+                Some((fields.next()?.to_owned(), peer))
+            })
+            .collect())
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {

@@ -11,7 +11,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Shutdown, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
@@ -33,7 +33,7 @@ pub struct PodStats {
 
 pub struct Pod {
     pub name: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub stats: Arc<PodStats>,
     listener: Listener,
     connections: Arc<Mutex<Vec<TcpStream>>>,
@@ -46,7 +46,8 @@ enum Listener {
 
 impl Pod {
     /// A TCP (HTTP/1.1) pod at `addr`, which must be an address of `netns`.
-    pub fn tcp(netns: &Netns, name: &str, addr: SocketAddrV4) -> Result<Pod> {
+    pub fn tcp(netns: &Netns, name: &str, addr: impl Into<SocketAddr>) -> Result<Pod> {
+        let addr = addr.into();
         let listener = netns.run(move || TcpListener::bind(addr))?;
         let stats = Arc::new(PodStats::default());
         let connections = Arc::new(Mutex::new(Vec::new()));
@@ -78,7 +79,8 @@ impl Pod {
     }
 
     /// A UDP pod at `addr`: answers each datagram with its name.
-    pub fn udp(netns: &Netns, name: &str, addr: SocketAddrV4) -> Result<Pod> {
+    pub fn udp(netns: &Netns, name: &str, addr: impl Into<SocketAddr>) -> Result<Pod> {
+        let addr = addr.into();
         let socket = netns.run(move || UdpSocket::bind(addr))?;
         let stats = Arc::new(PodStats::default());
         let serve = socket.try_clone()?;
@@ -101,6 +103,14 @@ impl Pod {
             listener: Listener::Udp(socket),
             connections: Arc::default(),
         })
+    }
+
+    /// The name tests give the pod at `ip`: `pod-N` for 10.244.x.N, `pod6-N` for fd00:…::N.
+    pub fn name_for(ip: IpAddr) -> String {
+        match ip {
+            IpAddr::V4(v4) => format!("pod-{}", v4.octets()[3]),
+            IpAddr::V6(v6) => format!("pod6-{:x}", v6.segments()[7]),
+        }
     }
 
     pub fn accepted(&self) -> u64 {

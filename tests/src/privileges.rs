@@ -29,7 +29,14 @@ fn missing() -> Vec<String> {
     if !Path::new(CGROUP_ROOT).join("cgroup.procs").exists() {
         missing.push(format!("no cgroup v2 hierarchy at {CGROUP_ROOT}"));
     }
-    for tool in ["ip", "nsenter", "iptables-restore"] {
+    for tool in [
+        "ip",
+        "ss",
+        "nsenter",
+        "iptables-restore",
+        "ip6tables-restore",
+        "java",
+    ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()

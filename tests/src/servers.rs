@@ -7,7 +7,7 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Stdio},
     sync::atomic::{AtomicU64, Ordering},
@@ -38,7 +38,7 @@ pub struct Load {
 }
 
 pub struct ServerPod {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub kind: Kind,
     child: Child,
     dir: PathBuf,
@@ -47,7 +47,8 @@ pub struct ServerPod {
 }
 
 impl ServerPod {
-    pub fn start(netns: &Netns, kind: Kind, ip: Ipv4Addr) -> Result<ServerPod> {
+    pub fn start(netns: &Netns, kind: Kind, ip: impl Into<IpAddr>) -> Result<ServerPod> {
+        let ip = ip.into();
         netns.add_address(ip)?;
         let dir = std::env::temp_dir().join(crate::unique("srv"));
         fs::create_dir_all(&dir)?;
@@ -98,10 +99,10 @@ impl ServerPod {
 
     /// The server's own counts, without the reads themselves.
     pub fn load(&self, netns: &Netns) -> Result<Load> {
-        let addr = SocketAddrV4::new(self.ip, self.port());
+        let addr = SocketAddr::new(self.ip, self.port());
         let kind = self.kind;
         let text = netns.run(move || {
-            let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1))?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             match kind {
                 Kind::Nginx => s.write_all(b"GET /status HTTP/1.0\r\n\r\n")?,
@@ -180,8 +181,13 @@ fn parse_info(text: &str) -> Result<(u64, u64)> {
 }
 
 /// One worker, no master, in the foreground: one process per pod to start and stop.
-fn nginx_conf(ip: Ipv4Addr, dir: &std::path::Path) -> String {
+fn nginx_conf(ip: IpAddr, dir: &std::path::Path) -> String {
     let d = dir.display();
+    // nginx wants IPv6 listen addresses in brackets.
+    let ip = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
     format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log error;\n\
          events {{ worker_connections 4096; }}\n\

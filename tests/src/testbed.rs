@@ -2,7 +2,7 @@
 //! (once started) an agent. Everything is removed when it is dropped, also when the test fails.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
@@ -57,13 +57,24 @@ impl Testbed {
         Ok((bed, spec))
     }
 
-    /// Starts a TCP pod named `pod-<last octet>` on each address.
-    pub fn add_pods(&mut self, ips: &[Ipv4Addr], port: u16) -> Result<()> {
+    /// Starts a TCP pod on each address, named as `Pod::name_for` says.
+    pub fn add_pods<A: Into<IpAddr> + Copy>(&mut self, ips: &[A], port: u16) -> Result<()> {
         for ip in ips {
-            self.netns.add_address(*ip)?;
-            let name = format!("pod-{}", ip.octets()[3]);
+            let ip: IpAddr = (*ip).into();
+            self.netns.add_address(ip)?;
             self.pods
-                .push(Pod::tcp(&self.netns, &name, SocketAddrV4::new(*ip, port))?);
+                .push(Pod::tcp(&self.netns, &Pod::name_for(ip), (ip, port))?);
+        }
+        Ok(())
+    }
+
+    /// Starts a UDP pod (answering with its name) on each address.
+    pub fn add_udp_pods<A: Into<IpAddr> + Copy>(&mut self, ips: &[A], port: u16) -> Result<()> {
+        for ip in ips {
+            let ip: IpAddr = (*ip).into();
+            self.netns.add_address(ip)?;
+            self.pods
+                .push(Pod::udp(&self.netns, &Pod::name_for(ip), (ip, port))?);
         }
         Ok(())
     }
@@ -90,10 +101,11 @@ impl Testbed {
     }
 
     /// The pod listening on `ip` (names repeat across subnets, addresses do not).
-    pub fn pod_at(&self, ip: Ipv4Addr) -> &Pod {
+    pub fn pod_at(&self, ip: impl Into<IpAddr>) -> &Pod {
+        let ip = ip.into();
         self.pods
             .iter()
-            .find(|p| *p.addr.ip() == ip)
+            .find(|p| p.addr.ip() == ip)
             .expect("pod exists")
     }
 
@@ -121,10 +133,8 @@ impl Testbed {
             .backends()?
             .into_iter()
             .map(|b| {
-                (
-                    format!("pod-{}", b.ip.rsplit('.').next().unwrap_or("?")),
-                    b.connections,
-                )
+                let name = b.ip.parse().map_or_else(|_| b.ip.clone(), Pod::name_for);
+                (name, b.connections)
             })
             .collect();
         v.sort();

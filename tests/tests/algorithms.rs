@@ -56,7 +56,7 @@ fn maglev_keeps_clients_on_their_pod_and_a_scale_up_moves_about_one_in_n() {
     // A sixth pod takes about 1/6 of the keys; the others stay where they were.
     let sixth = pod_ips(12, 6)[5];
     bed.add_pods(&[sixth], 8080).unwrap();
-    spec.pods.push(sixth);
+    spec.pods.push(sixth.into());
     bed.write_service(&spec).unwrap();
     bed.agent().wait_backends("demo/web", &spec.pods).unwrap();
     let after = owner(&mut c);

@@ -52,7 +52,7 @@ fn least_conn_spreads_a_burst_evenly_and_a_scale_up_fills_the_new_pods_first() {
     // Scale up to six pods while those 30 connections stay open.
     let second = pod_ips(6, 6)[3..].to_vec();
     bed.add_pods(&second, 8080).unwrap();
-    spec.pods = pod_ips(6, 6);
+    spec.set_pods(&pod_ips(6, 6));
     bed.write_service(&spec).unwrap();
     bed.agent().wait_backends("demo/web", &spec.pods).unwrap();
     let before: BTreeMap<String, u64> = bed.accepted().into_iter().collect();

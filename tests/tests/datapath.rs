@@ -29,7 +29,7 @@ fn a_connect_to_the_vip_reaches_a_pod_and_the_app_sees_the_vip() {
         Ipv4Addr::new(10, 96, 1, 11),
         80,
         8080,
-        &[],
+        &[] as &[Ipv4Addr],
     ))
     .unwrap();
     bed.start_agent(&[]).unwrap();

@@ -1,11 +1,14 @@
 //! Kubernetes mode end to end: the agent's production code against the API server double,
 //! pods with their own network namespaces and kubelet-shaped cgroups, kube-proxy on the node.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use socklb_tests::{
     kubebed::{Condition, KubeBed},
-    manifests::{ServiceSpec, pod_ips},
+    manifests::{ServiceSpec, pod_ips, pod_ips6, vip6},
     require_privileges, wait_for,
 };
 
@@ -107,7 +110,7 @@ fn cluster(prefix: &str, subnet: u8) -> (KubeBed, ServiceSpec) {
     bed.tcp_backends(&pods, 8080).unwrap();
     bed.namespace("shop", Some(true)).unwrap();
     let mut spec = web(&pods);
-    spec.vip = Ipv4Addr::new(10, 96, subnet, 10);
+    spec.vip = Ipv4Addr::new(10, 96, subnet, 10).into();
     bed.service(&spec).unwrap();
     bed.client_pod("shop", "a", false).unwrap();
     bed.start_agent(&[]).unwrap();
@@ -169,7 +172,7 @@ fn terminating_endpoints_and_an_api_server_that_restarts_or_drops_watches() {
     let fourth = pod_ips(31, 4)[3];
     bed.tcp_backends(&[fourth], 8080).unwrap();
     let mut four = spec.clone();
-    four.pods.push(fourth);
+    four.pods.push(fourth.into());
     bed.service(&four).unwrap();
     bed.agent().wait_backends("shop/web", &four.pods).unwrap();
     let log = bed.agent().log();
@@ -249,4 +252,66 @@ fn dns_over_unconnected_udp_through_a_vip() {
         .unwrap()
         .unwrap();
     assert_eq!(balanced, 30.0, "every datagram went through socklb");
+}
+
+#[test]
+fn a_dual_stack_service_is_balanced_per_family_and_kube_proxy_keeps_the_rest() {
+    require_privileges!();
+    let mut bed = KubeBed::new("k8s6").unwrap();
+    let (v4, v6) = (pod_ips(34, 2), pod_ips6(34, 2));
+    bed.tcp_backends(&v4, 8080).unwrap();
+    bed.tcp_backends(&v6, 8080).unwrap();
+    bed.namespace("shop", Some(true)).unwrap();
+    bed.namespace("plain", None).unwrap();
+    let mut spec = web(&v4);
+    spec.vip = Ipv4Addr::new(10, 96, 34, 10).into();
+    spec.vip2 = Some(vip6(34).into());
+    spec.pods.extend(v6.iter().map(|ip| IpAddr::from(*ip)));
+    bed.service(&spec).unwrap();
+    bed.client_pod("shop", "a", false).unwrap();
+    bed.client_pod("plain", "c", false).unwrap();
+    bed.start_agent(&[]).unwrap();
+    bed.agent().wait_backends("shop/web", &spec.pods).unwrap();
+    let mut a = bed.client("a").unwrap();
+    switched_on(&bed, 1.0);
+
+    let targets = [
+        (spec.target(), "pod-"),
+        (spec.mapped_target(), "pod-"),
+        (SocketAddr::new(spec.vip2.unwrap(), 80), "pod6-"),
+    ];
+    // The switched-on pod: every kind of socket is balanced over its family's pods only, and
+    // sees the ClusterIP it asked for.
+    for (target, family) in targets {
+        let opened = a.open_one_by_one(target, 4).unwrap();
+        for o in &opened {
+            assert!(o.ok, "{target}: {o:?}");
+            assert_eq!(o.peer.as_deref(), Some(target.to_string().as_str()));
+            assert!(o.pod.as_deref().unwrap().starts_with(family), "{o:?}");
+        }
+    }
+    let spread: Vec<u64> = bed.backends.iter().map(|p| p.open()).collect();
+    assert_eq!(
+        spread,
+        [4, 4, 2, 2],
+        "v4 and v4-mapped share the IPv4 pods' counts"
+    );
+    assert_eq!(bed.counted().unwrap(), 12);
+
+    // A pod of another namespace reaches both ClusterIPs through kube-proxy (iptables and
+    // ip6tables on the node), uncounted by socklb.
+    let mut c = bed.client("c").unwrap();
+    for (target, family) in targets {
+        let o = c.open(target, 2).unwrap();
+        assert!(
+            o.iter()
+                .all(|o| o.ok && o.pod.as_deref().unwrap().starts_with(family)),
+            "{target}: {o:?}"
+        );
+    }
+    assert_eq!(
+        bed.counted().unwrap(),
+        12,
+        "kube-proxy's connections are not socklb's"
+    );
 }

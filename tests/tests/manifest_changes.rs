@@ -36,7 +36,7 @@ fn a_removed_backend_gets_no_new_connections_and_keeps_its_open_ones() {
         [3, 3, 3]
     );
 
-    spec.pods = pods[..2].to_vec();
+    spec.set_pods(&pods[..2]);
     bed.write_service(&spec).unwrap();
     bed.agent().wait_backends("demo/web", &spec.pods).unwrap();
     let draining = bed.agent().backends().unwrap();

@@ -62,10 +62,10 @@ fn a_scale_up_is_evened_out_within_bounded_rounds_and_only_where_asked() {
     // Scale both up.
     let new_web = pod_ips(14, 6)[3..].to_vec();
     bed.add_pods(&new_web, 8080).unwrap();
-    web.pods = pod_ips(14, 6);
+    web.set_pods(&pod_ips(14, 6));
     bed.write_service(&web).unwrap();
     bed.add_pods(&other_pods[2..], 8080).unwrap();
-    other.pods = other_pods.clone();
+    other.set_pods(&other_pods);
     bed.write_service(&other).unwrap();
     bed.agent().wait_backends("demo/web", &web.pods).unwrap();
     bed.agent()

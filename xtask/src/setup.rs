@@ -23,9 +23,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: what provides the commands the tests and the demo run.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
+    ("iproute2", "ss"),
     ("util-linux", "nsenter"),
     ("iptables", "iptables-restore"),
+    ("iptables", "ip6tables-restore"),
     ("bpftool", "bpftool"),
+    // A real JVM client: dual-mode IPv6 sockets by default.
+    ("openjdk-17-jdk-headless", "java"),
 ];
 
 /// What the benchmarks run as clients and servers.
@@ -211,11 +215,12 @@ pub fn ensure_bench_packages() -> Result<()> {
 }
 
 fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = packages
+    let mut missing: Vec<&str> = packages
         .iter()
         .filter(|(_, command)| !has_command(command))
         .map(|(package, _)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

@@ -3,7 +3,9 @@
 //!
 //! - `{"cmd":"open","target":"VIP:PORT","count":N,"proto":"tcp"|"udp","timeout_ms":T}` opens N
 //!   connections at once (all threads released together), makes one request on each, keeps them
-//!   open, and answers with each one's pod, peer address (getpeername) and error if any.
+//!   open, and answers with each one's pod, peer address (getpeername) and error if any. The
+//!   socket's family is the target's, so `[::ffff:VIP]:PORT` is a dual-mode AF_INET6 socket to
+//!   an IPv4 address (what Java and gRPC C-core open); `"v6only":true` sets IPV6_V6ONLY on it.
 //!   With `"bind_ports":[P, ...]` it opens one TCP connection per port instead, one after the
 //!   other, each bound to that local port and closed with a reset (no TIME_WAIT) later.
 //! - `{"cmd":"request","rounds":K}` sends K more requests on every open connection.
@@ -53,6 +55,8 @@ struct Command {
     rounds: usize,
     #[serde(default)]
     rate: u64,
+    #[serde(default)]
+    v6only: bool,
 }
 
 #[derive(Serialize, Default)]
@@ -183,6 +187,7 @@ fn open_many(c: &Command) -> (Vec<Outcome>, Vec<Conn>) {
         return (Vec::new(), Vec::new());
     };
     let udp = c.proto.as_deref() == Some("udp");
+    let v6only = c.v6only;
     let timeout = c.timeout_ms.map(Duration::from_millis);
     let barrier = Arc::new(Barrier::new(c.count));
     let handles: Vec<_> = (0..c.count)
@@ -192,6 +197,14 @@ fn open_many(c: &Command) -> (Vec<Outcome>, Vec<Conn>) {
                 barrier.wait();
                 if udp {
                     open_udp(target)
+                } else if v6only {
+                    open_tcp(target, || {
+                        use socket2::{Domain, Socket, Type};
+                        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+                        s.set_only_v6(true)?;
+                        s.connect(&target.into())?;
+                        Ok(s.into())
+                    })
                 } else {
                     open_tcp(target, || match timeout {
                         Some(t) => TcpStream::connect_timeout(&target, t),
@@ -271,7 +284,7 @@ fn open_udp(target: SocketAddr) -> (Outcome, Option<Conn>) {
     let start = Instant::now();
     let mut outcome = Outcome::default();
     let result = (|| -> std::io::Result<UdpSocket> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let s = UdpSocket::bind(any_address(target))?;
         s.connect(target)?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         outcome.peer = s.peer_addr().ok().map(|a| a.to_string());
@@ -293,6 +306,15 @@ fn open_udp(target: SocketAddr) -> (Outcome, Option<Conn>) {
             outcome.error = Some(e.to_string());
             (outcome, None)
         }
+    }
+}
+
+/// The wildcard address of the target's family: an IPv6 target (including `::ffff:VIP`) gets
+/// a dual-mode AF_INET6 socket.
+fn any_address(target: SocketAddr) -> SocketAddr {
+    match target {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("address"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("address"),
     }
 }
 
@@ -417,7 +439,7 @@ fn sendto(c: &Command) -> serde_json::Value {
     let mut sockets = Vec::new();
     for _ in 0..c.rounds.max(1) {
         let result = (|| -> std::io::Result<(Vec<String>, Vec<String>)> {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let s = UdpSocket::bind(any_address(target))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             let (mut pods, mut from) = (Vec::new(), Vec::new());
             let mut buf = [0u8; 256];

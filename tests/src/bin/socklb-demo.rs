@@ -111,11 +111,11 @@ fn run(balancer: Balancer) -> Result<Run> {
             bed.netns.run_with_input(
                 "iptables-restore",
                 &[],
-                &kube_proxy::rules(&[chain(&ips)]),
+                &kube_proxy::rules(&[chain(&ips)], false),
             )?;
         }
         Balancer::Socklb(_) => {
-            spec.pods = ips.clone();
+            spec.set_pods(&ips);
             bed.write_service(&spec)?;
             bed.agent().wait_backends("demo/web", &ips)?;
         }
@@ -166,10 +166,10 @@ fn phase(from: &BTreeMap<String, (u64, u64)>, to: &BTreeMap<String, (u64, u64)>)
 fn chain(pods: &[Ipv4Addr]) -> ChainService {
     ChainService {
         port_name: "demo/web:main".into(),
-        vip: VIP,
+        vip: VIP.into(),
         port: 80,
         protocol: "tcp",
-        endpoints: pods.iter().map(|ip| SocketAddrV4::new(*ip, 8080)).collect(),
+        endpoints: pods.iter().map(|ip| (*ip, 8080).into()).collect(),
     }
 }
 

@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::Path,
     process::{Child, Command, Stdio},
     thread,
@@ -17,6 +17,7 @@ use socklb_tests::{
     client::place,
     kube_proxy::{self, ChainService},
     manifests::ServiceSpec,
+    pod::Pod,
     servers::{H2C_PORT, HTTP_PORT, Kind, Load, REDIS_PORT, ServerPod},
     testbed::Testbed,
 };
@@ -161,7 +162,7 @@ fn scenarios() -> Vec<Scenario> {
 struct Run {
     balancer: Balancer,
     /// Seconds since the start -> load of each pod (by address).
-    samples: Vec<(f64, BTreeMap<Ipv4Addr, Load>)>,
+    samples: Vec<(f64, BTreeMap<IpAddr, Load>)>,
     /// The last sample taken while the load was still running.
     last_loaded: usize,
     /// From when the measured window starts (after the scale-up, or after a warm-up).
@@ -250,13 +251,10 @@ fn run_one(s: &Scenario, balancer: Balancer) -> Result<Run> {
     spec.rebalance = balancer == Balancer::Rebalance;
     let chain = |ips: &[Ipv4Addr]| ChainService {
         port_name: "demo/bench:main".into(),
-        vip: VIP,
+        vip: VIP.into(),
         port: service_port,
         protocol: "tcp",
-        endpoints: ips
-            .iter()
-            .map(|ip| SocketAddrV4::new(*ip, s.target_port))
-            .collect(),
+        endpoints: ips.iter().map(|ip| (*ip, s.target_port).into()).collect(),
     };
     match balancer {
         Balancer::KubeProxy => {
@@ -306,11 +304,11 @@ fn run_one(s: &Scenario, balancer: Balancer) -> Result<Run> {
                     bed.netns.run_with_input(
                         "iptables-restore",
                         &[],
-                        &kube_proxy::rules(&[chain(&all_ips)]),
+                        &kube_proxy::rules(&[chain(&all_ips)], false),
                     )?;
                 }
                 _ => {
-                    spec.pods = all_ips.clone();
+                    spec.set_pods(&all_ips);
                     bed.write_service(&spec)?;
                     bed.agent().wait_backends("demo/bench", &all_ips)?;
                 }
@@ -515,7 +513,7 @@ fn metrics(r: &Run) -> Metrics {
     let sd = (requests.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
     let max = requests.iter().copied().fold(0.0, f64::max);
     // Balanced: every pod's connections within one of the mean; from when on it stays so.
-    let balanced = |l: &BTreeMap<Ipv4Addr, Load>| {
+    let balanced = |l: &BTreeMap<IpAddr, Load>| {
         let c: Vec<f64> = l.values().map(|x| x.connections as f64).collect();
         let m = c.iter().sum::<f64>() / c.len() as f64;
         c.iter().all(|x| (x - m).abs() <= 1.0)
@@ -523,7 +521,7 @@ fn metrics(r: &Run) -> Metrics {
     let balanced_after = match r.scaled_at {
         None => "-".to_owned(),
         Some(at) => {
-            let after: Vec<&(f64, BTreeMap<Ipv4Addr, Load>)> =
+            let after: Vec<&(f64, BTreeMap<IpAddr, Load>)> =
                 r.samples.iter().filter(|(t, _)| *t > at).collect();
             let since = after
                 .iter()
@@ -591,7 +589,7 @@ fn table(s: &Scenario, runs: &[Run]) -> String {
 }
 
 fn panel(r: &Run) -> Panel {
-    let pods: Vec<Ipv4Addr> = r
+    let pods: Vec<IpAddr> = r
         .samples
         .last()
         .map(|(_, l)| l.keys().copied().collect())
@@ -609,7 +607,7 @@ fn panel(r: &Run) -> Panel {
                     Some((*t1, req as f64 / (t1 - t0)))
                 })
                 .collect();
-            (format!("pod {}", ip.octets()[3]), points)
+            (Pod::name_for(*ip).replacen("pod-", "pod ", 1), points)
         })
         .collect();
     Panel {

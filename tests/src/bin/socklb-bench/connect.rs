@@ -1,13 +1,17 @@
 //! `cargo xtask bench connect`: what a connect costs through socklb, straight to the pod, and
-//! through the kube-proxy chain, with 1, 1,000 and 10,000 Services programmed (rules and map
-//! entries for all of them, the measured Service in the middle of kube-proxy's list). Each
-//! measurement is connect + HTTP/1.0 request + first byte of the answer from a real nginx,
-//! one connection after the other, by one client process.
+//! through the kube-proxy chain, with 1, 1,000 and 10,000 dual-stack Services programmed (rules
+//! and map entries for all of them, the measured Service in the middle of kube-proxy's list).
+//! Each measurement is connect + HTTP/1.0 request + first byte of the answer from a real nginx,
+//! one connection after the other, by one client process, for three kinds of client socket:
+//! `AF_INET` to the IPv4 ClusterIP; `AF_INET6` to `::ffff:ClusterIP` (what Java, .NET and gRPC
+//! C-core do, through `connect6`); and `AF_INET6` to the IPv6 ClusterIP. The kube-proxy
+//! baseline is iptables for the first two and ip6tables for the third, in kube-proxy's shape.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     time::Instant,
 };
@@ -24,53 +28,111 @@ use socklb_tests::{
 };
 
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
 const CONNECTS: usize = 3_000;
 /// Rounds per path, taken in turn; the table shows the median round.
 const ROUNDS: usize = 3;
 const WARM_UP: usize = 500;
 
-/// N Services with two (unreachable) endpoints each, except the one in the middle, which
-/// leads to the nginx pod. Returns them and the measured one's address.
-fn services(n: u32) -> (Vec<ServiceSpec>, SocketAddrV4) {
+/// The kinds of client socket measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    /// AF_INET to the IPv4 ClusterIP.
+    V4,
+    /// AF_INET6 (dual-mode) to `::ffff:ClusterIP`.
+    V4Mapped,
+    /// AF_INET6 to the IPv6 ClusterIP.
+    V6,
+}
+
+impl Family {
+    const ALL: [Family; 3] = [Family::V4, Family::V4Mapped, Family::V6];
+
+    fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V4Mapped => "v4-mapped (AF_INET6 to ::ffff:VIP)",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    /// (straight to the pod, through the Service) as this kind of socket names them.
+    fn targets(self, spec: &ServiceSpec) -> (SocketAddr, SocketAddr) {
+        match self {
+            Family::V4 => (SocketAddr::from((POD, HTTP_PORT)), spec.target()),
+            Family::V4Mapped => (
+                SocketAddr::from((POD.to_ipv6_mapped(), HTTP_PORT)),
+                spec.mapped_target(),
+            ),
+            Family::V6 => (
+                SocketAddr::from((POD6, HTTP_PORT)),
+                SocketAddr::new(spec.vip2.expect("dual-stack"), spec.port),
+            ),
+        }
+    }
+
+    /// The program that rewrites this kind of connect.
+    fn hook(self) -> &'static str {
+        match self {
+            Family::V4 => "connect4",
+            Family::V4Mapped | Family::V6 => "connect6",
+        }
+    }
+}
+
+/// N dual-stack Services with two (unreachable) endpoints per family each, except the one in
+/// the middle, which leads to the nginx pods. Returns them and the measured one.
+fn services(n: u32) -> (Vec<ServiceSpec>, ServiceSpec) {
     let target = n / 2;
     let specs: Vec<ServiceSpec> = (0..n)
         .map(|i| {
             let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 16)) + i);
-            let pods = if i == target {
-                vec![POD]
+            let vip6 = Ipv6Addr::from(
+                u128::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 16)) + u128::from(i),
+            );
+            let pods: Vec<IpAddr> = if i == target {
+                vec![POD.into(), POD6.into()]
             } else {
                 (0..2)
-                    .map(|k| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + 2 * i + k))
+                    .flat_map(|k| {
+                        let v4 =
+                            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + 2 * i + k);
+                        let v6 = Ipv6Addr::from(
+                            u128::from(Ipv6Addr::new(0xfd00, 0x245, 0, 0, 0, 0, 0, 0))
+                                + u128::from(2 * i + k),
+                        );
+                        [IpAddr::from(v4), IpAddr::from(v6)]
+                    })
                     .collect()
             };
             let mut s = ServiceSpec::new(&format!("svc-{i}"), vip, 80, HTTP_PORT, &pods);
+            s.vip2 = Some(vip6.into());
             s.namespace = "bench".into();
             s
         })
         .collect();
-    let addr = specs[target as usize].target();
-    (specs, addr)
+    let measured = specs[target as usize].clone();
+    (specs, measured)
 }
 
-struct Row {
-    services: u32,
-    path: &'static str,
-    latency: Latency,
-}
+/// (Services, family) -> [direct, socklb, kube-proxy].
+type Table = BTreeMap<(u32, Family), [Option<Latency>; 3]>;
 
 pub fn run(results: &Path) -> Result<()> {
     fs::create_dir_all(results)?;
-    let mut rows = Vec::new();
+    let mut table = Table::new();
     let mut notes = String::new();
     let mut bpf = String::new();
     for n in [1u32, 1_000, 10_000] {
-        println!("\n== {n} Services");
-        let (specs, vip) = services(n);
-        let pod = SocketAddrV4::new(POD, HTTP_PORT);
+        println!("\n== {n} dual-stack Services");
+        let (specs, measured) = services(n);
 
         // socklb: the programs on the client cgroup, every Service in the maps.
         let mut bed = Testbed::new("conn")?;
-        let _pod = ServerPod::start(&bed.netns, Kind::Nginx, POD)?;
+        let _pods = (
+            ServerPod::start(&bed.netns, Kind::Nginx, POD)?,
+            ServerPod::start(&bed.netns, Kind::Nginx, POD6)?,
+        );
         let yaml: Vec<String> = specs.iter().map(ServiceSpec::yaml).collect();
         bed.manifests
             .write("services.yaml", &yaml.join("\n---\n"))?;
@@ -79,111 +141,126 @@ pub fn run(results: &Path) -> Result<()> {
         let programmed = t.elapsed();
         let _ = writeln!(
             notes,
-            "- {n} Services: the agent loaded, attached and programmed them in {programmed:.2?}"
+            "- {n} Services ({} frontends): the agent loaded, attached and programmed them in {programmed:.2?}",
+            2 * n
         );
 
         // Straight to the pod: a client outside the cgroup, no balancer at all.
         let mut direct = Client::spawn(&bed.netns, None)?;
         let mut through = bed.client()?;
-        direct.latency(pod, WARM_UP)?;
-        through.latency(vip, WARM_UP)?;
-        let before = bpf_stats(&bed)?;
-        let (mut straight, mut balanced) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            straight.push(direct.latency(pod, CONNECTS)?);
-            balanced.push(with_bpf_stats(|| through.latency(vip, CONNECTS))?);
+        for family in Family::ALL {
+            let (pod, vip) = family.targets(&measured);
+            direct.latency(pod, WARM_UP)?;
+            through.latency(vip, WARM_UP)?;
+            let before = bpf_stats(&bed)?;
+            let (mut straight, mut balanced) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                straight.push(direct.latency(pod, CONNECTS)?);
+                balanced.push(with_bpf_stats(|| through.latency(vip, CONNECTS))?);
+            }
+            let after = bpf_stats(&bed)?;
+            let row = table.entry((n, family)).or_default();
+            row[0] = Some(median(&straight));
+            row[1] = Some(median(&balanced));
+            let _ = write!(bpf, "| {n} | {} |", family.label());
+            for name in [family.hook(), "sock_ops", "sock_release"] {
+                let (cnt, ns) = (
+                    after[name].0 - before[name].0,
+                    after[name].1 - before[name].1,
+                );
+                let _ = write!(
+                    bpf,
+                    " {name}: {:.0} ns ({cnt} runs) |",
+                    ns as f64 / cnt.max(1) as f64
+                );
+            }
+            bpf.push('\n');
+            println!("   {}: direct and socklb done", family.label());
         }
-        let after = bpf_stats(&bed)?;
-        rows.push(Row {
-            services: n,
-            path: "direct to the pod",
-            latency: median(&straight),
-        });
-        rows.push(Row {
-            services: n,
-            path: "socklb",
-            latency: median(&balanced),
-        });
-        println!("   direct and socklb done");
-        let _ = write!(bpf, "| {n} |");
-        for name in ["connect4", "sock_ops", "sock_release"] {
-            let (cnt, ns) = (
-                after[name].0 - before[name].0,
-                after[name].1 - before[name].1,
-            );
-            let _ = write!(
-                bpf,
-                " {:.0} ns ({cnt} runs) |",
-                ns as f64 / cnt.max(1) as f64
-            );
-        }
-        bpf.push('\n');
         drop((direct, through));
         drop(bed);
 
-        // kube-proxy: the same Services as iptables rules, in a namespace of their own.
+        // kube-proxy: the same Services as iptables and ip6tables rules, in a namespace of
+        // their own.
         let bed = Testbed::new("connkp")?;
-        let _pod = ServerPod::start(&bed.netns, Kind::Nginx, POD)?;
+        let _pods = (
+            ServerPod::start(&bed.netns, Kind::Nginx, POD)?,
+            ServerPod::start(&bed.netns, Kind::Nginx, POD6)?,
+        );
         let chain: Vec<ChainService> = specs
             .iter()
-            .map(|s| ChainService {
-                port_name: format!("bench/{}:main", s.name),
-                vip: s.vip,
-                port: s.port,
-                protocol: "tcp",
-                endpoints: s
-                    .pods
-                    .iter()
-                    .map(|ip| SocketAddrV4::new(*ip, HTTP_PORT))
-                    .collect(),
+            .flat_map(|s| {
+                [Some(s.vip), s.vip2]
+                    .into_iter()
+                    .flatten()
+                    .map(|vip| ChainService {
+                        port_name: format!("bench/{}:main", s.name),
+                        vip,
+                        port: s.port,
+                        protocol: "tcp",
+                        endpoints: s
+                            .pods
+                            .iter()
+                            .filter(|ip| ip.is_ipv4() == vip.is_ipv4())
+                            .map(|ip| SocketAddr::new(*ip, HTTP_PORT))
+                            .collect(),
+                    })
             })
             .collect();
         let t = Instant::now();
         kube_proxy::install(&bed.netns, &chain)?;
         let _ = writeln!(
             notes,
-            "- {n} Services: iptables-restore of kube-proxy's rules took {:.2?}",
+            "- {n} Services: iptables-restore and ip6tables-restore of kube-proxy's rules took {:.2?}",
             t.elapsed()
         );
         let mut client = Client::spawn(&bed.netns, None)?;
-        client.latency(vip, WARM_UP)?;
-        let rounds: Vec<Latency> = (0..ROUNDS)
-            .map(|_| client.latency(vip, CONNECTS))
-            .collect::<Result<_>>()?;
-        rows.push(Row {
-            services: n,
-            path: "kube-proxy (iptables)",
-            latency: median(&rounds),
-        });
+        for family in Family::ALL {
+            let (_, vip) = family.targets(&measured);
+            client.latency(vip, WARM_UP)?;
+            let rounds: Vec<Latency> = (0..ROUNDS)
+                .map(|_| client.latency(vip, CONNECTS))
+                .collect::<Result<_>>()?;
+            table.entry((n, family)).or_default()[2] = Some(median(&rounds));
+        }
         println!("   kube-proxy done");
     }
 
     let mut out = format!(
         "# Connect cost\n\nConnect + first byte of the answer (HTTP/1.0 to nginx), {CONNECTS} connections one after another \
          per round, {ROUNDS} rounds per path taken in turn (the table shows the round with the median p50), after \
-         {WARM_UP} to warm up. Ratios are against going straight to the pod in the same namespace.\n\n\
-         | Services | path | p50 (µs) | p99 (µs) | connections/s | p50 vs direct | connections/s vs direct |\n|---|---|---|---|---|---|---|\n"
+         {WARM_UP} to warm up. Ratios are against going straight to the pod with the same kind of socket in the same \
+         namespace. Every Service is dual-stack (an IPv4 and an IPv6 ClusterIP); kube-proxy's baseline is iptables \
+         for IPv4 and v4-mapped sockets and ip6tables for IPv6.\n\n\
+         | Services | client socket | path | p50 (µs) | p99 (µs) | connections/s | p50 vs direct | connections/s vs direct |\n|---|---|---|---|---|---|---|---|\n"
     );
-    for chunk in rows.chunks(3) {
-        let direct = chunk[0].latency;
-        for r in chunk {
+    for ((n, family), paths) in &table {
+        let Some(direct) = paths[0] else { continue };
+        for (path, latency) in ["direct to the pod", "socklb", "kube-proxy (iptables)"]
+            .iter()
+            .zip(paths)
+        {
+            let Some(l) = latency else { continue };
+            let path = match (family, *path) {
+                (Family::V6, "kube-proxy (iptables)") => "kube-proxy (ip6tables)",
+                (_, p) => p,
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
-                r.services,
-                r.path,
-                r.latency.p50_us,
-                r.latency.p99_us,
-                r.latency.per_second,
-                r.latency.p50_us / direct.p50_us,
-                r.latency.per_second / direct.per_second
+                "| {n} | {} | {path} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                family.label(),
+                l.p50_us,
+                l.p99_us,
+                l.per_second,
+                l.p50_us / direct.p50_us,
+                l.per_second / direct.per_second
             );
         }
     }
     let _ = write!(
         out,
         "\nThe BPF programs' own run time per call (kernel.bpf_stats_enabled during the socklb rounds only):\n\n\
-         | Services | connect4 | sock_ops | sock_release |\n|---|---|---|---|\n{bpf}\n{notes}"
+         | Services | client socket | connect hook | sock_ops | sock_release |\n|---|---|---|---|---|\n{bpf}\n{notes}"
     );
     print!("\n{out}");
     fs::write(results.join("README.md"), out)?;
@@ -210,7 +287,7 @@ fn median(rounds: &[Latency]) -> Latency {
 }
 
 /// (run count, run time in ns) per attached program, from `socklbctl -j prog show`.
-fn bpf_stats(bed: &Testbed) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+fn bpf_stats(bed: &Testbed) -> Result<BTreeMap<String, (u64, u64)>> {
     let rows: Vec<Value> = ctl_json(&bed.agent().pin_path, &["prog", "show"])?;
     Ok(rows
         .iter()

@@ -163,15 +163,15 @@ pub fn run(results: &Path) -> Result<()> {
     let chain: Vec<ChainService> = (0..SERVICES)
         .map(|i| ChainService {
             port_name: format!("bench/svc-{i}:http"),
-            vip: vip(i),
+            vip: vip(i).into(),
             port: 80,
             protocol: "tcp",
             endpoints: (0..ENDPOINTS)
-                .map(|k| SocketAddrV4::new(endpoint(i, k), 8080))
+                .map(|k| (endpoint(i, k), 8080).into())
                 .collect(),
         })
         .collect();
-    let rules = kube_proxy::rules(&chain);
+    let rules = kube_proxy::rules(&chain, false);
     let t = Instant::now();
     kube_proxy::install(&netns, &chain)?;
     let restore = t.elapsed();
