@@ -24,13 +24,15 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
     pub const SOCKETS: &str = "SOCKETS";
+    pub const UDP_PEERS: &str = "UDP_PEERS";
     pub const RR_CURSORS: &str = "RR_CURSORS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const AFFINITY: &str = "AFFINITY";
     pub const REBALANCE_STATS: &str = "REBALANCE_STATS";
     pub const SETTINGS: &str = "SETTINGS";
     pub const ENABLED_NETNS: &str = "ENABLED_NETNS";
-    pub const ALL: [&str; 13] = [
+    pub const COUNT_UNDERFLOWS: &str = "COUNT_UNDERFLOWS";
+    pub const ALL: [&str; 15] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -38,12 +40,14 @@ pub mod map_names {
         SERVICE_STATS,
         SERVICE_NAMES,
         SOCKETS,
+        UDP_PEERS,
         RR_CURSORS,
         MAGLEV,
         AFFINITY,
         REBALANCE_STATS,
         SETTINGS,
         ENABLED_NETNS,
+        COUNT_UNDERFLOWS,
     ];
 }
 
@@ -76,8 +80,10 @@ pub mod limits {
     pub const MAX_AFFINITY: u32 = 65_536;
     /// Pods (network namespaces) a node can have switched on.
     pub const MAX_ENABLED_NETNS: u32 = 16_384;
-    /// Service addresses one unconnected UDP socket can talk to at once (see `SockState`).
-    pub const UDP_PEERS: usize = 4;
+    /// Service addresses one unconnected UDP socket can talk to at once (see `UdpPeers`).
+    pub const UDP_PEERS_PER_SOCKET: usize = 4;
+    /// Backends whose count was caught going below zero (`COUNT_UNDERFLOWS`).
+    pub const MAX_UNDERFLOW_RECORDS: u32 = 4_096;
 }
 
 /// Index of the agent's switches in the `SETTINGS` array, and their bits.
@@ -232,7 +238,9 @@ pub struct Service {
     pub algorithm: u8,
     /// `service_flags`.
     pub flags: u8,
-    pub _pad: u16,
+    /// Rebalancing's quiet time for this Service in milliseconds (0: the agent's default).
+    /// Only userspace reads it; kept here so a restarted agent reads it back with the rest.
+    pub rebalance_quiet_ms: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 means no affinity.
     pub affinity_timeout: u32,
 }
@@ -329,39 +337,83 @@ pub struct ServiceName {
     pub port_name: [u8; 16],
 }
 
-/// Socket-local storage (`SOCKETS`, a `BPF_MAP_TYPE_SK_STORAGE`) of a socket that socklb
-/// assigned to a backend. The kernel frees it with the socket, so unlike an LRU map no live
-/// entry can be evicted.
+/// Socket-local storage (`SOCKETS`, a `BPF_MAP_TYPE_SK_STORAGE`) of a TCP or connected UDP
+/// socket that socklb assigned to a backend. The kernel frees it with the socket, so unlike an
+/// LRU map no live entry can be evicted.
 ///
-/// Exactly-once uncounting without a compare-and-swap: every path that clears `live` runs
-/// serialised with the others on the same socket. connect4 and the TCP connect callback run
-/// under the socket lock inside connect(); TCP state callbacks run under the socket lock; and
-/// sock_release (no lock) only acts on sockets that are not `tracked`, which never get state
-/// callbacks.
+/// # Exactly-once counting
+///
+/// `connect4`/`connect6` count a socket against its backend (`CONN_COUNTS[backend_id] += 1`)
+/// and set `live` to 1 in the same run, under the socket lock that connect() holds. Every path
+/// that ends the assignment takes `live` back to 0 with one atomic exchange and decrements the
+/// count only if the exchange returned 1, so of all the paths that may race (a TCP state
+/// callback in softirq, `sock_release`, a new connect on the same socket) exactly one
+/// decrements:
+/// - `sock_ops`, when the TCP connection leaves ESTABLISHED / SYN_SENT (closed, reset,
+///   refused, timed out);
+/// - `sock_release`, when the application closes the socket, unconditionally: it is the
+///   backstop for sockets whose state callbacks never come (a connect that failed before the
+///   SYN, connected UDP, or another program that switched the callbacks off);
+/// - `connect4`/`connect6` on a socket that connects again, before the new assignment.
+///
+/// A new assignment sets `live` to 1 only in connect(), which cannot run concurrently with
+/// `sock_release` on the same socket, and only after the previous one was ended, so a
+/// count is never incremented twice for one assignment. The decrement never takes a count
+/// below zero: it is a compare-and-swap that refuses at 0 and records the backend in
+/// `COUNT_UNDERFLOWS`, which the agent reports (log, metric, `socklbctl backend list`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockState {
-    /// 1 while the socket counts against `backend_id` in `CONN_COUNTS`.
-    pub live: u8,
-    /// 1 once TCP state callbacks are on for this socket: from then on only they uncount it.
-    pub tracked: u8,
-    pub vport: u16,
+    /// 1 while the socket counts against `backend_id`; cleared only by atomic exchange.
+    pub live: u64,
+    /// Network namespace cookie of the socket: where the agent finds it (rebalancing,
+    /// closing sockets to removed UDP backends).
+    pub netns: u64,
     pub backend_id: u32,
     pub service_id: u32,
     /// The Service address the application asked for, shown back to it by getpeername and
     /// recvmsg (v4-mapped for an IPv4 Service, whatever the socket's family).
     pub vip: Addr,
     pub backend_addr: Addr,
+    /// The socket's own address, recorded when the TCP connect goes out (sock_ops); zero for
+    /// UDP. With `backend_addr` it names the connection for sock_diag.
+    pub local: Addr,
+    pub vport: u16,
     pub backend_port: u16,
-    /// Next `udp` entry to overwrite.
-    pub udp_next: u16,
-    /// Unconnected UDP: the Service addresses this socket sent to (`sendto`) and the backend
-    /// each went to, so that recvmsg shows answers as coming from the Service. A few entries
-    /// suffice (a DNS client talks to one to three servers); the oldest is reused.
-    pub udp: [UdpPeer; limits::UDP_PEERS],
+    /// Host byte order (as sock_ops gives it); 0 for UDP.
+    pub local_port: u16,
+    /// `AF_INET` or `AF_INET6`: the socket's family (an AF_INET6 socket may talk IPv4).
+    pub family: u8,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
 }
 
-/// One Service address an unconnected UDP socket sent to.
+/// What the socket iterator (`dump_sockets`) writes per assigned socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketRecord {
+    /// The kernel's socket cookie: SOCK_DESTROY and SO_COOKIE name exactly this socket.
+    pub cookie: u64,
+    pub state: SockState,
+}
+
+/// Socket-local storage (`UDP_PEERS`) of an unconnected UDP socket that sent to Services:
+/// each Service address it sent to and the backend that got it, so that it keeps talking to
+/// that backend and recvmsg shows the answers as coming from the Service. A few entries
+/// suffice (a DNS client talks to one to three servers); the oldest is reused. Kept apart from
+/// `SockState` so TCP sockets do not carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpPeers {
+    /// Next entry to overwrite.
+    pub next: u32,
+    pub _pad: u32,
+    pub peers: [UdpPeer; limits::UDP_PEERS_PER_SOCKET],
+}
+
+/// One Service address an unconnected UDP socket sent to. The backend is remembered by id
+/// *and* address: an entry is used only while that id still names that address in the same
+/// Service, so an id handed to another pod never misroutes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpPeer {
@@ -370,6 +422,17 @@ pub struct UdpPeer {
     pub vport: u16,
     pub backend_port: u16,
     pub backend_id: u32,
+}
+
+/// What `adjust_count` reads from the test-run data after the 14-byte Ethernet header: the
+/// agent applies a repair as one atomic add in the kernel, never as a racing absolute write.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountAdjustment {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// Two's complement: a negative delta wraps.
+    pub delta: u64,
 }
 
 impl ServiceName {
@@ -396,6 +459,9 @@ mod user {
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for UdpPeer {}
+    unsafe impl aya::Pod for UdpPeers {}
+    unsafe impl aya::Pod for SocketRecord {}
+    unsafe impl aya::Pod for CountAdjustment {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for RebalanceStats {}
@@ -412,7 +478,10 @@ mod user {
         assert!(size_of::<ServiceStats>() == 16);
         assert!(size_of::<ServiceName>() == 144);
         assert!(size_of::<UdpPeer>() == 40);
-        assert!(size_of::<SockState>() == 48 + 40 * limits::UDP_PEERS);
+        assert!(size_of::<UdpPeers>() == 8 + 40 * limits::UDP_PEERS_PER_SOCKET);
+        assert!(size_of::<SockState>() == 80);
+        assert!(size_of::<SocketRecord>() == 88);
+        assert!(size_of::<CountAdjustment>() == 16);
     };
 }
 

@@ -18,10 +18,16 @@
 //! path before its own hook; `recvmsg6` and `getpeername6`, which see `::ffff:pod`.
 //! - `sock_ops` asks for TCP state callbacks on the sockets socklb assigned and stops counting a
 //!   connection when it leaves ESTABLISHED (closed, reset, refused, timed out).
-//! - `sock_release` stops counting when the application closes a socket that never got that far
-//!   (a connect that failed before SYN, a connected UDP socket).
+//! - `sock_release` stops counting when the application closes a socket, whatever happened
+//!   before: the backstop (see `lb_common::SockState` for why each assignment is uncounted
+//!   exactly once).
+//! - `dump_sockets` is a BPF iterator over `SOCKETS`: it lists every socket socklb assigned,
+//!   in every network namespace, for the agent's recount and rebalancer.
+//! - `adjust_count` is run by the agent (BPF_PROG_TEST_RUN) to repair a count with one atomic
+//!   add, so a repair never races with the programs' own updates.
 //!
-//! Per-socket state lives in socket-local storage (`SOCKETS`), freed by the kernel with the socket.
+//! Per-socket state lives in socket-local storage (`SOCKETS`, and `UDP_PEERS` for unconnected
+//! UDP), freed by the kernel with the socket.
 //!
 //! In Kubernetes mode the programs sit at the cgroup root and only balance sockets of pods the
 //! agent switched on: their network namespace cookie is in `ENABLED_NETNS` (Kmesh does the
@@ -38,34 +44,38 @@
 
 use core::{
     ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg},
     ptr::{self, read_volatile, write_volatile},
 };
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT,
-        bpf_sock,
+        __sk_buff, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_ESTABLISHED, BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT, bpf_sock,
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
     helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_loop, bpf_set_retval, bpf_sk_storage_get,
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_loop, bpf_map_update_elem, bpf_seq_write, bpf_set_retval,
+        bpf_sk_storage_get, bpf_skb_load_bytes,
     },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use lb_common::{
-    Addr, Affinity, AffinityKey, Algorithm, Backend, IPPROTO_UDP, RebalanceStats, Service,
-    ServiceKey, ServiceName, ServiceStats, SlotKey, SockState, UdpPeer, backend_state, client_hash,
+    Addr, Affinity, AffinityKey, Algorithm, Backend, CountAdjustment, IPPROTO_UDP, RebalanceStats,
+    Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState, SocketRecord, UdpPeer,
+    UdpPeers, backend_state, client_hash,
     limits::{
         LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS,
-        MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, UDP_PEERS,
+        MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, MAX_UNDERFLOW_RECORDS, UDP_PEERS_PER_SOCKET,
     },
     settings,
 };
+
+const AF_INET: u32 = 2;
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
@@ -93,6 +103,16 @@ static SERVICE_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }, NO_PR
 
 #[btf_map(pin_by_name)]
 static SOCKETS: SkStorage<SockState> = SkStorage::new();
+
+/// Unconnected UDP sockets' Service peers (only such sockets get this storage).
+#[btf_map(pin_by_name)]
+static UDP_PEERS: SkStorage<UdpPeers> = SkStorage::new();
+
+/// Backend id -> times its count was caught about to go below zero (and left at zero).
+/// Nothing should ever be here; the agent reports whatever is.
+#[btf_map(pin_by_name)]
+static COUNT_UNDERFLOWS: HashMap<u32, u64, { MAX_UNDERFLOW_RECORDS as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// Round-robin position per Service, one per CPU: no shared counter, no lock.
 #[btf_map(pin_by_name)]
@@ -209,12 +229,75 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
     let state = unsafe { storage_of(ctx.sock) };
-    // A tracked socket is uncounted by its state callbacks, which may run concurrently with
-    // this (unlocked) hook; see `SockState`.
-    if !state.is_null() && unsafe { (*state).tracked } == 0 {
+    if !state.is_null() {
         unsafe { release(state) };
     }
     ALLOW
+}
+
+/// The context of an `iter/bpf_sk_storage_map` program (`struct bpf_iter__bpf_sk_storage_map`:
+/// four pointers; the verifier checks each load against the kernel's BTF of it).
+#[repr(C)]
+struct SkStorageIterContext {
+    meta: *mut IterMeta,
+    map: *mut c_void,
+    sk: *mut c_void,
+    value: *mut SockState,
+}
+
+/// The start of `struct bpf_iter_meta`.
+#[repr(C)]
+struct IterMeta {
+    seq: *mut c_void,
+}
+
+/// Lists the live assignments of `SOCKETS` (the agent attaches it to that map): one
+/// `SocketRecord` per socket, whatever its network namespace.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_sk_storage_map")]
+pub extern "C" fn dump_sockets(ctx: *mut c_void) -> i32 {
+    let ctx = ctx.cast::<SkStorageIterContext>();
+    // SAFETY: the kernel passes the iterator context; sk and value are null at the end.
+    unsafe {
+        let (sk, value) = ((*ctx).sk, (*ctx).value);
+        if sk.is_null() || value.is_null() || read_volatile(&raw const (*value).live) == 0 {
+            return 0;
+        }
+        let mut record = SocketRecord {
+            cookie: bpf_get_socket_cookie(sk),
+            state: *value,
+        };
+        let seq = (*(*ctx).meta).seq;
+        bpf_seq_write(
+            seq.cast(),
+            (&raw mut record).cast(),
+            size_of::<SocketRecord>() as u32,
+        );
+    }
+    0
+}
+
+/// Adds a `CountAdjustment` (given as test-run data after a 14-byte Ethernet header) to a
+/// backend's count in one atomic operation. Run only by the agent, never attached.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "socket")]
+pub extern "C" fn adjust_count(skb: *mut __sk_buff) -> i64 {
+    let mut adjustment = CountAdjustment::default();
+    // SAFETY: a bounded copy into a local of the same size.
+    let copied = unsafe {
+        bpf_skb_load_bytes(
+            skb.cast(),
+            0,
+            (&raw mut adjustment).cast(),
+            size_of::<CountAdjustment>() as u32,
+        )
+    };
+    if copied == 0
+        && let Some(count) = CONN_COUNTS.get_ptr_mut(adjustment.backend_id)
+    {
+        unsafe { add(count, adjustment.delta) };
+    }
+    0
 }
 
 /// What a hook does with the address the application gave.
@@ -317,18 +400,21 @@ unsafe fn try_connect(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
         if let Some(count) = CONN_COUNTS.get_ptr_mut(backend_id) {
             unsafe { add(count, 1) };
         }
+        let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
         unsafe {
             *state = SockState {
                 live: 1,
-                tracked: 0,
-                vport: key.port,
+                netns: bpf_get_netns_cookie(ctx.as_ptr()),
                 backend_id,
                 service_id: service.id,
                 vip: key.addr,
                 backend_addr: backend.addr,
+                local: Addr::default(),
+                vport: key.port,
                 backend_port: backend.port,
-                udp_next: 0,
-                udp: [UdpPeer::default(); UDP_PEERS],
+                local_port: 0,
+                family: (*sk).family as u8,
+                protocol: key.proto,
             };
         }
     }
@@ -349,7 +435,8 @@ fn switched_on(ctx: &SockAddrContext) -> bool {
 
 /// A datagram from an unconnected UDP socket to a Service: send it to a backend, and remember
 /// the pair so that the answer is shown as coming from the Service. A socket keeps talking to
-/// the backend it got for a Service address while that backend is active.
+/// the backend it got for a Service address while that backend is an active backend of the
+/// Service at the same address; otherwise it picks again, in the same entry.
 #[inline(always)]
 unsafe fn try_sendmsg(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
     if key.proto != IPPROTO_UDP {
@@ -361,51 +448,66 @@ unsafe fn try_sendmsg(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
     if !switched_on(ctx) {
         return Verdict::Pass;
     }
-    let state = SOCKETS.get_or_insert_ptr_mut(ctx, None);
-    if state.is_null() {
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let peers: *mut UdpPeers = unsafe {
+        bpf_sk_storage_get(
+            udp_peers_map(),
+            sk.cast(),
+            ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    }
+    .cast();
+    if peers.is_null() {
         return Verdict::Pass;
     }
-    let peer = unsafe { udp_peer(state, key, service.id) };
-    let chosen = match peer {
-        Some(p) => Some(p),
-        None => unsafe { pick_backend(ctx, service) }.map(|(backend_id, backend)| {
-            let slot = unsafe { (*state).udp_next } as usize % UDP_PEERS;
-            let p = UdpPeer {
-                vip: key.addr,
-                backend_addr: backend.addr,
-                vport: key.port,
-                backend_port: backend.port,
-                backend_id,
-            };
-            unsafe {
-                (*state).udp[slot] = p;
-                (*state).udp_next = (slot as u16 + 1) % UDP_PEERS as u16;
-            }
-            p
-        }),
-    };
-    let Some(p) = chosen else {
+    // The entry for this Service address, else the next one to reuse.
+    let mut slot = unsafe { (*peers).next } as usize % UDP_PEERS_PER_SOCKET;
+    let mut known = false;
+    for i in 0..UDP_PEERS_PER_SOCKET {
+        let p = unsafe { (*peers).peers[i] };
+        if !known && p.vip == key.addr && p.vport == key.port && !p.backend_addr.is_unspecified() {
+            (slot, known) = (i, true);
+        }
+    }
+    let cached = unsafe { (*peers).peers[slot % UDP_PEERS_PER_SOCKET] };
+    if known && unsafe { still_serves(&cached, service.id) } {
+        bump_stats(service.id, |s| unsafe { &raw mut (*s).connects });
+        return Verdict::Rewrite(cached.backend_addr, cached.backend_port);
+    }
+    let Some((backend_id, backend)) = (unsafe { pick_backend(ctx, service) }) else {
         bump_stats(service.id, |s| unsafe { &raw mut (*s).refused });
         return Verdict::Refuse;
     };
-    bump_stats(service.id, |s| unsafe { &raw mut (*s).connects });
-    Verdict::Rewrite(p.backend_addr, p.backend_port)
-}
-
-/// The backend this socket already uses for `key`, if it is still active in the Service.
-#[inline(always)]
-unsafe fn udp_peer(state: *mut SockState, key: ServiceKey, service_id: u32) -> Option<UdpPeer> {
-    for i in 0..UDP_PEERS {
-        let p = unsafe { (*state).udp[i] };
-        if p.vip == key.addr && p.vport == key.port && !p.backend_addr.is_unspecified() {
-            let backend = unsafe { BACKENDS.get(&p.backend_id) }?;
-            if backend.service_id == service_id && backend.state == backend_state::ACTIVE {
-                return Some(p);
-            }
-            return None;
+    unsafe {
+        (*peers).peers[slot % UDP_PEERS_PER_SOCKET] = UdpPeer {
+            vip: key.addr,
+            backend_addr: backend.addr,
+            vport: key.port,
+            backend_port: backend.port,
+            backend_id,
+        };
+        if !known {
+            (*peers).next = ((slot + 1) % UDP_PEERS_PER_SOCKET) as u32;
         }
     }
-    None
+    bump_stats(service.id, |s| unsafe { &raw mut (*s).connects });
+    Verdict::Rewrite(backend.addr, backend.port)
+}
+
+/// Whether a remembered peer's backend id still names that pod as an active backend of the
+/// Service (an id is reused for another pod once the first is forgotten).
+#[inline(always)]
+unsafe fn still_serves(p: &UdpPeer, service_id: u32) -> bool {
+    match unsafe { BACKENDS.get(&p.backend_id) } {
+        Some(b) => {
+            b.service_id == service_id
+                && b.state == backend_state::ACTIVE
+                && b.addr == p.backend_addr
+                && b.port == p.backend_port
+        }
+        None => false,
+    }
 }
 
 /// Chooses a backend of `service`, or `None` if it has none.
@@ -621,19 +723,23 @@ unsafe fn show_service_address6(ctx: &SockAddrContext) {
 /// sent to), the Service address to show instead, as if the connection had gone to the VIP.
 #[inline(always)]
 unsafe fn service_address(ctx: &SockAddrContext, peer: Addr, port: u32) -> Option<(Addr, u16)> {
-    let state = SOCKETS.get_ptr_mut(ctx);
-    if state.is_null() {
-        return None;
-    }
     // Plain initialised values rather than an Option built up in the loop: LLVM leaves an
     // Option's payload undefined on the None path, and the verifier rejects reading it.
     let (mut found, mut vip, mut vport) = (false, Addr::default(), 0u16);
-    unsafe {
-        if peer == (*state).backend_addr && port == u32::from((*state).backend_port) {
-            (found, vip, vport) = (true, (*state).vip, (*state).vport);
+    let state = SOCKETS.get_ptr_mut(ctx);
+    if !state.is_null() {
+        unsafe {
+            if peer == (*state).backend_addr && port == u32::from((*state).backend_port) {
+                (found, vip, vport) = (true, (*state).vip, (*state).vport);
+            }
         }
-        for i in 0..UDP_PEERS {
-            let p = (*state).udp[i];
+    }
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let peers: *mut UdpPeers =
+        unsafe { bpf_sk_storage_get(udp_peers_map(), sk.cast(), ptr::null_mut(), 0) }.cast();
+    if !found && !peers.is_null() {
+        for i in 0..UDP_PEERS_PER_SOCKET {
+            let p = unsafe { (*peers).peers[i] };
             if p.backend_addr == peer && u32::from(p.backend_port) == port {
                 (found, vip, vport) = (true, p.vip, p.vport);
             }
@@ -657,12 +763,28 @@ unsafe fn track_tcp_state(ctx: &SockOpsContext) {
         return; // not a socket socklb assigned
     }
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // SYN about to leave: follow this socket's state changes from now on.
-        if ctx
-            .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
-            .is_ok()
-        {
-            unsafe { (*state).tracked = 1 };
+        // SYN about to leave: follow this socket's state changes from now on (if another
+        // program turns them off again, sock_release still uncounts it), and note its own
+        // address, which the rebalancer needs to name the connection.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        // Both fields read, then one chosen: the verifier refuses a context load at a computed
+        // offset, which is what LLVM makes of a load from one field or the other.
+        let ops = ctx.ops;
+        unsafe {
+            let ip4 = read_volatile(&raw const (*ops).local_ip4);
+            let ip6 = &raw const (*ops).local_ip6;
+            let ip6 = Addr([
+                read_volatile(&raw const (*ip6)[0]),
+                read_volatile(&raw const (*ip6)[1]),
+                read_volatile(&raw const (*ip6)[2]),
+                read_volatile(&raw const (*ip6)[3]),
+            ]);
+            (*state).local = if ctx.family() == AF_INET {
+                Addr::v4(ip4)
+            } else {
+                ip6
+            };
+            (*state).local_port = ctx.local_port() as u16;
         }
         return;
     }
@@ -676,17 +798,69 @@ unsafe fn track_tcp_state(ctx: &SockOpsContext) {
     }
 }
 
-/// Uncounts a socket's assignment. Callers are serialised per socket (see `SockState`), so
-/// the plain test-and-clear of `live` happens exactly once.
+/// Ends a socket's assignment: the one caller whose atomic exchange takes `live` from 1 to 0
+/// uncounts it (see `lb_common::SockState`).
 #[inline(always)]
 unsafe fn release(state: *mut SockState) {
-    if unsafe { (*state).live } == 1 {
-        unsafe { (*state).live = 0 };
-        let backend_id = unsafe { (*state).backend_id };
-        if let Some(count) = CONN_COUNTS.get_ptr_mut(backend_id) {
-            unsafe { add(count, u64::MAX) }; // wrapping add of -1
+    let was = unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*state).live, 0) };
+    if was == 1 {
+        unsafe { uncount((*state).backend_id) };
+    }
+}
+
+/// `CONN_COUNTS[backend_id] -= 1`, refusing to go below zero: a compare-and-swap that stops
+/// at 0 and records the backend in `COUNT_UNDERFLOWS` instead of wrapping.
+#[inline(always)]
+unsafe fn uncount(backend_id: u32) {
+    let Some(count) = CONN_COUNTS.get_ptr_mut(backend_id) else {
+        return;
+    };
+    // A few tries; if contention is so heavy that every one loses, a plain atomic decrement
+    // (which can only go wrong on a count that was wrong already).
+    for _ in 0..4 {
+        let now = unsafe { read_volatile(count) };
+        if now == 0 || now > i64::MAX as u64 {
+            unsafe { record_underflow(backend_id) };
+            return;
+        }
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                count,
+                now,
+                now - 1,
+            )
+        };
+        if swapped {
+            return;
         }
     }
+    unsafe { add(count, u64::MAX) }; // wrapping add of -1
+}
+
+/// Counts a refused decrement against `backend_id` in `COUNT_UNDERFLOWS`.
+#[inline(always)]
+unsafe fn record_underflow(backend_id: u32) {
+    let map = ptr::from_ref(&COUNT_UNDERFLOWS).cast_mut().cast();
+    let zero = 0u64;
+    // Create the entry if it is not there (losing a race to create it is fine), then add.
+    unsafe {
+        bpf_map_update_elem(
+            map,
+            (&raw const backend_id).cast(),
+            (&raw const zero).cast(),
+            u64::from(BPF_NOEXIST),
+        )
+    };
+    if let Some(n) = COUNT_UNDERFLOWS.get_ptr_mut(&backend_id) {
+        unsafe { add(n, 1) };
+    }
+}
+
+/// The address of the `UDP_PEERS` map, for the helpers (SkStorage's own accessors only take a
+/// sock_addr context).
+#[inline(always)]
+fn udp_peers_map() -> *mut c_void {
+    ptr::from_ref(&UDP_PEERS).cast_mut().cast()
 }
 
 #[inline(always)]

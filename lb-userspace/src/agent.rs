@@ -3,13 +3,17 @@
 //! every few seconds regardless; a change to one Service (or its EndpointSlices) redoes only
 //! that Service, so its cost does not grow with the cluster. Every second while backends
 //! are draining it forgets those whose last connection closed. In Kubernetes mode it also
-//! keeps the per-pod switch (`pod_switch`) current, and rebalances opted-in Services on its
-//! own timer.
+//! keeps the per-pod switch (`pod_switch`) current. Work on sockets (the count check after a
+//! restart, rebalancing, closing UDP sockets of backends that left) runs on the `background`
+//! thread, from a snapshot this loop publishes after each round.
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    cell::OnceCell, collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
-use lb_common::{Algorithm, backend_state, settings};
+use lb_common::{Algorithm, IPPROTO_UDP, SlotKey, backend_state, settings};
 use log::{error, info, warn};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::{
@@ -19,14 +23,14 @@ use tokio::{
 };
 
 use crate::{
+    background::{self, Published, Snapshot},
     cluster::{self, ClusterState, Desired, ServiceRef},
-    datapath::{self, LinkAction, Maps},
+    datapath::{self, LinkAction, Maps, Tools},
     kube_watch::{Changed, KubeCluster},
     manifest_dir::ManifestDir,
     pod_switch::{self, PodSwitch},
     rebalance,
-    reconcile::{self, Programmed},
-    recount,
+    reconcile::{self, Programmed, frontend_key, name_str},
     status::{self, Status},
     writer,
 };
@@ -73,17 +77,33 @@ pub async fn run(config: Config) -> Result<()> {
     } else {
         0
     };
-    let (mut maps, actions) = datapath::install(&config.pin_path, &config.cgroup, flags)?;
+    let datapath::Installed {
+        mut maps,
+        tools,
+        actions,
+    } = datapath::install(&config.pin_path, &config.cgroup, flags)?;
+    let tools = Arc::new(tools);
     let mut programmed = maps.read_programmed()?;
-    if actions.iter().any(|(_, a)| *a != LinkAction::Attached) {
+    let adopted = actions.iter().any(|(_, a)| *a != LinkAction::Attached);
+    if adopted {
         info!(
             "adopted pinned state at {}: {} service ports, {} backends",
             config.pin_path.display(),
             programmed.services.len(),
             programmed.backends.len()
         );
-        check_counts(&mut maps, &config);
     }
+    let published: Published = Arc::default();
+    background::spawn(
+        background::Config {
+            pin_path: config.pin_path.clone(),
+            cgroup: config.cgroup.clone(),
+            policy: config.rebalance,
+            recount: adopted,
+        },
+        Arc::clone(&tools),
+        Arc::clone(&published),
+    )?;
 
     let (tx, mut changes) = mpsc::unbounded_channel();
     let (mut source, _watcher) = match &config.source {
@@ -115,6 +135,9 @@ pub async fn run(config: Config) -> Result<()> {
         last_errors: Vec::new(),
         status: status.clone(),
         pods_pending: false,
+        tools,
+        published,
+        default_quiet: config.rebalance.quiet,
     };
     agent.reconcile(&mut source, &mut maps, &mut programmed, Work::everything());
     status.set_ready();
@@ -126,7 +149,6 @@ pub async fn run(config: Config) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut next_resync = Instant::now() + RESYNC;
-    let mut next_rebalance = Instant::now() + config.rebalance.interval;
     loop {
         status.beat();
         let draining = programmed
@@ -155,11 +177,6 @@ pub async fn run(config: Config) -> Result<()> {
                 pods: agent.pods_pending,
                 ..Work::default()
             },
-            () = sleep_until(next_rebalance) => {
-                next_rebalance = Instant::now() + config.rebalance.interval;
-                rebalance_once(&mut maps, &programmed, &config);
-                continue;
-            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
@@ -189,51 +206,6 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Clien
             .context("no in-cluster config or kubeconfig")?,
     };
     Ok(kube::Client::try_from(config)?)
-}
-
-/// After adopting pinned maps: check the counts against the live sockets.
-fn check_counts(maps: &mut Maps, config: &Config) {
-    match recount::verify(maps, &config.cgroup) {
-        Ok(r) => {
-            info!(
-                "connection counts checked against {} live sockets in {} network namespaces",
-                r.sockets, r.namespaces
-            );
-            for (id, was, now) in &r.corrected {
-                warn!("backend {id}: count was {was}, {now} live sockets found; corrected");
-            }
-            for id in &r.unsettled {
-                warn!(
-                    "backend {id}: count disagrees with the live sockets but kept changing; left as is"
-                );
-            }
-        }
-        Err(e) => warn!("could not check connection counts against live sockets: {e:#}"),
-    }
-}
-
-/// One rebalancing interval; what it closed goes to the log (and REBALANCE_STATS).
-fn rebalance_once(maps: &mut Maps, programmed: &Programmed, config: &Config) {
-    match rebalance::run(maps, programmed, &config.cgroup, &config.rebalance) {
-        Ok(rounds) => {
-            for r in rounds {
-                let closed: u64 = r.closed.values().sum();
-                let per_pod: Vec<String> = r
-                    .closed
-                    .iter()
-                    .map(|(pod, n)| format!("{pod}: {n}"))
-                    .collect();
-                info!(
-                    "rebalance {}: closed {closed} of {} wanted (bound {}) [{}]",
-                    r.service,
-                    r.wanted,
-                    r.budget,
-                    per_pod.join(", ")
-                );
-            }
-        }
-        Err(e) => warn!("rebalancing failed: {e:#}"),
-    }
 }
 
 /// The source, once set up.
@@ -314,9 +286,76 @@ struct Agent {
     status: Arc<Status>,
     /// Pods to switch on whose network namespace is not there yet.
     pods_pending: bool,
+    tools: Arc<Tools>,
+    /// Where the background thread finds what to work on.
+    published: Published,
+    /// Rebalancing's quiet time for Services that do not set their own.
+    default_quiet: Duration,
 }
 
 impl Agent {
+    /// Tells the background thread what is programmed now: the opted-in Service ports with
+    /// their active backends, and the draining backends of UDP Service ports.
+    fn publish(&self, programmed: &Programmed) {
+        let mut snapshot = Snapshot::default();
+        let mut udp_services = BTreeSet::new();
+        for (key, service) in &programmed.services {
+            if key.proto == IPPROTO_UDP {
+                udp_services.insert(service.id);
+            }
+            let Some(frontend) = frontend_key(key).and_then(|k| self.desired.frontends.get(&k))
+            else {
+                continue;
+            };
+            if !frontend.rebalance {
+                continue;
+            }
+            let backends = (0..service.count)
+                .filter_map(|index| {
+                    programmed.slots.get(&SlotKey {
+                        service_id: service.id,
+                        index,
+                    })
+                })
+                .copied()
+                .collect();
+            let quiet = match service.rebalance_quiet_ms {
+                0 => self.default_quiet,
+                ms => Duration::from_millis(ms.into()),
+            };
+            let name = programmed
+                .names
+                .get(&service.id)
+                .map_or_else(String::new, |n| {
+                    format!(
+                        "{}/{} port {:?}",
+                        name_str(&n.namespace),
+                        name_str(&n.name),
+                        name_str(&n.port_name)
+                    )
+                });
+            snapshot.targets.push(rebalance::Target {
+                service_id: service.id,
+                name: format!("{name} ({})", frontend.key),
+                backends,
+                quiet,
+            });
+        }
+        snapshot.udp_gone = programmed
+            .backends
+            .iter()
+            .filter(|(_, b)| {
+                b.state == backend_state::DRAINING && udp_services.contains(&b.service_id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if let Ok(mut published) = self.published.lock()
+            && **published != snapshot
+        {
+            *published = Arc::new(snapshot);
+        }
+    }
+
     /// Applies the change to `services` alone, if that gives what a full round would.
     /// Returns the frontends that changed.
     fn update(
@@ -358,7 +397,23 @@ impl Agent {
             errors.extend(source_errors);
             errors.extend(service_errors.iter().map(|e| ("service", e.to_string())));
         }
-        let connections = |id| maps.connections(id);
+        // A drained backend is forgotten (and its id reused) only once its count is zero and
+        // no live socket refers to it, which the socket iterator says (looked at only then).
+        let holders: OnceCell<Option<BTreeSet<u32>>> = OnceCell::new();
+        let tools = Arc::clone(&self.tools);
+        let connections = |id| match maps.connections(id) {
+            0 => {
+                let held = holders.get_or_init(|| match tools.sockets.list() {
+                    Ok(list) => Some(list.iter().map(|r| r.state.backend_id).collect()),
+                    Err(e) => {
+                        warn!("listing assigned sockets: {e:#}; keeping drained backends");
+                        None
+                    }
+                });
+                u64::from(held.as_ref().is_none_or(|h| h.contains(&id)))
+            }
+            n => n,
+        };
         let plan = if work.everything {
             reconcile::plan(&self.desired, programmed, &connections)
         } else {
@@ -388,6 +443,7 @@ impl Agent {
                 Err(e) => errors.push(("map", format!("switching pods: {e:#}"))),
             }
         }
+        self.publish(programmed);
         self.status.reconciles.inc();
         self.status
             .reconcile_seconds

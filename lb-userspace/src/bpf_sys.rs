@@ -1,6 +1,8 @@
-//! The few bpf(2) commands aya does not expose for a pinned link: open it, read which program
+//! The few bpf(2) commands aya does not expose: for a pinned link, open it, read which program
 //! and cgroup it holds, and swap its program atomically (used when an upgraded agent adopts
-//! links pinned by an older build, so no connect goes unbalanced during the swap).
+//! links pinned by an older build, so no connect goes unbalanced during the swap); a map
+//! iterator (aya's iterator links take no map); and a test run of a program (how the agent
+//! repairs a count with an atomic add in the kernel).
 
 use std::{
     ffi::CString,
@@ -10,8 +12,12 @@ use std::{
 };
 
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_TRACE_ITER: u64 = 28;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zeroed, 128-byte bpf_attr big enough for the commands used here.
@@ -64,4 +70,38 @@ pub fn link_update(link: impl AsFd, prog: impl AsFd) -> io::Result<()> {
     let mut attr = [0u64; 16];
     attr[0] = link.as_fd().as_raw_fd() as u64 | ((prog.as_fd().as_raw_fd() as u64) << 32);
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Attaches an iterator program to a map (`bpf_iter_link_info.map.map_fd`); each
+/// `iter_create` on the link then walks the map once.
+pub fn iter_link_create(prog: impl AsFd, map: impl AsFd) -> io::Result<OwnedFd> {
+    let info = [map.as_fd().as_raw_fd() as u64, 0];
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_fd().as_raw_fd() as u64; // prog_fd, target_fd 0
+    attr[1] = BPF_TRACE_ITER; // attach_type, flags 0
+    attr[2] = info.as_ptr() as u64; // iter_info
+    attr[3] = size_of_val(&info) as u64; // iter_info_len
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: a new descriptor from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A readable file that runs the iterator of `link` once, to its end.
+pub fn iter_create(link: impl AsFd) -> io::Result<std::fs::File> {
+    let mut attr = [0u64; 16];
+    attr[0] = link.as_fd().as_raw_fd() as u64; // link_fd, flags 0
+    let fd = bpf(BPF_ITER_CREATE, &mut attr)?;
+    // SAFETY: a new descriptor from the kernel.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
+}
+
+/// Runs `prog` once on `data` (BPF_PROG_TEST_RUN); returns its return value.
+pub fn prog_test_run(prog: impl AsFd, data: &[u8]) -> io::Result<u32> {
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_fd().as_raw_fd() as u64; // prog_fd; retval comes back above it
+    attr[1] = data.len() as u64; // data_size_in, data_size_out 0
+    attr[2] = data.as_ptr() as u64; // data_in
+    attr[4] = 1; // repeat
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok((attr[0] >> 32) as u32)
 }

@@ -26,6 +26,11 @@ use crate::manifest::SERVICE_NAME_LABEL;
 pub const ALGORITHM_ANNOTATION: &str = "socklb.io/algorithm";
 /// Service annotation opting in to active rebalancing (`"true"`).
 pub const REBALANCE_ANNOTATION: &str = "socklb.io/rebalance";
+/// Service annotation: rebalancing's quiet time for the Service (`"250ms"`, `"2s"`).
+pub const REBALANCE_QUIET_ANNOTATION: &str = "socklb.io/rebalance-quiet";
+/// Service annotation: ports (names or numbers, comma-separated) never rebalanced, e.g. the
+/// streaming ones.
+pub const REBALANCE_EXCLUDE_ANNOTATION: &str = "socklb.io/rebalance-exclude-ports";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 const DEFAULT_AFFINITY_TIMEOUT: i32 = 10_800;
 const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -104,6 +109,8 @@ pub struct Frontend {
     pub algorithm: Algorithm,
     /// Close connections of overloaded backends so clients reconnect to light ones.
     pub rebalance: bool,
+    /// Rebalancing's quiet time in ms for this Service (0: the agent's default).
+    pub rebalance_quiet_ms: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds, 0 for none.
     pub affinity_timeout: u32,
     /// Sorted and deduplicated; all of the family of `key.ip`.
@@ -347,6 +354,22 @@ fn resolve_service(
             ));
         }
     };
+    let rebalance_quiet_ms = match annotation(REBALANCE_QUIET_ANNOTATION) {
+        None => 0,
+        Some(text) => quiet_ms(text).ok_or_else(|| {
+            format!(
+                "annotation {REBALANCE_QUIET_ANNOTATION}: {text:?} is not a duration like \"250ms\" or \"2s\" (1ms to 60s)"
+            )
+        })?,
+    };
+    let excluded: Vec<&str> = annotation(REBALANCE_EXCLUDE_ANNOTATION)
+        .map(|a| {
+            a.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
     let affinity_timeout = match spec.session_affinity.as_deref() {
         None | Some("None") => 0,
         Some("ClientIP") => {
@@ -395,12 +418,20 @@ fn resolve_service(
                     backends.len()
                 ));
             }
+            let excluded = excluded
+                .iter()
+                .any(|p| *p == port_name || *p == number.to_string());
             frontends.push(Frontend {
                 key,
                 service: service_ref.clone(),
                 port_name,
                 algorithm,
-                rebalance,
+                rebalance: rebalance && !excluded,
+                rebalance_quiet_ms: if rebalance && !excluded {
+                    rebalance_quiet_ms
+                } else {
+                    0
+                },
                 affinity_timeout,
                 backends,
             });
@@ -478,6 +509,22 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, String> {
 /// The Kubernetes name of an address's family (`ipFamilies`, EndpointSlice `addressType`).
 fn family_name(ip: IpAddr) -> &'static str {
     if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// "250ms", "2s" -> milliseconds, 1 ms to 60 s.
+fn quiet_ms(text: &str) -> Option<u16> {
+    let ms = match text.strip_suffix("ms") {
+        Some(ms) => ms.trim().parse::<u32>().ok()?,
+        None => text
+            .strip_suffix('s')?
+            .trim()
+            .parse::<u32>()
+            .ok()?
+            .checked_mul(1000)?,
+    };
+    u16::try_from(ms)
+        .ok()
+        .filter(|ms| (1..=60_000).contains(ms))
 }
 
 /// "least-conn, random, round-robin, maglev" for error messages.
@@ -813,6 +860,36 @@ mod tests {
             backends(&d, 80).is_empty(),
             "no local endpoint: nothing, as kube-proxy drops it"
         );
+    }
+
+    #[test]
+    fn rebalancing_quiet_time_and_excluded_ports_are_per_service() {
+        let s = state(&service(
+            "web",
+            "10.96.0.10",
+            ", annotations: {socklb.io/rebalance: \"true\", socklb.io/rebalance-quiet: 250ms, socklb.io/rebalance-exclude-ports: \"dns\"}",
+        ));
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let http = d.frontends.values().find(|f| f.key.port == 80).unwrap();
+        let dns = d.frontends.values().find(|f| f.key.port == 53).unwrap();
+        assert!(http.rebalance && http.rebalance_quiet_ms == 250);
+        assert!(!dns.rebalance, "excluded by name");
+        for bad in ["0ms", "2 minutes", "61s", "-1s"] {
+            let s = state(&service(
+                "web",
+                "10.96.0.10",
+                &format!(
+                    ", annotations: {{socklb.io/rebalance: \"true\", socklb.io/rebalance-quiet: \"{bad}\"}}"
+                ),
+            ));
+            let (_, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+            assert!(
+                errors[0].message.contains("rebalance-quiet"),
+                "{bad}: {errors:?}"
+            );
+        }
+        assert_eq!(quiet_ms("2s"), Some(2000));
     }
 
     #[test]

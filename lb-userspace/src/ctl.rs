@@ -9,8 +9,9 @@ use lb_common::{ServiceName, SlotKey, backend_state, map_names, service_flags};
 use serde_json::{Map, Value, json};
 
 use crate::{
-    datapath::{self, Maps},
+    datapath::{self, Maps, Tools},
     reconcile::{algorithm_of, backend_addr, frontend_key, name_str},
+    sockets,
 };
 
 /// One output row: column name -> value, in column order.
@@ -156,6 +157,7 @@ pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
         .iter()
         .filter_map(|(k, s)| Some((s.id, frontend_key(k)?.to_string())))
         .collect();
+    let underflows = maps.underflows();
     let mut rows = Vec::new();
     for (id, b) in &p.backends {
         let (name, port_name) = service_label(p.names.get(&b.service_id));
@@ -173,6 +175,12 @@ pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
             ("port", json!(addr.port())),
             ("state", json!(state)),
             ("connections", json!(maps.connections(*id))),
+            // Decrements the programs refused because the count was already zero: a count
+            // that went wrong somewhere (never expected).
+            (
+                "underflows",
+                json!(underflows.get(id).copied().unwrap_or(0)),
+            ),
             ("id", json!(id)),
         ]));
     }
@@ -235,6 +243,55 @@ pub fn rebalance_list(maps: &Maps) -> Result<Vec<Row>> {
             ),
         ]));
     }
+    Ok(rows)
+}
+
+/// `socket list`: every socket socklb assigned, from the socket iterator.
+pub fn socket_list(maps: &Maps, pin_path: &Path) -> Result<Vec<Row>> {
+    let p = maps.read_programmed()?;
+    let tools = Tools::open(pin_path)?;
+    let mut rows: Vec<Row> = tools
+        .sockets
+        .list()?
+        .into_iter()
+        .map(|r| {
+            let s = &r.state;
+            let (name, port_name) = service_label(p.names.get(&s.service_id));
+            let (local, peer) = sockets::endpoints(s);
+            let proto = match s.protocol {
+                lb_common::IPPROTO_TCP => "TCP",
+                lb_common::IPPROTO_UDP => "UDP",
+                _ => "?",
+            };
+            let family = if i32::from(s.family) == libc::AF_INET6 {
+                "inet6"
+            } else {
+                "inet"
+            };
+            row(vec![
+                ("service", json!(name)),
+                ("port_name", json!(port_name)),
+                ("proto", json!(proto)),
+                ("family", json!(family)),
+                // The local side of a UDP socket is not recorded.
+                (
+                    "local",
+                    json!((s.local_port != 0).then(|| local.to_string())),
+                ),
+                ("backend", json!(peer.to_string())),
+                ("backend_id", json!(s.backend_id)),
+                ("netns", json!(s.netns)),
+                ("cookie", json!(r.cookie)),
+            ])
+        })
+        .collect();
+    rows.sort_by_key(|r| {
+        (
+            r["service"].to_string(),
+            r["backend"].to_string(),
+            r["cookie"].as_u64(),
+        )
+    });
     Ok(rows)
 }
 
@@ -333,10 +390,15 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
         map_names::RR_CURSORS => {
             bail!("{name} holds per-CPU round-robin positions; nothing to show")
         }
-        map_names::SOCKETS => bail!(
-            "{name} is socket-local storage: the kernel only reads it through a socket, so it \
-             cannot be listed (see `backend list` for the live connection counts)"
+        map_names::UDP_PEERS => bail!(
+            "{name} is socket-local storage of unconnected UDP sockets, which the agent does not \
+             iterate; see `socket list` for the assigned sockets"
         ),
+        map_names::COUNT_UNDERFLOWS => maps
+            .underflows()
+            .into_iter()
+            .map(|(id, n)| row(vec![("backend_id", json!(id)), ("underflows", json!(n))]))
+            .collect(),
         other => bail!(
             "unknown map {other:?} (maps: {})",
             map_names::ALL.join(", ")

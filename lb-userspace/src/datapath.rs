@@ -19,19 +19,20 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, SockOps, links::FdLink,
-        loaded_programs,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramFd, SockOps, SocketFilter,
+        links::FdLink, loaded_programs,
     },
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, RebalanceStats, Service, ServiceKey, ServiceName, ServiceStats,
-    SlotKey, map_names,
+    Affinity, AffinityKey, Backend, CountAdjustment, RebalanceStats, Service, ServiceKey,
+    ServiceName, ServiceStats, SlotKey, map_names,
 };
 use log::info;
 
 use crate::{
     bpf_sys,
     reconcile::{Op, Programmed},
+    sockets::SocketIterator,
     writer::MapWriter,
 };
 
@@ -80,18 +81,86 @@ pub struct Maps {
     pub enabled_netns: HashMap<MapData, u64, u8>,
     /// Written by the rebalancer, read by socklbctl.
     pub rebalance_stats: HashMap<MapData, u32, RebalanceStats>,
-    /// The socket storage map; only the kernel and sock_diag read it (it cannot be iterated).
+    /// Backends whose count the programs refused to take below zero, and how often.
+    pub count_underflows: HashMap<MapData, u32, u64>,
+    /// The socket storage map, read through `SocketIterator` (and by sock_diag).
     pub sockets: MapData,
+}
+
+/// The two programs the agent runs itself rather than attaching: the socket iterator and the
+/// count repair.
+pub struct Tools {
+    pub sockets: SocketIterator,
+    adjust_count: ProgramFd,
+}
+
+impl Tools {
+    fn load(ebpf: &mut Ebpf, sockets: &MapData) -> Result<Tools> {
+        let iterator = SocketIterator::load(ebpf, sockets)?;
+        let adjust: &mut SocketFilter = ebpf
+            .program_mut("adjust_count")
+            .context("program adjust_count missing from the BPF object")?
+            .try_into()?;
+        adjust.load().context("loading adjust_count")?;
+        Ok(Tools {
+            sockets: iterator,
+            adjust_count: adjust.fd()?.try_clone()?,
+        })
+    }
+
+    /// The tools for an installed datapath (socklbctl, while the agent runs or not): the
+    /// object is loaded again on the pinned maps, nothing is attached.
+    pub fn open(pin_path: &Path) -> Result<Tools> {
+        let sockets = pin_path.join(map_names::SOCKETS);
+        let sockets = MapData::from_pin(&sockets).with_context(|| {
+            format!(
+                "opening {} (is socklb installed at this pin path?)",
+                sockets.display()
+            )
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_path)
+            .load(BPF_OBJECT)
+            .context("loading the BPF object on the pinned maps")?;
+        Tools::load(&mut ebpf, &sockets)
+    }
+
+    /// Adds `delta` to a backend's live count in one atomic operation in the kernel, so that
+    /// no connect or close the programs count meanwhile is lost.
+    pub fn adjust_count(&self, backend_id: u32, delta: i64) -> Result<()> {
+        let adjustment = CountAdjustment {
+            backend_id,
+            _pad: 0,
+            delta: delta as u64,
+        };
+        // A 14-byte Ethernet header (the test run strips it), then the adjustment. The
+        // EtherType is the local experimental one: with IPv4's the kernel would want an IPv4
+        // header behind it.
+        let mut data = vec![0u8; 14];
+        data[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+        // SAFETY: CountAdjustment is repr(C) plain data without padding holes.
+        data.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(
+                (&raw const adjustment).cast::<u8>(),
+                size_of::<CountAdjustment>(),
+            )
+        });
+        bpf_sys::prog_test_run(&self.adjust_count, &data).context("running adjust_count")?;
+        Ok(())
+    }
+}
+
+/// What `install` set up.
+pub struct Installed {
+    pub maps: Maps,
+    pub tools: Tools,
+    /// What was done per attached program.
+    pub actions: Vec<(&'static str, LinkAction)>,
 }
 
 /// Loads the programs and attaches them to `cgroup`, or adopts what an earlier run pinned at
 /// `pin_path`. `flags` (`lb_common::settings`) are in force before any program is attached.
-/// Returns the maps and what was done per program.
-pub fn install(
-    pin_path: &Path,
-    cgroup: &Path,
-    flags: u64,
-) -> Result<(Maps, Vec<(&'static str, LinkAction)>)> {
+pub fn install(pin_path: &Path, cgroup: &Path, flags: u64) -> Result<Installed> {
     let cgroup_dir = fs::File::open(cgroup)
         .with_context(|| format!("cgroup {} cannot be opened", cgroup.display()))?;
     if fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
@@ -139,7 +208,13 @@ pub fn install(
         info!("{name}: {action:?} ({})", cgroup.display());
         actions.push((name, action));
     }
-    Ok((Maps::take(&mut ebpf)?, actions))
+    let maps = Maps::take(&mut ebpf)?;
+    let tools = Tools::load(&mut ebpf, &maps.sockets)?;
+    Ok(Installed {
+        maps,
+        tools,
+        actions,
+    })
 }
 
 fn load(program: &mut Program) -> Result<()> {
@@ -276,6 +351,7 @@ impl Maps {
             settings: take(map_names::SETTINGS)?.try_into()?,
             enabled_netns: take(map_names::ENABLED_NETNS)?.try_into()?,
             rebalance_stats: take(map_names::REBALANCE_STATS)?.try_into()?,
+            count_underflows: take(map_names::COUNT_UNDERFLOWS)?.try_into()?,
             sockets: map_data(take(map_names::SOCKETS)?)?,
         })
     }
@@ -304,6 +380,7 @@ impl Maps {
             settings: open(map_names::SETTINGS)?.try_into()?,
             enabled_netns: open(map_names::ENABLED_NETNS)?.try_into()?,
             rebalance_stats: open(map_names::REBALANCE_STATS)?.try_into()?,
+            count_underflows: open(map_names::COUNT_UNDERFLOWS)?.try_into()?,
             sockets: map_data(open(map_names::SOCKETS)?)?,
         })
     }
@@ -319,13 +396,18 @@ impl Maps {
         })
     }
 
-    /// Live connections of a backend. The counter is unsigned and wraps; a value above
-    /// i64::MAX can only come from a drift below zero, shown as 0.
+    /// Live connections of a backend. The programs never take a count below zero (they
+    /// refuse and record it in `COUNT_UNDERFLOWS`), so this is the map's value as it is.
     pub fn connections(&self, backend_id: u32) -> u64 {
-        match self.counts.get(&backend_id, 0) {
-            Ok(n) if n <= i64::MAX as u64 => n,
-            _ => 0,
-        }
+        self.counts.get(&backend_id, 0).unwrap_or(0)
+    }
+
+    /// Backend id -> how often its count was refused a decrement below zero.
+    pub fn underflows(&self) -> std::collections::BTreeMap<u32, u64> {
+        self.count_underflows
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     pub fn stats(&self, service_id: u32) -> ServiceStats {
@@ -346,6 +428,12 @@ impl MapWriter for Maps {
             Op::PutMaglev(k, id) => self.maglev.insert(k, id, 0)?,
             Op::PutService(k, s) => self.services.insert(k, s, 0)?,
             Op::ResetStats(id) => self.stats.set(*id, &ServiceStats::default(), 0)?,
+            Op::ResetCount(id) => {
+                // Only for an id no socket holds: its count is 0 unless an earlier run went
+                // wrong, and a new pod must start from 0 whatever happened.
+                self.counts.set(*id, &0, 0)?;
+                let _ = self.count_underflows.remove(id);
+            }
             Op::DeleteService(k) => self.services.remove(k)?,
             Op::DeleteSlot(k) => self.slots.remove(k)?,
             Op::DeleteMaglev(k) => self.maglev.remove(k)?,

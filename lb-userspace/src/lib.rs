@@ -14,13 +14,17 @@
 //! datapath                  pinned BPF maps and programs on the cgroup (lb-ebpf)
 //! ```
 //!
-//! `agent` runs that loop; `recount` checks the connection counts against the live sockets
-//! after a restart and `rebalance` closes connections to even out long-lived ones, both
-//! through `sockdiag`; `maglev` builds consistent-hashing tables; `ctl` is socklbctl's
-//! reading side.
+//! `agent` runs that loop. Work on sockets runs on its `background` thread: `recount` checks
+//! the connection counts against the live sockets after a restart, `rebalance` closes idle
+//! connections to even out long-lived ones (`close`), `stale_udp` closes connected UDP
+//! sockets whose backend left; all find socklb's sockets with the BPF socket iterator
+//! (`sockets`) and act on them in their network namespace (`netns`, `sockdiag`). `maglev`
+//! builds consistent-hashing tables; `ctl` is socklbctl's reading side.
 
 pub mod agent;
+pub mod background;
 mod bpf_sys;
+pub mod close;
 pub mod cluster;
 pub mod ctl;
 pub mod datapath;
@@ -28,11 +32,14 @@ pub mod kube_watch;
 pub mod maglev;
 pub mod manifest;
 pub mod manifest_dir;
+pub mod netns;
 pub mod pod_switch;
 pub mod rebalance;
 pub mod reconcile;
 pub mod recount;
 pub mod sockdiag;
+pub mod sockets;
+pub mod stale_udp;
 pub mod status;
 pub mod writer;
 

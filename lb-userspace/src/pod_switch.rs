@@ -11,9 +11,9 @@
 //! hostNetwork pods share the node's namespace and are never switched on.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     fs,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use crate::datapath::Maps;
+use crate::{datapath::Maps, netns};
 
 pub const ENABLED_LABEL: &str = "socklb.io/enabled";
 
@@ -122,8 +122,7 @@ fn pod_uid(name: &str) -> Option<String> {
 /// Keeps `ENABLED_NETNS` equal to the network namespaces of the pods to switch on.
 pub struct PodSwitch {
     cgroup_root: PathBuf,
-    /// (dev, inode) of a network namespace -> its cookie.
-    cookies: HashMap<(u64, u64), u64>,
+    cookies: netns::Cookies,
     own_netns: (u64, u64),
     /// What the map holds.
     enabled: BTreeSet<u64>,
@@ -144,7 +143,7 @@ impl PodSwitch {
         let own = fs::metadata("/proc/self/ns/net")?;
         Ok(PodSwitch {
             cgroup_root: cgroup_root.to_owned(),
-            cookies: HashMap::new(),
+            cookies: netns::Cookies::default(),
             own_netns: (own.dev(), own.ino()),
             enabled: maps.enabled_netns.keys().collect::<Result<_, _>>()?,
         })
@@ -185,16 +184,13 @@ impl PodSwitch {
             return Ok(None);
         };
         let meta = ns.metadata()?;
-        let key = (meta.dev(), meta.ino());
-        if key == self.own_netns {
+        if (meta.dev(), meta.ino()) == self.own_netns {
             return Ok(None); // the node's own namespace: never
         }
-        if let Some(c) = self.cookies.get(&key) {
-            return Ok(Some(*c));
-        }
-        let cookie =
-            netns_cookie(&ns).with_context(|| format!("netns cookie of {}", cgroup.display()))?;
-        self.cookies.insert(key, cookie);
+        let cookie = self
+            .cookies
+            .of(&ns)
+            .with_context(|| format!("netns cookie of {}", cgroup.display()))?;
         Ok(Some(cookie))
     }
 }
@@ -215,41 +211,6 @@ fn first_netns(cgroup: &Path) -> Option<fs::File> {
         }
     }
     None
-}
-
-/// SO_NETNS_COOKIE of a socket made inside `netns` (on a thread that entered it): the same
-/// value `bpf_get_netns_cookie` gives the programs.
-fn netns_cookie(netns: &fs::File) -> Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let netns = netns.try_clone()?;
-    std::thread::spawn(move || -> Result<u64> {
-        // SAFETY: setns and a socket on this short-lived thread; the buffers are ours.
-        unsafe {
-            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-            if s < 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            let mut cookie = 0u64;
-            let mut len = size_of::<u64>() as libc::socklen_t;
-            let rc = libc::getsockopt(
-                s,
-                libc::SOL_SOCKET,
-                SO_NETNS_COOKIE,
-                (&raw mut cookie).cast(),
-                &mut len,
-            );
-            libc::close(s);
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            Ok(cookie)
-        }
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }
 
 #[cfg(test)]

@@ -1,39 +1,67 @@
 //! Active rebalancing: evening out long-lived connections after a scale-up.
 //!
 //! Connect-time least-conn only places new connections; after a scale-up the pods that were
-//! there keep every old connection. For Services that opt in (`socklb.io/rebalance: "true"`,
-//! least-conn only), every interval the agent compares the live counts of the Service's
-//! backends and, where they are uneven beyond the threshold, closes a bounded number of
-//! connections on the most loaded ones. Their clients reconnect, and least-conn places the new
-//! connections on the light backends.
+//! there keep every old connection. For Service ports that opt in (`socklb.io/rebalance:
+//! "true"`, least-conn only), every interval the agent compares the live counts of the
+//! backends and, while the busiest has more than one connection over the idlest (spread > 1),
+//! closes connections on the busiest ones. Their clients reconnect, and least-conn places the
+//! new connections on the light backends, until the spread is at most one.
 //!
-//! Safety rules:
-//! - Only sockets socklb itself assigned to that Service are touched (their socket storage
-//!   says so), in the network namespaces of the balanced cgroup, with SOCK_DESTROY (`ss -K`).
-//! - At most `max_share` of the Service's connections per interval (and at least one).
-//! - Only idle connections are closed: nothing waiting to be read or acknowledged, and the
-//!   last data on the connection was an answer received, not a request sent, at least 1 ms
-//!   ago. For request/response protocols (HTTP/1.1 keep-alive, gRPC unary between calls,
-//!   Redis, SQL) that means no request is waiting for its answer, so the client sees a closed
-//!   idle connection and reconnects, as it does when a server closes one. A connection that
-//!   is never idle (a client that sends its next request in the same millisecond the answer
-//!   arrives) is never closed; if a Service has too few idle connections, fewer are closed
-//!   and the next interval tries again. The choice is made from one sock_diag snapshot, so a
-//!   request sent between the snapshot and the close (microseconds) can still be cut.
+//! # Which connections are closed
+//!
+//! Only idle ones, where closing is what a client sees when a server closes an idle
+//! keep-alive connection. A TCP connection is idle when (checked from tcp_info in a sock_diag
+//! dump, and again on the socket itself microseconds before closing it):
+//! 1. it is established, with nothing unread and nothing unacknowledged;
+//! 2. it has been quiet in both directions for the quiet time (default 10 ms, per Service
+//!    `socklb.io/rebalance-quiet`): no exchange is under way;
+//! 3. its last data was received after its last data was sent, and within the answer window
+//!    (1 s) of it: the last request was answered, and what was received was that answer;
+//! 4. since the previous round it has not received more data than a request/response
+//!    pattern gives (at most 3 data segments in per segment out, plus 3): a connection that
+//!    receives without asking is delivering a stream. A connection is only closed once it has
+//!    been looked at in two rounds.
+//!
+//! What that means per protocol: HTTP/1.1 keep-alive, HTTP/2 and gRPC unary calls, Redis,
+//! SQL and other request/response protocols are closed between requests; pipelined requests
+//! keep data in flight or answers arriving, so they are not. Server streaming (SSE, gRPC
+//! server streams, WebSocket push, long polls) is never closed while it delivers: each event
+//! arrives long after the request (3) and events arrive without requests (4). The limits: a
+//! long poll or stream that has been silent since before its first event could look like an
+//! answered request, and so could a request whose answer takes longer than the quiet time
+//! while nothing is in flight; exclude such ports (`socklb.io/rebalance-exclude-ports`) or
+//! raise the quiet time.
+//!
+//! # How
+//!
+//! The sockets come from the socket iterator (only the ones socklb assigned, in every
+//! namespace); each is looked at with sock_diag in its network namespace and closed with
+//! `shutdown(SHUT_RDWR)` on a duplicate of its owner's descriptor (`close`), which clients see
+//! as a normal close. Each closure is counted (REBALANCE_STATS, the log, metrics, socklbctl).
+//!
+//! # Budget
+//!
+//! Per Service and round, at most `max_share` of its connections (default 10%, at least one);
+//! rounds every `interval` (default 1 s); on the whole node at most `max_per_second` closures
+//! per second (default 100). Connections closed but not yet back (their clients reconnect
+//! when they next need them) are counted as if they had come back on the least-loaded
+//! backends, so a slow pool is not closed twice over.
 
 use std::{
-    collections::BTreeMap,
-    path::Path,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    collections::{BTreeMap, HashMap, HashSet},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Result;
-use lb_common::{IPPROTO_TCP, RebalanceStats, SlotKey, service_flags};
+use lb_common::{IPPROTO_TCP, RebalanceStats};
 
 use crate::{
+    close::{LiveState, Outcome, Owners},
     datapath::Maps,
-    reconcile::{Programmed, backend_addr, frontend_key, name_str},
-    sockdiag::{self, AssignedSocket},
+    netns,
+    sockdiag::{self, Activity, DiagSocket},
+    sockets::SocketIterator,
 };
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -41,206 +69,353 @@ const TCP_ESTABLISHED: u8 = 1;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Policy {
     pub interval: Duration,
-    /// How far a backend may be from the mean, as a fraction of it, before anything is
-    /// closed (never less than one connection).
-    pub threshold: f64,
-    /// The most of a Service's connections closed in one interval (at least one).
+    /// The most of a Service's connections closed in one round (at least one).
     pub max_share: f64,
+    /// The most closures per second on the node, over all Services.
+    pub max_per_second: u32,
+    /// Default quiet time (rule 2); a Service may set its own.
+    pub quiet: Duration,
+    /// Rule 3: how long after a request its answer may come.
+    pub answer_window: Duration,
 }
 
 impl Default for Policy {
     fn default() -> Self {
         Policy {
-            interval: Duration::from_secs(10),
-            threshold: 0.1,
-            max_share: 0.05,
+            interval: Duration::from_secs(1),
+            max_share: 0.1,
+            max_per_second: 100,
+            quiet: Duration::from_millis(10),
+            answer_window: Duration::from_secs(1),
         }
     }
 }
 
-/// How many connections to close on which backends this interval, from the live counts of a
-/// Service's active backends. Each closure is assumed to come back on the least-loaded backend
-/// (least-conn), so closures are taken one by one from the currently most loaded.
-pub fn closures(counts: &[(u32, u64)], policy: &Policy) -> Vec<(u32, u64)> {
+/// A Service port that opted in, as the agent last programmed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub service_id: u32,
+    /// "namespace/name port \"p\" (frontend)", for the log.
+    pub name: String,
+    /// Its active backends.
+    pub backends: Vec<u32>,
+    pub quiet: Duration,
+}
+
+/// How many connections to close on which backends, from the live counts of a Service's
+/// backends: one at a time from the busiest, each assumed to come back on the least loaded
+/// (least-conn), until the spread is at most one or the budget is spent. `pending`
+/// connections closed earlier and not back yet are first placed on the least loaded.
+pub fn plan(counts: &[(u32, u64)], pending: u64, budget: u64) -> Vec<(u32, u64)> {
     if counts.len() < 2 {
         return Vec::new();
     }
-    let total: u64 = counts.iter().map(|(_, c)| c).sum();
-    let mean = total as f64 / counts.len() as f64;
-    let (lo, hi) = (mean.floor() as u64, mean.ceil() as u64);
-    let tolerance = ((policy.threshold * mean).floor() as u64).max(1);
-    let max = counts.iter().map(|(_, c)| *c).max().unwrap_or(0);
-    let min = counts.iter().map(|(_, c)| *c).min().unwrap_or(0);
-    if max <= hi + tolerance && min + tolerance >= lo {
-        return Vec::new();
+    let mut load: Vec<(u32, u64)> = counts.to_vec();
+    let least = |load: &mut Vec<(u32, u64)>| -> usize {
+        (0..load.len())
+            .min_by_key(|i| (load[*i].1, load[*i].0))
+            .expect("two or more")
+    };
+    for _ in 0..pending {
+        let i = least(&mut load);
+        load[i].1 += 1;
     }
-    let surplus: u64 = counts.iter().map(|(_, c)| c.saturating_sub(hi)).sum();
-    let deficit: u64 = counts.iter().map(|(_, c)| lo.saturating_sub(*c)).sum();
-    let budget = ((policy.max_share * total as f64).floor() as u64).max(1);
-    let mut left: Vec<(u32, u64)> = counts.to_vec();
     let mut out: BTreeMap<u32, u64> = BTreeMap::new();
-    for _ in 0..surplus.max(deficit).min(budget) {
-        let Some((id, count)) = left
-            .iter_mut()
-            .max_by_key(|(id, c)| (*c, std::cmp::Reverse(*id)))
-        else {
-            break;
-        };
-        if *count <= lo {
+    for _ in 0..budget {
+        let most = (0..load.len())
+            .max_by_key(|i| (load[*i].1, std::cmp::Reverse(load[*i].0)))
+            .expect("two or more");
+        let fewest = least(&mut load);
+        if load[most].1 <= load[fewest].1 + 1 {
             break;
         }
-        *count -= 1;
-        *out.entry(*id).or_default() += 1;
+        load[most].1 -= 1;
+        load[fewest].1 += 1;
+        *out.entry(load[most].0).or_default() += 1;
     }
     out.into_iter().collect()
 }
 
-/// How long a connection has been idle, if it is safe to close (see the module comment).
-pub fn idle_ms(s: &AssignedSocket) -> Option<u32> {
-    if s.protocol != IPPROTO_TCP || s.state != TCP_ESTABLISHED {
-        return None;
+/// Rules 1 to 3 (see the module comment) on a socket's state; `Err` says why it is busy.
+pub fn idle(s: &LiveState, quiet_ms: u32, answer_ms: u32) -> Result<(), &'static str> {
+    if s.tcp_state != TCP_ESTABLISHED {
+        return Err("not established");
     }
     if s.recv_queue > 0 || s.send_queue > 0 {
-        return None;
+        return Err("data in flight");
     }
-    let (sent, received) = (s.last_sent_ms?, s.last_received_ms?);
-    // The answer came after (or with) the last request, and not this very millisecond.
-    (received <= sent && sent >= 1).then_some(sent)
+    if s.last_sent_ms < quiet_ms || s.last_received_ms < quiet_ms {
+        return Err("not quiet");
+    }
+    if s.last_received_ms > s.last_sent_ms {
+        return Err("waiting for an answer");
+    }
+    if s.last_sent_ms - s.last_received_ms > answer_ms {
+        return Err("receiving without asking");
+    }
+    Ok(())
 }
 
-/// What one interval did to one Service.
-#[derive(Debug, PartialEq, Eq)]
+/// Rule 4: whether, between two looks, the connection received like a stream.
+pub fn streaming(before: &Activity, now: &Activity) -> bool {
+    let got = now.data_segs_in.wrapping_sub(before.data_segs_in);
+    let sent = now.data_segs_out.wrapping_sub(before.data_segs_out);
+    got > 3 * sent + 3
+}
+
+/// What one round did to one Service.
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Round {
     pub service: String,
-    /// Backend address -> connections closed there.
-    pub closed: BTreeMap<String, u64>,
-    /// Wanted this interval (what `closures` asked for).
+    /// Backend id -> connections closed there.
+    pub closed: BTreeMap<u32, u64>,
+    /// What the plan asked for, and the round's budget for the Service.
     pub wanted: u64,
-    /// The interval's bound for this Service.
     pub budget: u64,
+    /// Connections not closed, by reason.
+    pub left: BTreeMap<&'static str, u64>,
 }
 
-/// One interval over every opted-in Service. Returns what was closed.
-pub fn run(
-    maps: &mut Maps,
-    programmed: &Programmed,
-    cgroup: &Path,
-    policy: &Policy,
-) -> Result<Vec<Round>> {
-    // (service id, backend id) -> how many to close.
-    let mut quota: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-    let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
-    for (key, service) in &programmed.services {
-        if service.flags & service_flags::REBALANCE == 0 {
-            continue;
-        }
-        let counts: Vec<(u32, u64)> = (0..service.count)
-            .filter_map(|index| {
-                programmed.slots.get(&SlotKey {
-                    service_id: service.id,
-                    index,
-                })
-            })
-            .map(|id| (*id, maps.connections(*id)))
-            .collect();
-        let wanted = closures(&counts, policy);
-        if wanted.is_empty() {
-            continue;
-        }
-        let name = programmed
-            .names
-            .get(&service.id)
-            .map_or_else(String::new, |n| {
-                format!(
-                    "{}/{} port {:?}",
-                    name_str(&n.namespace),
-                    name_str(&n.name),
-                    name_str(&n.port_name)
-                )
-            });
-        let frontend = frontend_key(key).map_or_else(String::new, |k| format!(" ({k})"));
-        let total: u64 = counts.iter().map(|(_, c)| c).sum();
-        rounds.insert(
-            service.id,
-            Round {
-                service: format!("{name}{frontend}"),
-                closed: BTreeMap::new(),
-                wanted: wanted.iter().map(|(_, n)| n).sum(),
-                budget: ((policy.max_share * total as f64).floor() as u64).max(1),
-            },
-        );
-        for (backend, n) in wanted {
-            quota.insert((service.id, backend), n);
-        }
+impl Round {
+    pub fn total(&self) -> u64 {
+        self.closed.values().sum()
     }
-    if quota.is_empty() {
-        return Ok(Vec::new());
+}
+
+/// The rebalancer's memory between rounds.
+pub struct Rebalancer {
+    policy: Policy,
+    /// Where the clients' processes are (their network namespaces are found under it).
+    cgroup: PathBuf,
+    cookies: netns::Cookies,
+    /// The last look at each socket, by cookie (rule 4).
+    seen: HashMap<u64, Activity>,
+    /// Per service id: its total before the last closures, and when; connections closed and
+    /// not back yet are counted from it.
+    recent: HashMap<u32, (u64, Instant)>,
+    /// Closures in the last second, node-wide.
+    spent: Vec<Instant>,
+}
+
+/// How long closed connections are expected back within.
+const RECONNECT_WINDOW: Duration = Duration::from_secs(5);
+
+/// A socket the round may close.
+struct Candidate {
+    service_id: u32,
+    backend_id: u32,
+    inode: u64,
+    cookie: u64,
+    netns: u64,
+    last_received_ms: u32,
+    quiet_ms: u32,
+}
+
+impl Rebalancer {
+    pub fn new(policy: Policy, cgroup: PathBuf) -> Rebalancer {
+        Rebalancer {
+            policy,
+            cgroup,
+            cookies: netns::Cookies::default(),
+            seen: HashMap::new(),
+            recent: HashMap::new(),
+            spent: Vec::new(),
+        }
     }
 
-    // One pass over the client namespaces: snapshot, choose the idlest, close.
-    let (_, closed) = sockdiag::each_netns(cgroup, &maps.sockets, |session| {
-        let mut candidates: Vec<AssignedSocket> = session
-            .assigned()?
-            .into_iter()
-            .filter(|s| s.storage.live == 1 && idle_ms(s).is_some())
-            .filter(|s| quota.contains_key(&(s.storage.service_id, s.storage.backend_id)))
-            .collect();
-        candidates.sort_by_key(|s| std::cmp::Reverse(idle_ms(s)));
-        let mut closed = Vec::new();
-        for s in candidates {
-            let key = (s.storage.service_id, s.storage.backend_id);
-            let left = quota.get_mut(&key).expect("filtered on quota");
+    /// One round over every target.
+    pub fn round(
+        &mut self,
+        maps: &mut Maps,
+        sockets: &SocketIterator,
+        targets: &[Target],
+    ) -> Result<Vec<Round>> {
+        let now = Instant::now();
+        self.spent
+            .retain(|t| now.duration_since(*t) < Duration::from_secs(1));
+        let mut node_budget =
+            u64::from(self.policy.max_per_second).saturating_sub(self.spent.len() as u64);
+
+        // Plans, from the counts alone: no socket is looked at for an even Service.
+        let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
+        let mut quota: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut watched: HashMap<(u32, u32), u32> = HashMap::new(); // -> quiet ms
+        for t in targets {
+            let counts: Vec<(u32, u64)> = t
+                .backends
+                .iter()
+                .map(|id| (*id, maps.connections(*id)))
+                .collect();
+            let total: u64 = counts.iter().map(|(_, c)| c).sum();
+            let pending = match self.recent.get(&t.service_id) {
+                Some((before, at)) if now.duration_since(*at) < RECONNECT_WINDOW => {
+                    before.saturating_sub(total)
+                }
+                _ => 0,
+            };
+            let budget = ((self.policy.max_share * total as f64).floor() as u64)
+                .max(1)
+                .min(node_budget);
+            let wanted = plan(&counts, pending, budget);
+            if wanted.is_empty() {
+                continue;
+            }
+            let n: u64 = wanted.iter().map(|(_, n)| n).sum();
+            node_budget -= n;
+            let quiet_ms = t.quiet.as_millis() as u32;
+            for id in &t.backends {
+                watched.insert((t.service_id, *id), quiet_ms);
+            }
+            for (id, k) in &wanted {
+                quota.insert((t.service_id, *id), *k);
+            }
+            rounds.insert(
+                t.service_id,
+                Round {
+                    service: t.name.clone(),
+                    wanted: n,
+                    budget,
+                    ..Round::default()
+                },
+            );
+            self.recent.entry(t.service_id).or_insert((total, now));
+        }
+        if quota.is_empty() {
+            self.seen.clear();
+            return Ok(Vec::new());
+        }
+
+        // Look at the sockets of those Services, in their namespaces.
+        let mut by_netns: BTreeMap<u64, Vec<(u64, u32, u32)>> = BTreeMap::new();
+        for r in sockets.list()? {
+            let key = (r.state.service_id, r.state.backend_id);
+            if r.state.protocol == IPPROTO_TCP && watched.contains_key(&key) {
+                by_netns
+                    .entry(r.state.netns)
+                    .or_default()
+                    .push((r.cookie, key.0, key.1));
+            }
+        }
+        let namespaces = self.cookies.under(&self.cgroup)?;
+        let answer_ms = self.policy.answer_window.as_millis() as u32;
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut looked: HashSet<u64> = HashSet::new();
+        for (cookie, assigned) in &by_netns {
+            let Some(ns) = namespaces.get(cookie) else {
+                continue; // no process of the cgroup is in it (any more)
+            };
+            let dump: HashMap<u64, DiagSocket> =
+                match sockdiag::in_netns(&ns.file, |s| s.sockets(IPPROTO_TCP)) {
+                    Ok(d) => d.into_iter().map(|s| (s.cookie, s)).collect(),
+                    Err(e) => {
+                        log::warn!("rebalance: sock_diag in network namespace {cookie}: {e:#}");
+                        continue;
+                    }
+                };
+            for (sock_cookie, service_id, backend_id) in assigned {
+                let Some(d) = dump.get(sock_cookie) else {
+                    continue;
+                };
+                let Some(activity) = d.activity else { continue };
+                looked.insert(*sock_cookie);
+                let before = self.seen.insert(*sock_cookie, activity);
+                if !quota.contains_key(&(*service_id, *backend_id)) {
+                    continue;
+                }
+                let quiet_ms = watched[&(*service_id, *backend_id)];
+                let live = live_state(d, &activity);
+                let verdict = match before {
+                    None => Err("first look"),
+                    Some(b) if streaming(&b, &activity) => Err("receiving a stream"),
+                    Some(_) => idle(&live, quiet_ms, answer_ms),
+                };
+                match verdict {
+                    Ok(()) => candidates.push(Candidate {
+                        service_id: *service_id,
+                        backend_id: *backend_id,
+                        inode: u64::from(d.inode),
+                        cookie: *sock_cookie,
+                        netns: *cookie,
+                        last_received_ms: activity.last_received_ms,
+                        quiet_ms,
+                    }),
+                    Err(why) => {
+                        let round = rounds.get_mut(service_id).expect("planned");
+                        *round.left.entry(why).or_default() += 1;
+                    }
+                }
+            }
+        }
+        self.seen.retain(|c, _| looked.contains(c));
+
+        // Close the quietest first: a connection that has been idle longest is the least
+        // likely to be about to carry a request.
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.last_received_ms));
+        let mut owners: HashMap<u64, Owners> = HashMap::new();
+        for c in candidates {
+            let left = quota.get_mut(&(c.service_id, c.backend_id)).expect("quota");
             if *left == 0 {
                 continue;
             }
-            // A socket that closed or changed since the snapshot is simply not found.
-            if session.destroy(&s).is_ok() {
-                *left -= 1;
-                closed.push(key);
+            let Some(ns) = namespaces.get(&c.netns) else {
+                continue;
+            };
+            let owner = owners
+                .entry(c.netns)
+                .or_insert_with(|| Owners::of(&ns.pids));
+            let outcome =
+                owner.shut_down(c.inode, c.cookie, |live| idle(live, c.quiet_ms, answer_ms));
+            let round = rounds.get_mut(&c.service_id).expect("planned");
+            match outcome {
+                Ok(Outcome::Closed) => {
+                    *left -= 1;
+                    *round.closed.entry(c.backend_id).or_default() += 1;
+                    self.spent.push(Instant::now());
+                }
+                Ok(Outcome::Busy(why)) => *round.left.entry(why).or_default() += 1,
+                Ok(Outcome::Gone) => *round.left.entry("gone").or_default() += 1,
+                Err(e) => {
+                    log::warn!("rebalance: closing a connection of {}: {e}", round.service);
+                    *round.left.entry("error").or_default() += 1;
+                }
             }
         }
-        Ok(closed)
-    })?;
 
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    for (service_id, backend_id) in closed.into_iter().flatten() {
-        let round = rounds
-            .get_mut(&service_id)
-            .expect("quota came from a round");
-        let addr = programmed
-            .backends
-            .get(&backend_id)
-            .map_or_else(|| "?".into(), |b| backend_addr(b).to_string());
-        *round.closed.entry(addr).or_default() += 1;
-    }
-    for (service_id, round) in &rounds {
-        let n: u64 = round.closed.values().sum();
-        if n == 0 {
-            continue;
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for (service_id, round) in &rounds {
+            let n = round.total();
+            if n == 0 {
+                continue;
+            }
+            let mut stats: RebalanceStats = maps.rebalance_stats(*service_id);
+            stats.closed += n;
+            stats.rounds += 1;
+            stats.largest_round = stats.largest_round.max(n);
+            stats.last_unix = unix;
+            maps.rebalance_stats.insert(service_id, &stats, 0)?;
         }
-        let mut stats: RebalanceStats = maps.rebalance_stats(*service_id);
-        stats.closed += n;
-        stats.rounds += 1;
-        stats.largest_round = stats.largest_round.max(n);
-        stats.last_unix = now;
-        maps.rebalance_stats.insert(service_id, &stats, 0)?;
+        // A Service that is even again starts afresh.
+        let planned: HashSet<u32> = rounds.keys().copied().collect();
+        self.recent.retain(|id, _| planned.contains(id));
+        Ok(rounds.into_values().collect())
     }
-    Ok(rounds.into_values().collect())
+}
+
+fn live_state(d: &DiagSocket, a: &Activity) -> LiveState {
+    LiveState {
+        tcp_state: d.state,
+        recv_queue: d.recv_queue,
+        send_queue: d.send_queue,
+        last_sent_ms: a.last_sent_ms,
+        last_received_ms: a.last_received_ms,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn policy(threshold: f64, max_share: f64) -> Policy {
-        Policy {
-            interval: Duration::from_secs(1),
-            threshold,
-            max_share,
-        }
-    }
 
     fn ids(counts: &[u64]) -> Vec<(u32, u64)> {
         counts
@@ -250,22 +425,19 @@ mod tests {
             .collect()
     }
 
-    /// Simulates intervals: closed connections come back on the least-loaded backend.
-    fn converge(mut counts: Vec<(u32, u64)>, p: &Policy) -> (Vec<(u32, u64)>, usize, u64) {
+    /// Simulates rounds: closed connections come back on the least-loaded backend. Returns
+    /// the final counts and the rounds taken.
+    fn converge(mut counts: Vec<(u32, u64)>, share: f64) -> (Vec<u64>, usize) {
         let total: u64 = counts.iter().map(|(_, c)| c).sum();
-        let mut largest = 0;
         for round in 0..100 {
-            let plan = closures(&counts, p);
-            if plan.is_empty() {
-                return (counts, round, largest);
+            let budget = ((share * total as f64) as u64).max(1);
+            let p = plan(&counts, 0, budget);
+            if p.is_empty() {
+                return (counts.iter().map(|(_, c)| *c).collect(), round);
             }
-            let n: u64 = plan.iter().map(|(_, n)| n).sum();
-            largest = largest.max(n);
-            assert!(
-                n <= ((p.max_share * total as f64) as u64).max(1),
-                "bound exceeded: {n}"
-            );
-            for (id, k) in plan {
+            let n: u64 = p.iter().map(|(_, n)| n).sum();
+            assert!(n <= budget, "bound exceeded: {n}");
+            for (id, k) in p {
                 counts.iter_mut().find(|(i, _)| *i == id).unwrap().1 -= k;
             }
             for _ in 0..n {
@@ -275,94 +447,124 @@ mod tests {
         panic!("did not converge: {counts:?}");
     }
 
-    #[test]
-    fn a_scale_up_from_three_to_six_evens_out_within_one_in_bounded_rounds() {
-        let p = policy(0.1, 0.1);
-        let (end, rounds, largest) = converge(ids(&[20, 20, 20, 0, 0, 0]), &p);
-        assert!(end.iter().all(|(_, c)| (9..=11).contains(c)), "{end:?}");
-        assert_eq!(largest, 6, "10% of 60 per interval");
-        assert!(rounds <= 6, "{rounds} rounds");
+    fn spread(c: &[u64]) -> u64 {
+        c.iter().max().unwrap() - c.iter().min().unwrap()
     }
 
     #[test]
-    fn even_or_nearly_even_services_are_left_alone() {
-        let p = policy(0.1, 0.1);
-        assert!(closures(&ids(&[10, 10, 10]), &p).is_empty());
-        assert!(closures(&ids(&[11, 10, 9]), &p).is_empty());
-        assert!(closures(&ids(&[3, 2]), &p).is_empty());
-        assert!(
-            closures(&ids(&[7]), &p).is_empty(),
-            "one backend: nowhere to move to"
-        );
-        assert!(
-            closures(&ids(&[30, 30, 30, 36]), &policy(0.25, 0.1)).is_empty(),
-            "within 25%"
-        );
-    }
-
-    #[test]
-    fn closures_come_from_the_most_loaded_and_respect_the_bound() {
-        let plan = closures(&ids(&[40, 10, 10]), &policy(0.1, 0.05));
-        assert_eq!(plan, [(0, 3)], "5% of 60, all from the overloaded pod");
-        let plan = closures(&ids(&[4, 0]), &policy(0.1, 0.01));
-        assert_eq!(plan, [(0, 1)], "at least one per interval");
-    }
-
-    #[test]
-    fn a_backend_far_below_the_mean_pulls_from_the_top() {
-        // Nobody is far above the mean, but one pod is nearly empty.
-        let (end, _, _) = converge(ids(&[11, 11, 11, 11, 11, 5]), &policy(0.1, 0.2));
-        assert!(end.iter().all(|(_, c)| (9..=11).contains(c)), "{end:?}");
-    }
-
-    fn socket(state: u8, queues: (u32, u32), sent: u32, received: u32) -> AssignedSocket {
-        AssignedSocket {
-            family: libc::AF_INET as u8,
-            protocol: IPPROTO_TCP,
-            state,
-            local: "10.0.0.1:1".parse().unwrap(),
-            remote: "10.0.0.2:2".parse().unwrap(),
-            cookie: [0; 8],
-            recv_queue: queues.0,
-            send_queue: queues.1,
-            last_sent_ms: Some(sent),
-            last_received_ms: Some(received),
-            storage: Default::default(),
+    fn scale_ups_even_out_to_a_spread_of_at_most_one() {
+        for (before, after, total) in [
+            (4u64, 8u64, 40u64),
+            (3, 6, 60),
+            (4, 8, 8),
+            (4, 8, 6),
+            (2, 10, 1000),
+        ] {
+            let mut counts = vec![total / before; before as usize];
+            for c in counts.iter_mut().take((total % before) as usize) {
+                *c += 1;
+            }
+            counts.resize(after as usize, 0);
+            let (end, rounds) = converge(ids(&counts), 0.1);
+            assert!(spread(&end) <= 1, "{before}->{after} with {total}: {end:?}");
+            assert_eq!(end.iter().sum::<u64>(), total);
+            assert!(
+                rounds <= 10,
+                "{rounds} rounds for {before}->{after} with {total}"
+            );
         }
     }
 
     #[test]
-    fn only_connections_without_a_request_in_flight_are_idle() {
+    fn even_services_and_single_backends_are_left_alone() {
+        assert!(plan(&ids(&[5, 5, 5, 5]), 0, 10).is_empty());
+        assert!(
+            plan(&ids(&[6, 5, 5, 6]), 0, 10).is_empty(),
+            "spread 1 is even"
+        );
+        assert!(plan(&ids(&[7]), 0, 10).is_empty(), "nowhere to move to");
+        assert!(plan(&ids(&[1, 1, 1, 1, 1, 1, 0, 0]), 0, 10).is_empty());
+    }
+
+    #[test]
+    fn closures_come_from_the_busiest_within_the_budget() {
         assert_eq!(
-            idle_ms(&socket(1, (0, 0), 40, 39)),
-            Some(40),
+            plan(&ids(&[6, 6, 6, 6, 4, 4, 4, 4]), 0, 10),
+            [(0, 1), (1, 1), (2, 1), (3, 1)]
+        );
+        assert_eq!(plan(&ids(&[40, 10, 10]), 0, 3), [(0, 3)]);
+        assert_eq!(plan(&ids(&[2, 0]), 0, 5), [(0, 1)], "1/1 is the end");
+    }
+
+    #[test]
+    fn connections_not_back_yet_count_where_they_will_land() {
+        // A pool of 40 on 4 pods, 8 pods now, 20 closed and not reconnected yet: 5/5/5/5/0/0/0/0.
+        // Those 20 will land on the empty pods; closing more would be closing twice over.
+        assert!(plan(&ids(&[5, 5, 5, 5, 0, 0, 0, 0]), 20, 100).is_empty());
+        // Without them it would close 8 (to 3/3/3/3/2/2/2/2).
+        let p = plan(&ids(&[5, 5, 5, 5, 0, 0, 0, 0]), 0, 100);
+        assert_eq!(p.iter().map(|(_, n)| n).sum::<u64>(), 8);
+    }
+
+    fn state(sent: u32, received: u32) -> LiveState {
+        LiveState {
+            tcp_state: TCP_ESTABLISHED,
+            recv_queue: 0,
+            send_queue: 0,
+            last_sent_ms: sent,
+            last_received_ms: received,
+        }
+    }
+
+    #[test]
+    fn idle_means_answered_and_quiet_both_ways() {
+        assert_eq!(
+            idle(&state(40, 39), 10, 1000),
+            Ok(()),
             "answered, quiet since"
         );
         assert_eq!(
-            idle_ms(&socket(1, (0, 0), 5, 5)),
-            Some(5),
-            "answered in the same ms"
+            idle(&state(5_000, 4_990), 10, 1000),
+            Ok(()),
+            "a pooled connection"
         );
+        assert_eq!(idle(&state(8, 7), 10, 1000), Err("not quiet"));
+        assert_eq!(idle(&state(30, 50), 10, 1000), Err("waiting for an answer"));
         assert_eq!(
-            idle_ms(&socket(1, (0, 0), 3, 12)),
-            None,
-            "request sent, no answer yet"
+            idle(&state(60_000, 40), 10, 1000),
+            Err("receiving without asking"),
+            "an event long after the request: a stream"
         );
-        assert_eq!(
-            idle_ms(&socket(1, (0, 0), 0, 0)),
-            None,
-            "this very millisecond"
+        let mut s = state(50, 40);
+        s.send_queue = 17;
+        assert_eq!(idle(&s, 10, 1000), Err("data in flight"));
+        s = state(50, 40);
+        s.recv_queue = 9;
+        assert_eq!(idle(&s, 10, 1000), Err("data in flight"));
+        s = state(50, 40);
+        s.tcp_state = 8;
+        assert_eq!(idle(&s, 10, 1000), Err("not established"));
+    }
+
+    #[test]
+    fn a_connection_receiving_more_than_it_asks_is_a_stream() {
+        let at = |i, o| Activity {
+            data_segs_in: i,
+            data_segs_out: o,
+            ..Activity::default()
+        };
+        assert!(
+            !streaming(&at(100, 100), &at(140, 120)),
+            "20 calls, 2 segments each"
         );
-        assert_eq!(
-            idle_ms(&socket(1, (0, 17), 50, 40)),
-            None,
-            "data not yet acknowledged"
+        assert!(!streaming(&at(0, 0), &at(0, 0)), "silent");
+        assert!(
+            streaming(&at(10, 1), &at(30, 1)),
+            "20 pushes, nothing asked"
         );
-        assert_eq!(
-            idle_ms(&socket(1, (9, 0), 50, 40)),
-            None,
-            "data not yet read"
+        assert!(
+            streaming(&at(10, 1), &at(30, 2)),
+            "20 pushes, one window update"
         );
-        assert_eq!(idle_ms(&socket(8, (0, 0), 50, 40)), None, "not established");
     }
 }

@@ -49,6 +49,10 @@ pub enum Op {
     PutService(ServiceKey, Service),
     /// Zero a reused service id's counters.
     ResetStats(u32),
+    /// Zero the live count of a backend id about to be handed to a pod. The id is free: no
+    /// slot points at it and no live socket holds it (`gc` only forgets a backend whose count
+    /// is 0 and which no assigned socket refers to), so nothing else writes this count.
+    ResetCount(u32),
     DeleteService(ServiceKey),
     DeleteSlot(SlotKey),
     DeleteMaglev(SlotKey),
@@ -80,7 +84,7 @@ impl Programmed {
             Op::PutSlot(k, id) => drop(self.slots.insert(*k, *id)),
             Op::PutMaglev(k, id) => drop(self.maglev.insert(*k, *id)),
             Op::PutService(k, s) => drop(self.services.insert(*k, *s)),
-            Op::ResetStats(_) => {}
+            Op::ResetStats(_) | Op::ResetCount(_) => {}
             Op::DeleteService(k) => drop(self.services.remove(k)),
             Op::DeleteSlot(k) => drop(self.slots.remove(k)),
             Op::DeleteMaglev(k) => drop(self.maglev.remove(k)),
@@ -407,6 +411,7 @@ impl<'a> Planner<'a> {
                 }
                 None => {
                     let id = self.backend_ids_free.take();
+                    backend_ops.push(Op::ResetCount(id));
                     backend_ops.push(Op::PutBackend(id, backend(*addr, service_id)));
                     id
                 }
@@ -450,7 +455,7 @@ impl<'a> Planner<'a> {
             } else {
                 0
             },
-            _pad: 0,
+            rebalance_quiet_ms: f.rebalance_quiet_ms,
             affinity_timeout: f.affinity_timeout,
         };
         if existing != Some(entry) {
@@ -691,6 +696,7 @@ pub fn programmed_frontends(p: &Programmed) -> Desired {
             port_name: name_str(&name.port_name),
             algorithm: algorithm_of(service),
             rebalance: service.flags & service_flags::REBALANCE != 0,
+            rebalance_quiet_ms: service.rebalance_quiet_ms,
             affinity_timeout: service.affinity_timeout,
             backends,
         };
@@ -731,6 +737,7 @@ mod tests {
             port_name: "http".into(),
             algorithm: Algorithm::LeastConn,
             rebalance: false,
+            rebalance_quiet_ms: 0,
             affinity_timeout: 0,
             backends,
         }
@@ -798,6 +805,11 @@ mod tests {
             Op::PutSlot(k, id) | Op::PutMaglev(k, id) => {
                 assert!(backend_of(k, id), "{op:?} points nowhere")
             }
+            Op::ResetCount(id) => assert!(
+                !p.backends.contains_key(id)
+                    && !p.slots.values().chain(p.maglev.values()).any(|b| b == id),
+                "{op:?} on an id in use"
+            ),
             Op::DeleteSlot(k) => assert!(!visible(k, false), "{op:?} while visible"),
             Op::DeleteMaglev(k) => assert!(!visible(k, true), "{op:?} while visible"),
             Op::DeleteBackend(id) => {
@@ -887,6 +899,7 @@ mod tests {
             .map(|op| match op {
                 Op::PutName(..) => "name",
                 Op::ResetStats(..) => "stats",
+                Op::ResetCount(..) => "count",
                 Op::PutBackend(..) => "backend",
                 Op::PutSlot(..) => "slot",
                 Op::PutService(..) => "service",
@@ -896,7 +909,8 @@ mod tests {
         assert_eq!(
             kinds,
             [
-                "name", "stats", "backend", "backend", "backend", "slot", "slot", "slot", "service"
+                "name", "stats", "count", "backend", "count", "backend", "count", "backend",
+                "slot", "slot", "slot", "service"
             ]
         );
         assert_programs(&d, &p);

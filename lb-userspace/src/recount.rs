@@ -1,57 +1,58 @@
 //! Checking the connection counts against the live sockets, when an agent starts on maps an
-//! earlier run left pinned. The BPF programs keep counting while no agent runs, so the counts
-//! should be right; this makes sure instead of trusting them, and repairs a count that is
-//! provably wrong.
+//! earlier run left pinned. The BPF programs keep counting while no agent runs, and count
+//! each assignment exactly once (see `lb_common::SockState`), so the counts should be right;
+//! this makes sure instead of trusting them.
 //!
-//! A count is only rewritten when it and the sockets behind it did not move across two dumps:
-//! userspace cannot add atomically to a map value, so rewriting a count while connections open
-//! or close could lose one of their updates. A count that keeps moving is reported and left.
+//! The live sockets come from the socket iterator, which sees every socket socklb assigned in
+//! every network namespace (also those of processes that left the cgroup). A count is only
+//! repaired when it and the sockets behind it did not move across two looks, and the repair
+//! is the difference, added atomically in the kernel (`Tools::adjust_count`): a connect or
+//! close the programs count meanwhile is never lost, as an absolute write could lose it.
 
-use std::{collections::BTreeMap, path::Path};
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 
-use crate::{datapath::Maps, sockdiag};
+use crate::datapath::{Maps, Tools};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recount {
-    pub namespaces: usize,
-    /// Live sockets socklb assigned.
+    /// Live sockets socklb assigned, and the network namespaces they are in.
     pub sockets: usize,
-    /// (backend id, count in the map, sockets found) for counts rewritten.
+    pub namespaces: usize,
+    /// (backend id, count in the map, sockets found) for counts repaired.
     pub corrected: Vec<(u32, u64, u64)>,
     /// Backends whose count disagreed but kept changing, so were left alone.
     pub unsettled: Vec<u32>,
 }
 
-pub fn verify(maps: &mut Maps, cgroup: &Path) -> Result<Recount> {
-    let backends: Vec<u32> = maps.backends.keys().collect::<Result<_, _>>()?;
+pub fn verify(maps: &Maps, tools: &Tools) -> Result<Recount> {
+    let first = live(tools)?;
+    let mut ids: BTreeSet<u32> = maps.backends.keys().collect::<Result<_, _>>()?;
+    ids.extend(first.per_backend.keys());
     let counts = |maps: &Maps| -> BTreeMap<u32, u64> {
-        backends
-            .iter()
-            .map(|id| (*id, maps.connections(*id)))
-            .collect()
+        ids.iter().map(|id| (*id, maps.connections(*id))).collect()
     };
     let before = counts(maps);
-    let (first, namespaces, sockets) = live_sockets(maps, cgroup)?;
+    let second = live(tools)?;
     let after = counts(maps);
-    let (second, _, _) = live_sockets(maps, cgroup)?;
 
     let mut report = Recount {
-        namespaces,
-        sockets,
+        sockets: second.sockets,
+        namespaces: second.namespaces.len(),
         ..Recount::default()
     };
-    for id in &backends {
+    let found = |l: &Live, id: &u32| l.per_backend.get(id).copied().unwrap_or(0);
+    for id in &ids {
         let counted = after[id];
-        let found = first.get(id).copied().unwrap_or(0);
-        if counted == found {
+        if counted == found(&second, id) {
             continue;
         }
-        let settled = before[id] == counted && second.get(id).copied().unwrap_or(0) == found;
+        let settled = before[id] == counted && found(&first, id) == found(&second, id);
         if settled {
-            maps.counts.set(*id, &found, 0)?;
-            report.corrected.push((*id, counted, found));
+            let delta = found(&second, id) as i64 - counted as i64;
+            tools.adjust_count(*id, delta)?;
+            report.corrected.push((*id, counted, found(&second, id)));
         } else {
             report.unsettled.push(*id);
         }
@@ -59,14 +60,22 @@ pub fn verify(maps: &mut Maps, cgroup: &Path) -> Result<Recount> {
     Ok(report)
 }
 
-/// Live assigned sockets per backend id over every network namespace of the cgroup.
-fn live_sockets(maps: &Maps, cgroup: &Path) -> Result<(BTreeMap<u32, u64>, usize, usize)> {
-    let (namespaces, dumps) = sockdiag::each_netns(cgroup, &maps.sockets, |s| s.assigned())?;
+/// The live assigned sockets, per backend id.
+struct Live {
+    per_backend: BTreeMap<u32, u64>,
+    sockets: usize,
+    namespaces: BTreeSet<u64>,
+}
+
+fn live(tools: &Tools) -> Result<Live> {
+    let records = tools.sockets.list()?;
     let mut per_backend = BTreeMap::new();
-    let mut total = 0;
-    for socket in dumps.iter().flatten().filter(|s| s.storage.live == 1) {
-        *per_backend.entry(socket.storage.backend_id).or_insert(0) += 1;
-        total += 1;
+    for r in &records {
+        *per_backend.entry(r.state.backend_id).or_insert(0) += 1;
     }
-    Ok((per_backend, namespaces, total))
+    Ok(Live {
+        per_backend,
+        sockets: records.len(),
+        namespaces: records.iter().map(|r| r.state.netns).collect(),
+    })
 }

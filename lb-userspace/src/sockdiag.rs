@@ -1,46 +1,30 @@
-//! Finding and closing the sockets socklb assigned, from userspace: a netlink sock_diag dump of
-//! a network namespace that also returns each socket's `SOCKETS` storage
-//! (INET_DIAG_REQ_SK_BPF_STORAGES, as `ss --bpf-maps` does), and SOCK_DESTROY for one socket
-//! (as `ss -K`). Used to check the connection counts after an agent restart, and by the
-//! rebalancer.
+//! sock_diag (netlink) inside one network namespace: a dump of its TCP or UDP sockets of one
+//! family with their queues, tcp_info and inode (what `ss -tinpe` shows), and SOCK_DESTROY of
+//! one socket (what `ss -K` does). The socket iterator says which sockets are socklb's and in
+//! which namespace; this is how the agent looks at them there.
 //!
-//! sock_diag acts on the network namespace of the calling thread, so each session runs on a
-//! short-lived thread that first enters the namespace (setns), as `ss` run inside it would.
+//! sock_diag acts on the network namespace of the calling thread, so a session runs on a
+//! short-lived thread that entered the namespace (`netns::in_netns`).
 
-use std::{
-    collections::BTreeMap,
-    fs, io,
-    net::SocketAddr,
-    os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
-    path::Path,
-};
+use std::{fs, io, net::SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::SockState;
 use netlink_packet_core::{
-    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Nla, NlasIterator,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable,
 };
 use netlink_packet_sock_diag::{
-    SOCK_DIAG_BY_FAMILY, SockDiagDestroy, SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    SockDiagDestroy, SockDiagMessage,
+    constants::{AF_INET, AF_INET6},
     inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla as InetNla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 
-const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
-const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
-const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
-const SK_DIAG_BPF_STORAGE: u16 = 1;
-const SK_DIAG_BPF_STORAGE_MAP_ID: u16 = 2;
-const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+use crate::netns;
 
-/// A socket carrying socklb storage.
+/// A socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AssignedSocket {
+pub struct DiagSocket {
     /// AF_INET or AF_INET6 (a dual-mode socket talking to `::ffff:pod` is AF_INET6).
     pub family: u8,
     pub protocol: u8,
@@ -48,105 +32,54 @@ pub struct AssignedSocket {
     pub state: u8,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    /// The kernel's socket cookie: SOCK_DESTROY acts on exactly this socket.
-    pub cookie: [u8; 8],
+    /// The kernel's socket cookie (as `bpf_get_socket_cookie` gives it).
+    pub cookie: u64,
+    pub inode: u32,
     /// Bytes received but not read by the application.
     pub recv_queue: u32,
     /// Bytes written but not yet acknowledged by the peer (TCP).
     pub send_queue: u32,
-    /// Milliseconds since data was last sent and received (TCP only).
-    pub last_sent_ms: Option<u32>,
-    pub last_received_ms: Option<u32>,
-    pub storage: SockState,
+    /// TCP only.
+    pub activity: Option<Activity>,
 }
 
-/// The distinct network namespaces of the processes in `cgroup` and below.
-pub fn netns_of_cgroup(cgroup: &Path) -> Result<Vec<fs::File>> {
-    let mut seen = BTreeMap::new();
-    let mut dirs = vec![cgroup.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let procs = fs::read_to_string(dir.join("cgroup.procs"))
-            .with_context(|| format!("reading {}/cgroup.procs", dir.display()))?;
-        for pid in procs.lines() {
-            // A process may exit between listing and opening; skip it.
-            if let Ok(ns) = fs::File::open(format!("/proc/{pid}/ns/net"))
-                && let Ok(meta) = ns.metadata()
-            {
-                seen.entry((meta.dev(), meta.ino())).or_insert(ns);
-            }
-        }
-        for entry in fs::read_dir(&dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                dirs.push(entry.path());
-            }
-        }
-    }
-    Ok(seen.into_values().collect())
+/// What tcp_info says of a connection's recent traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Milliseconds since data was last sent and last received.
+    pub last_sent_ms: u32,
+    pub last_received_ms: u32,
+    /// Data segments received and sent so far.
+    pub data_segs_in: u32,
+    pub data_segs_out: u32,
 }
 
 /// A sock_diag session inside one network namespace.
 pub struct Session {
     socket: Socket,
-    map_fd: OwnedFd,
-    map_id: u32,
 }
 
-/// Runs `f` with a session in `netns`, on a thread that entered it. `map_fd`/`map_id` are the
-/// socket storage map whose values the dumps return.
+/// Runs `f` with a session in `netns`.
 pub fn in_netns<T: Send>(
     netns: &fs::File,
-    map_fd: BorrowedFd<'_>,
-    map_id: u32,
     f: impl FnOnce(&mut Session) -> Result<T> + Send,
 ) -> Result<T> {
-    let netns = netns.try_clone()?;
-    let map_fd = map_fd.try_clone_to_owned()?;
-    std::thread::scope(|s| {
-        s.spawn(move || -> Result<T> {
-            // SAFETY: setns on this thread only; the thread ends right after the session.
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error()).context("entering the network namespace");
-            }
-            let mut socket =
-                Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
-            socket.bind_auto()?;
-            socket.connect(&NetlinkAddr::new(0, 0))?;
-            f(&mut Session {
-                socket,
-                map_fd,
-                map_id,
-            })
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("sock_diag thread panicked"))?
+    netns::in_netns(netns, || {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
+        socket.bind_auto()?;
+        socket.connect(&NetlinkAddr::new(0, 0))?;
+        f(&mut Session { socket })
     })
 }
 
 impl Session {
-    /// The TCP and UDP sockets of the namespace, of both families, that carry socklb storage.
-    /// (A dump is per family: an AF_INET6 socket connected to `::ffff:pod` is only in the
-    /// AF_INET6 one.)
-    pub fn assigned(&mut self) -> Result<Vec<AssignedSocket>> {
+    /// The sockets of `protocol` (IPPROTO_TCP or IPPROTO_UDP) of both families, with tcp_info.
+    pub fn sockets(&mut self, protocol: u8) -> Result<Vec<DiagSocket>> {
         let mut out = Vec::new();
         for family in [AF_INET, AF_INET6] {
-            for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
-                out.extend(self.dump(family, protocol)?);
-            }
-        }
-        Ok(out)
-    }
-
-    fn dump(&mut self, family: u8, protocol: u8) -> Result<Vec<AssignedSocket>> {
-        let fd = (self.map_fd.as_raw_fd() as u32).to_ne_bytes().to_vec();
-        let fd_attr = DefaultNla::new(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, fd);
-        let mut nested = vec![0; fd_attr.buffer_len()];
-        fd_attr.emit(&mut nested);
-        let request = DumpRequest {
-            request: SockDiagMessage::InetRequest(InetRequest {
+            let request = SockDiagMessage::InetRequest(InetRequest {
                 family,
                 protocol,
-                // tcp_info carries the last-send and last-receive times the rebalancer uses.
                 extensions: ExtensionFlags::INFO,
                 states: StateFlags::all(),
                 socket_id: if family == AF_INET {
@@ -154,25 +87,20 @@ impl Session {
                 } else {
                     SocketId::new_v6()
                 },
-            }),
-            storages: DefaultNla::new(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, nested),
-        };
-        self.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
-        let mut out = Vec::new();
-        let map_id = self.map_id;
-        self.receive(|message| {
-            if let SockDiagMessage::InetResponse(r) = message
-                && let Some(socket) = assigned(family, protocol, &r, map_id)
-            {
-                out.push(socket);
-            }
-        })?;
+            });
+            self.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
+            self.receive(|message| {
+                if let SockDiagMessage::InetResponse(r) = message {
+                    out.push(diag_socket(family, protocol, &r));
+                }
+            })?;
+        }
         Ok(out)
     }
 
-    /// Closes one socket (SOCK_DESTROY, as `ss -K`): the kernel aborts it, the peer gets a
-    /// reset and the application's next call on it fails with ECONNABORTED.
-    pub fn destroy(&mut self, socket: &AssignedSocket) -> Result<()> {
+    /// Closes one socket (SOCK_DESTROY, as `ss -K`): the kernel aborts it, a TCP peer gets a
+    /// reset, and the application's next call on it fails with ECONNABORTED.
+    pub fn destroy(&mut self, socket: &DiagSocket) -> Result<()> {
         // The addresses as the dump reported them, in the socket's own family: the kernel looks
         // an AF_INET6 request with v4-mapped addresses up among the IPv4 connections.
         let mut id = SocketId::new_v4();
@@ -180,7 +108,7 @@ impl Session {
         id.source_port = socket.local.port();
         id.destination_address = socket.remote.ip();
         id.destination_port = socket.remote.port();
-        id.cookie = socket.cookie;
+        id.cookie = cookie_bytes(socket.cookie);
         let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
             family: socket.family,
             protocol: socket.protocol,
@@ -236,112 +164,53 @@ impl Session {
     }
 }
 
-/// A dump request with the storage map attached (the crate's request has no attributes).
-struct DumpRequest {
-    request: SockDiagMessage,
-    storages: DefaultNla,
-}
-
-impl NetlinkSerializable for DumpRequest {
-    fn message_type(&self) -> u16 {
-        SOCK_DIAG_BY_FAMILY
-    }
-
-    fn buffer_len(&self) -> usize {
-        Emitable::buffer_len(&self.request) + self.storages.buffer_len()
-    }
-
-    fn serialize(&self, buffer: &mut [u8]) {
-        let n = Emitable::buffer_len(&self.request);
-        self.request.serialize(&mut buffer[..n]);
-        self.storages.emit(&mut buffer[n..]);
-    }
-}
-
-impl From<DumpRequest> for NetlinkPayload<DumpRequest> {
-    fn from(r: DumpRequest) -> Self {
-        NetlinkPayload::InnerMessage(r)
-    }
-}
-
-/// The socket, if it carries a value of our storage map.
-fn assigned(family: u8, protocol: u8, r: &InetResponse, map_id: u32) -> Option<AssignedSocket> {
-    let mut storage = None;
-    let mut times = None;
-    for nla in &r.nlas {
-        match nla {
-            InetNla::Other(n) if n.kind() & !NLA_F_NESTED == INET_DIAG_SK_BPF_STORAGES => {
-                let mut v = vec![0; n.value_len()];
-                n.emit_value(&mut v);
-                storage = storage_value(&v, map_id);
-            }
-            InetNla::TcpInfo(info) => times = Some((info.last_data_sent, info.last_data_recv)),
-            _ => {}
-        }
-    }
+fn diag_socket(family: u8, protocol: u8, r: &InetResponse) -> DiagSocket {
+    let activity = r.nlas.iter().find_map(|nla| match nla {
+        InetNla::TcpInfo(info) => Some(Activity {
+            last_sent_ms: info.last_data_sent,
+            last_received_ms: info.last_data_recv,
+            data_segs_in: info.data_segs_in,
+            data_segs_out: info.data_segs_out,
+        }),
+        _ => None,
+    });
     let id = &r.header.socket_id;
-    Some(AssignedSocket {
+    DiagSocket {
         family,
         protocol,
         state: r.header.state,
         local: SocketAddr::new(id.source_address, id.source_port),
         remote: SocketAddr::new(id.destination_address, id.destination_port),
-        cookie: r.header.socket_id.cookie,
+        cookie: cookie_value(id.cookie),
+        inode: r.header.inode,
         recv_queue: r.header.recv_queue,
         send_queue: r.header.send_queue,
-        last_sent_ms: times.map(|t| t.0),
-        last_received_ms: times.map(|t| t.1),
-        storage: storage?,
-    })
+        activity,
+    }
 }
 
-/// Finds our map's value among the nested SK_DIAG_BPF_STORAGE attributes.
-fn storage_value(attrs: &[u8], map_id: u32) -> Option<SockState> {
-    for storage in NlasIterator::new(attrs).filter_map(Result::ok) {
-        if storage.kind() & !NLA_F_NESTED != SK_DIAG_BPF_STORAGE {
-            continue;
-        }
-        let mut id = None;
-        let mut value = None;
-        for field in NlasIterator::new(storage.value()).filter_map(Result::ok) {
-            match field.kind() {
-                SK_DIAG_BPF_STORAGE_MAP_ID => {
-                    id = field
-                        .value()
-                        .get(..4)
-                        .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
-                }
-                SK_DIAG_BPF_STORAGE_MAP_VALUE => value = parse_state(field.value()),
-                _ => {}
-            }
-        }
-        if id == Some(map_id) {
-            return value;
-        }
-    }
-    None
+/// inet_diag carries the cookie as two u32 in host order, low half first.
+fn cookie_value(b: [u8; 8]) -> u64 {
+    let lo = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let hi = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+    u64::from(lo) | (u64::from(hi) << 32)
 }
 
-fn parse_state(v: &[u8]) -> Option<SockState> {
-    if v.len() < size_of::<SockState>() {
-        return None;
-    }
-    // SAFETY: SockState is repr(C) plain data of exactly this size (checked in lb-common);
-    // read_unaligned copes with the netlink buffer's alignment.
-    Some(unsafe { std::ptr::read_unaligned(v.as_ptr().cast::<SockState>()) })
+fn cookie_bytes(cookie: u64) -> [u8; 8] {
+    let (lo, hi) = (
+        (cookie as u32).to_ne_bytes(),
+        ((cookie >> 32) as u32).to_ne_bytes(),
+    );
+    [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
 }
 
-/// Runs `f` on every network namespace of `cgroup` with the storage map of `maps`.
-pub fn each_netns<T: Send>(
-    cgroup: &Path,
-    maps_sockets: &aya::maps::MapData,
-    mut f: impl FnMut(&mut Session) -> Result<T> + Send,
-) -> Result<(usize, Vec<T>)> {
-    let map_id = maps_sockets.info()?.id();
-    let namespaces = netns_of_cgroup(cgroup)?;
-    let mut out = Vec::new();
-    for netns in &namespaces {
-        out.push(in_netns(netns, maps_sockets.fd().as_fd(), map_id, &mut f)?);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_round_trip_through_inet_diag_order() {
+        let c = 0x0123_4567_89ab_cdef;
+        assert_eq!(cookie_value(cookie_bytes(c)), c);
     }
-    Ok((namespaces.len(), out))
 }

@@ -212,6 +212,17 @@ impl Collector for MapsCollector {
             "Live connections per backend, counted on this node",
             &connections,
         )?;
+        let underflows: Vec<(Labels, u64)> = maps
+            .underflows()
+            .into_iter()
+            .map(|(id, n)| (vec![("backend_id".into(), id.to_string())], n))
+            .collect();
+        counters(
+            &mut encoder,
+            "count_underflows",
+            "Decrements refused because a backend's count was already zero (never expected)",
+            &underflows,
+        )?;
 
         let (mut connects, mut refused, mut closed, mut active) = (vec![], vec![], vec![], vec![]);
         for (key, s) in &p.services {

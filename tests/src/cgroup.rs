@@ -27,6 +27,12 @@ impl Cgroup {
         &self.path
     }
 
+    /// Moves process `pid` (all its threads) into this cgroup.
+    pub fn adopt(&self, pid: u32) -> Result<()> {
+        fs::write(self.path.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", self.path.display()))
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()

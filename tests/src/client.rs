@@ -99,11 +99,30 @@ impl Client {
 
     /// Sends `rounds` requests on every open connection; requests per pod.
     pub fn requests(&mut self, rounds: usize) -> Result<BTreeMap<String, u64>> {
-        let reply = self.call(json!({ "cmd": "request", "rounds": rounds }))?;
-        if reply["errors"].as_u64() != Some(0) {
-            bail!("requests failed: {reply}");
+        let r = self.try_requests(rounds)?;
+        if r.errors != 0 {
+            bail!("requests failed: {r:?}");
         }
-        Ok(serde_json::from_value(reply["pods"].clone())?)
+        Ok(r.pods)
+    }
+
+    /// Like `requests`, reporting failures instead of failing.
+    pub fn try_requests(&mut self, rounds: usize) -> Result<Requests> {
+        let reply = self.call(json!({ "cmd": "request", "rounds": rounds }))?;
+        Ok(serde_json::from_value(reply)?)
+    }
+
+    /// Makes `count` unconnected UDP sockets for `target`, kept for `dgram_ask`.
+    pub fn dgram_open(&mut self, target: impl Into<SocketAddr>, count: usize) -> Result<()> {
+        let target = target.into();
+        self.call(json!({ "cmd": "dgram_open", "target": target.to_string(), "count": count }))
+            .map(drop)
+    }
+
+    /// `rounds` datagrams (`sendto`) from each kept unconnected socket, in order of creation.
+    pub fn dgram_ask(&mut self, rounds: usize) -> Result<Vec<Datagrams>> {
+        let reply = self.call(json!({ "cmd": "dgram_ask", "rounds": rounds }))?;
+        Ok(serde_json::from_value(reply["sockets"].clone())?)
     }
 
     /// `count` connect-request-close cycles; returns (successes, errors by message).
@@ -123,7 +142,29 @@ impl Client {
 
     /// Starts `rate` requests per second on every open connection, until `stop_pacing`.
     pub fn pace(&mut self, rate: u64) -> Result<()> {
-        self.call(json!({ "cmd": "pace", "rate": rate })).map(drop)
+        self.pace_pipelined(rate, 1)
+    }
+
+    /// Like `pace`, with `depth` requests pipelined per turn.
+    pub fn pace_pipelined(&mut self, rate: u64, depth: usize) -> Result<()> {
+        self.call(json!({ "cmd": "pace", "rate": rate, "depth": depth }))
+            .map(drop)
+    }
+
+    /// Opens `count` server-sent event streams, read in the background until `stop_streams`.
+    pub fn streams(&mut self, target: impl Into<SocketAddr>, count: usize) -> Result<()> {
+        let target = target.into();
+        self.call(json!({ "cmd": "streams", "target": target.to_string(), "count": count }))
+            .map(drop)
+    }
+
+    /// Stops reading the streams: events per pod, and how many streams were cut.
+    pub fn stop_streams(&mut self) -> Result<(BTreeMap<String, u64>, u64)> {
+        let reply = self.call(json!({ "cmd": "streams_stop" }))?;
+        Ok((
+            serde_json::from_value(reply["pods"].clone())?,
+            reply["cut"].as_u64().unwrap_or(0),
+        ))
     }
 
     /// Stops pacing; returns what the pacing did.
@@ -197,6 +238,25 @@ impl Drop for Client {
     }
 }
 
+/// What `try_requests` saw.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Requests {
+    pub pods: BTreeMap<String, u64>,
+    pub errors: u64,
+    /// The errno of each failure (None for an end of stream).
+    pub errnos: Vec<Option<i32>>,
+}
+
+/// What one kept unconnected UDP socket got back.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Datagrams {
+    /// The pod that answered each datagram.
+    pub pods: Vec<String>,
+    /// Where each answer came from (recvmsg's source address).
+    pub from: Vec<String>,
+    pub unanswered: u64,
+}
+
 /// Connect + first byte latency and rate.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Latency {
@@ -205,8 +265,8 @@ pub struct Latency {
     pub per_second: f64,
 }
 
-/// What a client's pacing did: requests per pod, connections reopened after being closed,
-/// requests that failed even after a reconnect.
+/// What a client's pacing did: requests per pod, connections reopened after the server side
+/// closed them while idle, requests that failed (never retried).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Paced {
     pub pods: BTreeMap<String, u64>,

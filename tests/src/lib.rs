@@ -9,6 +9,7 @@
 //!   what they see.
 //! - `client`: drives `socklb-client` processes that run inside the cgroup and namespace.
 //! - `agent`: runs `socklb-agent` on a manifest directory, and reads `socklbctl -j`.
+//! - `hostile`: another tool's sock_ops program that turns socklb's TCP callbacks off.
 //! - `kube_proxy`: the kube-proxy iptables chain for the same Services, as the baseline.
 //! - `manifests`: Service and EndpointSlice YAML for a set of pods.
 //! - `servers`: nginx and redis-server as pods, for the benchmarks.
@@ -21,6 +22,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod client;
+pub mod hostile;
 pub mod kube_proxy;
 pub mod kubebed;
 mod leftovers;

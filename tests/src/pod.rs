@@ -3,8 +3,9 @@
 //! served: the backends' own view that the tests check socklb's maps against.
 //!
 //! TCP pods speak enough HTTP/1.1 with keep-alive for wrk and for `socklb-client`: every
-//! request head (ended by an empty line) gets `200 OK` with the pod name as the body. UDP pods
-//! answer each datagram with their name.
+//! request head (ended by an empty line) gets `200 OK` with the pod name as the body, except
+//! `GET /stream`, which gets a server-sent event stream: one event with the pod name every 50
+//! to 100 ms until the client goes. UDP pods answer each datagram with their name.
 //!
 //! The listener is created on a short-lived thread that entered the namespace; the socket
 //! stays in that namespace while the serving threads run in the test process as usual.
@@ -152,7 +153,7 @@ fn serve_http(stream: TcpStream, name: &str, stats: &PodStats) -> std::io::Resul
     let mut line = String::new();
     loop {
         // One request head: lines up to an empty one.
-        let mut got_any = false;
+        let mut first = None;
         loop {
             line.clear();
             if reader.read_line(&mut line)? == 0 {
@@ -161,11 +162,26 @@ fn serve_http(stream: TcpStream, name: &str, stats: &PodStats) -> std::io::Resul
             if line == "\r\n" || line == "\n" {
                 break;
             }
-            got_any = true;
+            first.get_or_insert_with(|| line.clone());
         }
-        if got_any {
-            stats.requests.fetch_add(1, Ordering::Relaxed);
-            out.write_all(response.as_bytes())?;
+        let Some(request) = first else { continue };
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        if request.starts_with("GET /stream ") {
+            return stream_events(out, name);
         }
+        out.write_all(response.as_bytes())?;
+    }
+}
+
+/// A server-sent event stream: an event every 50 to 100 ms until the client goes.
+fn stream_events(mut out: TcpStream, name: &str) -> std::io::Result<()> {
+    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")?;
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        out.write_all(format!("data: {name} {n}\n\n").as_bytes())?;
+        // 50-100 ms, varied without a random source: a small LCG over the event number.
+        let jitter = (n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1) >> 33) % 51;
+        thread::sleep(std::time::Duration::from_millis(50 + jitter));
     }
 }

@@ -45,6 +45,9 @@ fn missing() -> Vec<String> {
             missing.push(format!("{tool} not installed"));
         }
     }
+    if !Path::new("/usr/lib/python3/dist-packages/grpc/__init__.py").exists() {
+        missing.push("python3-grpcio not installed".to_owned());
+    }
     missing
 }
 

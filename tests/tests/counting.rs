@@ -1,10 +1,22 @@
 //! Live connection counts: exact from the moment of assignment to the close, including
 //! connects that never establish, under concurrency, without drift.
 
-use std::{net::Ipv4Addr, thread, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
 
 use serde_json::json;
 use socklb_tests::{
+    cgroup::Cgroup,
+    client::per_pod,
+    hostile::ClearsCallbacks,
     manifests::{ServiceSpec, pod_ips},
     require_privileges,
     testbed::Testbed,
@@ -102,5 +114,158 @@ fn no_drift_after_thousands_of_concurrent_open_close_cycles() {
     }
     bed.settle_at(5).unwrap();
     holder.close_all().unwrap();
+    bed.settle_at(0).unwrap();
+}
+
+#[test]
+fn counts_stay_exact_for_sockets_that_left_the_cgroup_across_a_restart_and_a_reused_id_starts_at_zero()
+ {
+    require_privileges!();
+    let (mut bed, mut spec) = Testbed::serving("away", 50, 3, |_| {}, &[]).unwrap();
+    let vip = spec.target();
+    let mut client = bed.client().unwrap();
+    assert!(client.open_one_by_one(vip, 6).unwrap().iter().all(|o| o.ok));
+    bed.settle_at(6).unwrap();
+
+    // The client process moves to another cgroup: its sockets stay socklb's (assigned,
+    // counted), but nothing in the balanced cgroup leads to its network namespace any more.
+    let elsewhere = Cgroup::new("away").unwrap();
+    elsewhere.adopt(client.pid()).unwrap();
+    bed.agent.as_mut().unwrap().restart().unwrap();
+    bed.settle_at(6).unwrap();
+    client.close_all().unwrap();
+    bed.settle_at(0).unwrap();
+
+    // pod-1 leaves and is forgotten once drained; pod-4 takes its backend id and must start
+    // from zero: least-conn gives it its share at once.
+    let ips = pod_ips(50, 4);
+    spec.set_pods(&ips[1..3]);
+    bed.write_service(&spec).unwrap();
+    wait_for("pod-1 to be forgotten", Duration::from_secs(10), || {
+        Ok((bed.agent().backends()?.len() == 2).then_some(()))
+    })
+    .unwrap();
+    bed.add_pods(&ips[3..], 8080).unwrap();
+    spec.set_pods(&ips[1..]);
+    bed.write_service(&spec).unwrap();
+    bed.agent().wait_backends("demo/web", &ips[1..]).unwrap();
+    assert!(
+        bed.agent()
+            .backends()
+            .unwrap()
+            .iter()
+            .all(|b| b.connections == 0)
+    );
+    let mut fresh = bed.client().unwrap();
+    let spread = per_pod(&fresh.open_one_by_one(vip, 6).unwrap());
+    assert_eq!(
+        spread,
+        BTreeMap::from([
+            ("pod-2".into(), 2),
+            ("pod-3".into(), 2),
+            ("pod-4".into(), 2)
+        ]),
+        "the pod with the reused id got its share"
+    );
+    assert!(
+        !bed.agent().log().contains("below zero"),
+        "{}",
+        bed.agent().log()
+    );
+}
+
+#[test]
+fn another_programs_callback_flags_cannot_leave_a_connection_counted() {
+    require_privileges!();
+    let (bed, spec) = Testbed::serving("hostile", 51, 3, |_| {}, &[]).unwrap();
+    // A second sock_ops program on the same cgroup turns every socket's TCP callbacks off once
+    // it is established, so socklb never hears that the connection closed.
+    let _other = ClearsCallbacks::attach(bed.cgroup.path()).unwrap();
+    let mut c = bed.client().unwrap();
+    assert!(c.open(spec.target(), 12).unwrap().iter().all(|o| o.ok));
+    bed.settle_at(12).unwrap();
+    c.close_all().unwrap();
+    bed.settle_at(0).unwrap();
+    let (ok, errors) = c.churn(spec.target(), 300).unwrap();
+    assert_eq!(ok, 300, "{errors:?}");
+    bed.settle_at(0).unwrap();
+}
+
+#[test]
+fn ten_thousand_cycles_while_backends_flip_and_the_agent_restarts_leave_every_count_at_zero() {
+    require_privileges!();
+    let mut bed = Testbed::new("flip").unwrap();
+    let ips = pod_ips(52, 6);
+    bed.add_pods(&ips, 8080).unwrap();
+    let spec = ServiceSpec::new("web", Ipv4Addr::new(10, 96, 52, 10), 80, 8080, &ips[..3]);
+    bed.write_service(&spec).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let vip = spec.target();
+
+    // The manifest flips between 3 and 6 backends every 100 ms for the whole run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (stop, dir, mut spec) = (stop.clone(), bed.manifests.path().to_owned(), spec.clone());
+        thread::spawn(move || {
+            let mut flips = 0;
+            while !stop.load(Ordering::Relaxed) && flips < 1_000 {
+                spec.set_pods(if flips % 2 == 0 { &ips[..] } else { &ips[..3] });
+                let tmp = dir.join(".web.yaml.tmp");
+                std::fs::write(&tmp, spec.yaml()).unwrap();
+                std::fs::rename(&tmp, dir.join("web.yaml")).unwrap();
+                flips += 1;
+                thread::sleep(Duration::from_millis(100));
+            }
+            flips
+        })
+    };
+    // Four processes, 2,500 connect-request-close cycles each.
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = bed.client().unwrap();
+            thread::spawn(move || c.churn(vip, 2_500).unwrap())
+        })
+        .collect();
+    // Two agent restarts during the run.
+    for _ in 0..2 {
+        thread::sleep(Duration::from_millis(1_500));
+        bed.agent.as_mut().unwrap().restart().unwrap();
+    }
+    for w in workers {
+        let (ok, errors) = w.join().unwrap();
+        assert_eq!(ok, 2_500, "{errors:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(flipper.join().unwrap() >= 10);
+    wait_for("every count back to zero", Duration::from_secs(10), || {
+        let counted = bed.agent().backends()?;
+        Ok(counted.iter().all(|b| b.connections == 0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", bed.agent().backends()));
+    assert!(
+        !bed.agent().log().contains("below zero"),
+        "{}",
+        bed.agent().log()
+    );
+}
+
+#[test]
+fn a_restart_during_a_thousand_open_connections_and_churn_keeps_the_pods_counts() {
+    require_privileges!();
+    let (mut bed, spec) = Testbed::serving("k1", 53, 4, |_| {}, &[]).unwrap();
+    let vip = spec.target();
+    let mut holders: Vec<_> = (0..2).map(|_| bed.client().unwrap()).collect();
+    for h in &mut holders {
+        assert!(h.open(vip, 500).unwrap().iter().all(|o| o.ok));
+    }
+    let churn = {
+        let mut c = bed.client().unwrap();
+        thread::spawn(move || c.churn(vip, 3_000).unwrap())
+    };
+    bed.agent.as_mut().unwrap().restart().unwrap();
+    let (ok, errors) = churn.join().unwrap();
+    assert_eq!(ok, 3_000, "{errors:?}");
+    bed.settle_at(1_000).unwrap();
+    drop(holders);
     bed.settle_at(0).unwrap();
 }

@@ -208,9 +208,11 @@ fn the_agent_restarts_with_connections_open() {
     );
 
     bed.agent.as_mut().unwrap().restart().unwrap();
+    bed.agent()
+        .wait_log("checked against 9 live sockets", 1)
+        .unwrap();
     let log = bed.agent().log();
     assert!(log.contains("connect4: Adopted"), "{log}");
-    assert!(log.contains("checked against 9 live sockets"), "{log}");
     // The pod stayed switched on, its connections work and count, new ones are balanced.
     assert_eq!(a.requests(1).unwrap().values().sum::<u64>(), 9);
     assert_eq!(bed.counted().unwrap(), 9);

@@ -190,15 +190,18 @@ fn restarting_the_agent_keeps_open_and_new_connections_balanced() {
         id
     };
     bed.agent.as_mut().unwrap().restart().unwrap();
+    // The check runs on the agent's background thread, right after the start.
+    bed.agent()
+        .wait_log("checked against 18 live sockets", 1)
+        .unwrap_or_else(|e| panic!("{e}: {}", bed.agent().log()));
     let log = bed.agent().log();
     assert!(log.contains("connect4: Adopted"), "{log}");
-    assert!(log.contains("checked against 18 live sockets"), "{log}");
-    assert!(
-        log.contains(&format!(
-            "backend {id}: count was 100, 6 live sockets found; corrected"
-        )),
-        "{log}"
-    );
+    bed.agent()
+        .wait_log(
+            &format!("backend {id}: count was 100, 6 live sockets found; corrected"),
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{e}: {log}"));
     bed.settle_at(18).unwrap();
 
     // After the restart: old connections work, new ones are balanced.

@@ -20,7 +20,8 @@ use anyhow::{Context as _, Result, bail};
 pub const USERSPACE_TOOLCHAIN: &str = "1.99.1";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages: what provides the commands the tests and the demo run.
+/// Debian packages: what provides the commands (or, for a path, the file) the tests and the
+/// demo use.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("iproute2", "ss"),
@@ -30,6 +31,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // A real JVM client: dual-mode IPv6 sockets by default.
     ("openjdk-17-jdk-headless", "java"),
+    // Real gRPC clients and servers (C-core), for Debian's /usr/bin/python3.
+    (
+        "python3-grpcio",
+        "/usr/lib/python3/dist-packages/grpc/__init__.py",
+    ),
 ];
 
 /// What the benchmarks run as clients and servers.
@@ -246,6 +252,9 @@ fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
 }
 
 fn has_command(command: &str) -> bool {
+    if command.starts_with('/') {
+        return Path::new(command).exists();
+    }
     ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
         .iter()
         .any(|dir| Path::new(dir).join(command).exists())

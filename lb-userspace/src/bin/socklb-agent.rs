@@ -40,14 +40,18 @@ struct Cli {
     #[arg(long, default_value = "least-conn", value_parser = algorithm)]
     default_algorithm: Algorithm,
     /// Seconds between rebalancing rounds (Services with socklb.io/rebalance: "true").
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 1.0)]
     rebalance_interval: f64,
-    /// How far (fraction of the mean) a backend may be off before connections are closed.
-    #[arg(long, default_value_t = 0.1)]
-    rebalance_threshold: f64,
     /// The most of a Service's connections closed per round (fraction; at least one).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.1)]
     rebalance_max_share: f64,
+    /// The most connections rebalancing closes per second on this node, over all Services.
+    #[arg(long, default_value_t = 100)]
+    rebalance_max_per_second: u32,
+    /// How long (ms) a connection must have been quiet in both directions to be closed, for
+    /// Services without a socklb.io/rebalance-quiet annotation.
+    #[arg(long, default_value_t = 10)]
+    rebalance_quiet_ms: u64,
     /// Where /healthz, /readyz and /metrics are served ("off" for nowhere).
     #[arg(long, default_value = "127.0.0.1:9967")]
     status_address: String,
@@ -116,12 +120,17 @@ fn main() -> Result<()> {
         default_algorithm: cli.default_algorithm,
         rebalance: rebalance::Policy {
             interval: Duration::from_secs_f64(cli.rebalance_interval.max(0.1)),
-            threshold: cli.rebalance_threshold.max(0.0),
             max_share: cli.rebalance_max_share.clamp(0.0, 1.0),
+            max_per_second: cli.rebalance_max_per_second.max(1),
+            quiet: Duration::from_millis(cli.rebalance_quiet_ms.max(1)),
+            ..rebalance::Policy::default()
         },
         status_address,
     };
-    tokio::runtime::Builder::new_current_thread()
+    // Two workers: the agent loop's blocking map writes never hold up the health and metrics
+    // endpoints (socket work has a thread of its own, see `background`).
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?
         .block_on(agent::run(config))

@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: List,
     },
+    /// The sockets socklb assigned, in every network namespace (the BPF socket iterator).
+    Socket {
+        #[command(subcommand)]
+        command: List,
+    },
     /// Raw map contents.
     Map {
         #[command(subcommand)]
@@ -60,7 +65,7 @@ enum List {
 #[derive(Subcommand)]
 enum MapCommand {
     /// Dump one map (SERVICES, SLOTS, BACKENDS, CONN_COUNTS, SERVICE_STATS, SERVICE_NAMES,
-    /// MAGLEV, AFFINITY, REBALANCE_STATS).
+    /// SOCKETS, MAGLEV, AFFINITY, REBALANCE_STATS, COUNT_UNDERFLOWS).
     Dump { name: String },
 }
 
@@ -80,6 +85,14 @@ fn main() -> Result<()> {
         Command::Prog {
             command: ProgCommand::Show,
         } => ctl::prog_show(&cli.pin_path)?,
+        Command::Socket {
+            command: List::List,
+        } => ctl::socket_list(&Maps::open_pinned(&cli.pin_path)?, &cli.pin_path)?,
+        Command::Map {
+            command: MapCommand::Dump { name },
+        } if name == lb_common::map_names::SOCKETS => {
+            ctl::socket_list(&Maps::open_pinned(&cli.pin_path)?, &cli.pin_path)?
+        }
         command => {
             let maps = Maps::open_pinned(&cli.pin_path)?;
             match command {
@@ -95,7 +108,7 @@ fn main() -> Result<()> {
                 Command::Map {
                     command: MapCommand::Dump { name },
                 } => ctl::map_dump(&maps, &name)?,
-                Command::Prog { .. } => unreachable!("handled above"),
+                Command::Prog { .. } | Command::Socket { .. } => unreachable!("handled above"),
             }
         }
     };

@@ -8,14 +8,27 @@
 //!   an IPv4 address (what Java and gRPC C-core open); `"v6only":true` sets IPV6_V6ONLY on it.
 //!   With `"bind_ports":[P, ...]` it opens one TCP connection per port instead, one after the
 //!   other, each bound to that local port and closed with a reset (no TIME_WAIT) later.
-//! - `{"cmd":"request","rounds":K}` sends K more requests on every open connection.
+//! - `{"cmd":"request","rounds":K}` sends K more requests on every open connection; answers
+//!   with the requests per pod, the failures and their errnos.
+//! - `{"cmd":"dgram_open","target":"VIP:PORT","count":N}` makes N unconnected UDP sockets and
+//!   keeps them; `{"cmd":"dgram_ask","rounds":K}` sends K datagrams from each with `sendto`
+//!   and answers, per socket, the pods that answered, where the answers came from and the
+//!   datagrams left unanswered (1 s each).
 //! - `{"cmd":"churn","target":"VIP:PORT","count":N}` connects, makes a request and closes, N
 //!   times in a row.
 //! - `{"cmd":"pace","rate":R}` starts sending R requests per second on every open connection,
-//!   in the background, like a pool of steady callers. A connection found closed between
-//!   requests is opened again to the same address and the request retried once, as HTTP
-//!   clients do with idle keep-alive connections. `{"cmd":"stop"}` ends that and answers with
-//!   the requests per pod, the reconnects and the requests that failed.
+//!   in the background, like a pool of steady callers. Before each request the connection is
+//!   checked as careful HTTP and database clients check an idle pooled connection (readable
+//!   with nothing to read means the peer closed it): one found closed is opened again to the
+//!   same address, which counts as a reconnect, not a failure. A request that then fails in
+//!   any way (write error, reset, end of stream before the whole answer) counts as failed and
+//!   is never retried; the next request goes on a new connection. `{"cmd":"stop"}` ends that
+//!   and answers with the requests per pod, the reconnects and the failed requests. With
+//!   `"depth":D` each turn pipelines D requests (all written, then the D answers read); a
+//!   failure counts every request of the turn not yet answered.
+//! - `{"cmd":"streams","target":"VIP:PORT","count":N}` opens N server-sent event streams
+//!   (`GET /stream`) and reads them in the background; `{"cmd":"streams_stop"}` answers with
+//!   the events per pod and the streams that were cut (ended or failed before the stop).
 //! - `{"cmd":"latency","target":"ADDR:PORT","count":N}` connects, sends an HTTP/1.0 request
 //!   and waits for the first byte of the answer, N times in a row, and answers with the
 //!   latency percentiles and connections per second.
@@ -28,6 +41,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
     sync::{
         Arc, Barrier,
         atomic::{AtomicBool, Ordering},
@@ -57,6 +71,8 @@ struct Command {
     rate: u64,
     #[serde(default)]
     v6only: bool,
+    #[serde(default)]
+    depth: usize,
 }
 
 #[derive(Serialize, Default)]
@@ -79,6 +95,12 @@ enum Conn {
     Udp(UdpSocket),
 }
 
+/// An unconnected UDP socket and the address it sends to.
+struct Dgram {
+    socket: UdpSocket,
+    target: SocketAddr,
+}
+
 /// What a pacing thread hands back: its connection, requests per pod, reconnects, failures.
 type Paced = (Conn, BTreeMap<String, u64>, u64, u64);
 
@@ -92,7 +114,9 @@ const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n";
 
 fn main() {
     let mut open: Vec<Conn> = Vec::new();
+    let mut dgrams: Vec<Dgram> = Vec::new();
     let mut pacer: Option<Pacer> = None;
+    let mut streams: Option<Readers> = None;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let reply = match serde_json::from_str::<Command>(&line) {
@@ -109,23 +133,39 @@ fn main() {
                 }
                 "request" => {
                     let mut pods: BTreeMap<String, u64> = BTreeMap::new();
-                    let mut errors = 0;
+                    let (mut errors, mut errnos) = (0, Vec::new());
                     for _ in 0..c.rounds {
                         for conn in &mut open {
                             match conn.request() {
                                 Ok(pod) => *pods.entry(pod).or_default() += 1,
-                                Err(_) => errors += 1,
+                                Err(e) => {
+                                    errors += 1;
+                                    errnos.push(e.raw_os_error());
+                                }
                             }
                         }
                     }
-                    json!({ "pods": pods, "errors": errors })
+                    json!({ "pods": pods, "errors": errors, "errnos": errnos })
                 }
+                "dgram_open" => match dgram_open(&c) {
+                    Ok(more) => {
+                        let n = more.len();
+                        dgrams.extend(more);
+                        json!({ "opened": n })
+                    }
+                    Err(e) => json!({ "error": e.to_string() }),
+                },
+                "dgram_ask" => dgram_ask(&dgrams, c.rounds),
                 "churn" => churn(&c),
                 "latency" => latency(&c),
                 "sendto" => sendto(&c),
                 "pace" => {
                     let n = open.len();
-                    pacer = Some(pace(std::mem::take(&mut open), c.rate.max(1)));
+                    pacer = Some(pace(
+                        std::mem::take(&mut open),
+                        c.rate.max(1),
+                        c.depth.max(1),
+                    ));
                     json!({ "pacing": n })
                 }
                 "stop" => {
@@ -144,6 +184,28 @@ fn main() {
                         }
                     }
                     json!({ "pods": pods, "reconnects": reconnects, "errors": failed })
+                }
+                "streams" => match c.target {
+                    Some(target) => {
+                        streams = Some(read_streams(target, c.count));
+                        json!({ "streams": c.count })
+                    }
+                    None => json!({ "error": "no target" }),
+                },
+                "streams_stop" => {
+                    let mut pods: BTreeMap<String, u64> = BTreeMap::new();
+                    let mut cut = 0;
+                    if let Some(p) = streams.take() {
+                        p.stop.store(true, Ordering::Relaxed);
+                        for t in p.threads {
+                            let (events, ended) = t.join().expect("stream thread");
+                            for (pod, n) in events {
+                                *pods.entry(pod).or_default() += n;
+                            }
+                            cut += ended;
+                        }
+                    }
+                    json!({ "pods": pods, "cut": cut })
                 }
                 "close" => {
                     let n = open.len();
@@ -166,19 +228,59 @@ impl Conn {
         }
     }
 
-    /// A request; if the connection turns out closed, reconnect once and retry.
-    fn request_or_reconnect(&mut self, reconnects: &mut u64) -> std::io::Result<String> {
-        match self.request() {
-            Ok(pod) => Ok(pod),
-            Err(e) => {
-                let Conn::Tcp { stream, target } = self else {
-                    return Err(e);
-                };
-                *stream = BufReader::new(TcpStream::connect(*target)?);
-                *reconnects += 1;
-                http_request(stream)
+    /// Whether the peer has closed (or reset) an idle TCP connection: readable with nothing to
+    /// read, as a pooled client's check before reuse sees it.
+    fn closed_by_peer(&self) -> bool {
+        let Conn::Tcp { stream, .. } = self else {
+            return false;
+        };
+        if !stream.buffer().is_empty() {
+            return true; // bytes nobody asked for: not a usable idle connection
+        }
+        let mut byte = [0u8; 1];
+        let fd = stream.get_ref().as_raw_fd();
+        // SAFETY: a one-byte peek into our buffer on our own socket.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n == 0
+            || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
+    }
+
+    /// `depth` requests written at once, then their answers read: the pods that answered, and
+    /// how many requests failed (every one not answered once something went wrong).
+    fn pipelined(&mut self, depth: usize) -> (Vec<String>, u64) {
+        let Conn::Tcp { stream, .. } = self else {
+            return match self.request() {
+                Ok(pod) => (vec![pod], 0),
+                Err(_) => (Vec::new(), 1),
+            };
+        };
+        if stream.get_mut().write_all(&REQUEST.repeat(depth)).is_err() {
+            return (Vec::new(), depth as u64);
+        }
+        let mut answered = Vec::new();
+        for _ in 0..depth {
+            match read_answer(stream) {
+                Ok(pod) => answered.push(pod),
+                Err(_) => break,
             }
         }
+        let lost = (depth - answered.len()) as u64;
+        (answered, lost)
+    }
+
+    /// Opens the connection again to the same address.
+    fn reconnect(&mut self) -> std::io::Result<()> {
+        if let Conn::Tcp { stream, target } = self {
+            *stream = BufReader::new(TcpStream::connect(*target)?);
+        }
+        Ok(())
     }
 }
 
@@ -321,6 +423,11 @@ fn any_address(target: SocketAddr) -> SocketAddr {
 /// One HTTP/1.1 request on a keep-alive connection; returns the body (the pod name).
 fn http_request(s: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     s.get_mut().write_all(REQUEST)?;
+    read_answer(s)
+}
+
+/// One HTTP/1.1 answer: its body (the pod name).
+fn read_answer(s: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     let mut length = 0;
     let mut line = String::new();
     loop {
@@ -348,22 +455,35 @@ fn udp_request(s: &UdpSocket) -> std::io::Result<String> {
 }
 
 /// One thread per connection, each sending a request every 1/rate seconds until stopped.
-fn pace(conns: Vec<Conn>, rate: u64) -> Pacer {
+fn pace(conns: Vec<Conn>, rate: u64, depth: usize) -> Pacer {
     let stop = Arc::new(AtomicBool::new(false));
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let n = conns.len().max(1) as u32;
     let threads = conns
         .into_iter()
-        .map(|mut conn| {
+        .enumerate()
+        .map(|(i, mut conn)| {
             let stop = stop.clone();
             thread::spawn(move || {
                 let mut served: BTreeMap<String, u64> = BTreeMap::new();
                 let (mut reconnects, mut failed) = (0, 0);
-                let mut next = Instant::now();
+                let mut broken = false;
+                // Staggered starts, so the connections do not all ask at the same moment.
+                let mut next = Instant::now() + interval * i as u32 / n;
+                thread::sleep(next.saturating_duration_since(Instant::now()));
                 while !stop.load(Ordering::Relaxed) {
-                    match conn.request_or_reconnect(&mut reconnects) {
-                        Ok(pod) => *served.entry(pod).or_default() += 1,
-                        Err(_) => failed += 1,
+                    if broken || conn.closed_by_peer() {
+                        match conn.reconnect() {
+                            Ok(()) => reconnects += 1,
+                            Err(_) => failed += 1,
+                        }
                     }
+                    let (answered, lost) = conn.pipelined(depth);
+                    for pod in answered {
+                        *served.entry(pod).or_default() += 1;
+                    }
+                    failed += lost;
+                    broken = lost > 0;
                     next += interval;
                     thread::sleep(next.saturating_duration_since(Instant::now()));
                 }
@@ -372,6 +492,68 @@ fn pace(conns: Vec<Conn>, rate: u64) -> Pacer {
         })
         .collect();
     Pacer { stop, threads }
+}
+
+/// Background stream readers: each hands back its events per pod and 1 if it was cut.
+struct Readers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<(BTreeMap<String, u64>, u64)>>,
+}
+
+/// `count` server-sent event streams from `target`, opened one after the other (so least-conn
+/// places each knowing the others), each then read on its own thread until the stop flag.
+fn read_streams(target: SocketAddr, count: usize) -> Readers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = (0..count)
+        .map(|_| {
+            let stop = stop.clone();
+            let opened = open_stream(target);
+            thread::spawn(move || {
+                let mut events: BTreeMap<String, u64> = BTreeMap::new();
+                let cut = match opened.and_then(|s| follow_stream(s, &stop, &mut events)) {
+                    Ok(()) => 0,
+                    Err(_) => 1,
+                };
+                (events, cut)
+            })
+        })
+        .collect();
+    Readers { stop, threads }
+}
+
+fn open_stream(target: SocketAddr) -> std::io::Result<BufReader<TcpStream>> {
+    let mut stream = TcpStream::connect(target)?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    stream.write_all(b"GET /stream HTTP/1.1\r\nHost: svc\r\n\r\n")?;
+    Ok(BufReader::new(stream))
+}
+
+/// Reads one stream until `stop`; an error or end of stream before it is a cut stream.
+fn follow_stream(
+    mut reader: BufReader<TcpStream>,
+    stop: &AtomicBool,
+    events: &mut BTreeMap<String, u64>,
+) -> std::io::Result<()> {
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {
+                if let Some(event) = line.strip_prefix("data: ") {
+                    let pod = event.split_whitespace().next().unwrap_or("?");
+                    *events.entry(pod.to_owned()).or_default() += 1;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn churn(c: &Command) -> serde_json::Value {
@@ -429,6 +611,44 @@ fn latency(c: &Command) -> serde_json::Value {
         "per_second": micros.len() as f64 / elapsed,
         "errors": errors,
     })
+}
+
+/// `count` unconnected UDP sockets for `target`, kept for `dgram_ask`.
+fn dgram_open(c: &Command) -> std::io::Result<Vec<Dgram>> {
+    let target = c.target.ok_or(std::io::ErrorKind::InvalidInput)?;
+    (0..c.count)
+        .map(|_| {
+            let socket = UdpSocket::bind(any_address(target))?;
+            socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+            Ok(Dgram { socket, target })
+        })
+        .collect()
+}
+
+/// `rounds` datagrams from each kept unconnected socket.
+fn dgram_ask(dgrams: &[Dgram], rounds: usize) -> serde_json::Value {
+    let sockets: Vec<serde_json::Value> = dgrams
+        .iter()
+        .map(|d| {
+            let (mut pods, mut from, mut unanswered) = (Vec::new(), Vec::new(), 0);
+            let mut buf = [0u8; 256];
+            for _ in 0..rounds {
+                let answer = d
+                    .socket
+                    .send_to(b"query", d.target)
+                    .and_then(|_| d.socket.recv_from(&mut buf));
+                match answer {
+                    Ok((n, source)) => {
+                        pods.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                        from.push(source.to_string());
+                    }
+                    Err(_) => unanswered += 1,
+                }
+            }
+            json!({ "pods": pods, "from": from, "unanswered": unanswered })
+        })
+        .collect();
+    json!({ "sockets": sockets })
 }
 
 /// Unconnected UDP: `rounds` sockets, `count` datagrams each, with `sendto`/`recv_from`.

@@ -26,16 +26,8 @@ use crate::chart::{self, Panel};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SAMPLE: Duration = Duration::from_millis(500);
-/// Rebalancing as the agent runs it here: every second, within 10% of the mean, at most 10%
-/// of a Service's connections per round.
-const REBALANCE_ARGS: [&str; 6] = [
-    "--rebalance-interval",
-    "1",
-    "--rebalance-threshold",
-    "0.1",
-    "--rebalance-max-share",
-    "0.1",
-];
+/// Rebalancing at the agent's defaults.
+const REBALANCE_ARGS: [&str; 0] = [];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Balancer {

@@ -1,0 +1,49 @@
+//! Connected UDP sockets whose backend left its Service. A connected socket cannot be sent
+//! elsewhere (its peer was fixed at connect time), so it would keep sending to a pod that is
+//! gone or out of rotation (DNS clients pinned to a dead CoreDNS pod: calico#4509,
+//! cilium#27300). The agent closes such sockets with SOCK_DESTROY, as Cilium does: the
+//! application's next call fails with ECONNABORTED and it connects again, which least-conn
+//! places on a live pod. (Unconnected sockets need nothing: each datagram is placed again when
+//! its backend is no longer active, see `sendmsg4`.)
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Result;
+use lb_common::IPPROTO_UDP;
+
+use crate::{netns, sockdiag, sockets::SocketIterator};
+
+/// Closes the connected UDP sockets assigned to `gone` backend ids. Returns how many.
+pub fn close(
+    sockets: &SocketIterator,
+    gone: &BTreeSet<u32>,
+    cookies: &mut netns::Cookies,
+    cgroup: &std::path::Path,
+) -> Result<u64> {
+    let mut by_netns: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for r in sockets.list()? {
+        if r.state.protocol == IPPROTO_UDP && gone.contains(&r.state.backend_id) {
+            by_netns.entry(r.state.netns).or_default().insert(r.cookie);
+        }
+    }
+    if by_netns.is_empty() {
+        return Ok(0);
+    }
+    let namespaces = cookies.under(cgroup)?;
+    let mut closed = 0;
+    for (cookie, wanted) in by_netns {
+        let Some(ns) = namespaces.get(&cookie) else {
+            continue;
+        };
+        closed += sockdiag::in_netns(&ns.file, |session| {
+            let mut n = 0;
+            for s in session.sockets(IPPROTO_UDP)? {
+                if wanted.contains(&s.cookie) && session.destroy(&s).is_ok() {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })?;
+    }
+    Ok(closed)
+}
