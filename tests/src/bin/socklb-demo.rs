@@ -3,9 +3,11 @@
 //!
 //! For each balancer (the kube-proxy iptables chain, socklb `random`, socklb `least-conn`):
 //! three pods serve HTTP; a client holds 12 keep-alive connections to the Service and sends
-//! 100 requests per second on each, like a pool of steady callers; the Service scales up to
-//! six pods; a second client opens 12 more connections. The pods count what they serve, and
-//! the table shows per pod the open connections and the requests served in each phase.
+//! 20 requests per second on each, like a pool of steady callers; the Service scales up to
+//! six pods; a second client opens 12 more connections. The fourth row, socklb `least-conn`
+//! with rebalancing, scales up with only the first client's connections open: they even out
+//! over the six pods with no new client at all. The pods count what they serve, and the table
+//! shows per pod the open connections and the requests served in each phase.
 
 use std::{
     collections::BTreeMap,
@@ -16,6 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use socklb_tests::{
+    agent::ctl_json,
     client::Client,
     kube_proxy::{self, ChainService},
     manifests::{ServiceSpec, pod_ips},
@@ -26,13 +29,17 @@ use socklb_tests::{
 const PHASE: Duration = Duration::from_secs(4);
 const CONNECTIONS: usize = 12;
 /// Requests per second on each connection.
-const RATE: u64 = 100;
+const RATE: u64 = 20;
+/// The longest the rebalancing row waits for its connections to even out.
+const EVEN_WITHIN: Duration = Duration::from_secs(30);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 #[derive(Clone, Copy)]
 enum Balancer {
     KubeProxy,
     Socklb(&'static str),
+    /// least-conn with `socklb.io/rebalance: "true"`, and no second client.
+    Rebalance,
 }
 
 impl Balancer {
@@ -40,6 +47,7 @@ impl Balancer {
         match self {
             Balancer::KubeProxy => "kube-proxy (iptables)".into(),
             Balancer::Socklb(a) => format!("socklb {a}"),
+            Balancer::Rebalance => "socklb lc + rebalance".into(),
         }
     }
 }
@@ -52,6 +60,9 @@ struct Run {
     before: Phase,
     after: Phase,
     failed_requests: u64,
+    /// Rebalancing: how long after the scale-up the connections were even, and how many it
+    /// closed.
+    evened: Option<(Duration, u64)>,
 }
 
 fn main() -> Result<()> {
@@ -61,7 +72,8 @@ fn main() -> Result<()> {
     println!(
         "socklb demo: a client holds {CONNECTIONS} keep-alive connections to a Service with 3 pods and\n\
          sends {RATE} requests/s on each; the Service scales up to 6 pods, and a second client opens\n\
-         {CONNECTIONS} more connections. Each phase lasts {PHASE:?}; the pods count what they serve.\n"
+         {CONNECTIONS} more connections (with rebalancing: no second client; socklb evens out the\n\
+         first one's). Each phase lasts {PHASE:?}; the pods count what they serve.\n"
     );
     let start = Instant::now();
     let mut runs = Vec::new();
@@ -69,6 +81,7 @@ fn main() -> Result<()> {
         Balancer::KubeProxy,
         Balancer::Socklb("random"),
         Balancer::Socklb("least-conn"),
+        Balancer::Rebalance,
     ] {
         print!("  running {:<22}", balancer.label());
         let run = run(balancer).with_context(|| balancer.label())?;
@@ -93,6 +106,11 @@ fn run(balancer: Balancer) -> Result<Run> {
             bed.write_service(&spec)?;
             bed.start_agent(&[])?;
         }
+        Balancer::Rebalance => {
+            spec.rebalance = true;
+            bed.write_service(&spec)?;
+            bed.start_agent(&[])?;
+        }
     }
     let target = SocketAddrV4::new(VIP, 80);
 
@@ -114,25 +132,58 @@ fn run(balancer: Balancer) -> Result<Run> {
                 &kube_proxy::rules(&[chain(&ips)], false),
             )?;
         }
-        Balancer::Socklb(_) => {
+        Balancer::Socklb(_) | Balancer::Rebalance => {
             spec.set_pods(&ips);
             bed.write_service(&spec)?;
             bed.agent().wait_backends("demo/web", &ips)?;
         }
     }
-    let mut second = client(&bed, balancer)?;
-    connect(&mut second, target)?;
+    let scaled_at = Instant::now();
+    let (mut second, evened) = match balancer {
+        Balancer::Rebalance => (None, Some(wait_even(&bed, scaled_at)?)),
+        _ => {
+            let mut second = client(&bed, balancer)?;
+            connect(&mut second, target)?;
+            (Some(second), None)
+        }
+    };
     let after_start = snapshot(&bed);
     thread::sleep(PHASE);
     let end = snapshot(&bed);
-    let failed_requests = first.stop_pacing()?.failed + second.stop_pacing()?.failed;
+    let mut failed_requests = first.stop_pacing()?.failed;
+    if let Some(second) = &mut second {
+        failed_requests += second.stop_pacing()?.failed;
+    }
 
     Ok(Run {
         balancer,
         before: phase(&start, &at_scale_up),
         after: phase(&after_start, &end),
         failed_requests,
+        evened,
     })
+}
+
+/// Waits until the pods' open connections are even (spread at most one); how long that took
+/// since `since`, and how many connections rebalancing closed.
+fn wait_even(bed: &Testbed, since: Instant) -> Result<(Duration, u64)> {
+    loop {
+        let open: Vec<u64> = bed.pods.iter().map(|p| p.open()).collect();
+        let spread = open.iter().max().unwrap_or(&0) - open.iter().min().unwrap_or(&0);
+        if open.iter().sum::<u64>() == CONNECTIONS as u64 && spread <= 1 {
+            let listed: Vec<serde_json::Value> =
+                ctl_json(&bed.agent().pin_path, &["rebalance", "list"])?;
+            let closed = listed
+                .first()
+                .and_then(|r| r["closed"].as_u64())
+                .unwrap_or(0);
+            return Ok((since.elapsed(), closed));
+        }
+        if since.elapsed() > EVEN_WITHIN {
+            bail!("not even {EVEN_WITHIN:?} after the scale-up: {open:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A client process: in socklb's cgroup for socklb, anywhere in the namespace for kube-proxy
@@ -140,7 +191,7 @@ fn run(balancer: Balancer) -> Result<Run> {
 fn client(bed: &Testbed, balancer: Balancer) -> Result<Client> {
     match balancer {
         Balancer::KubeProxy => Client::spawn(&bed.netns, None),
-        Balancer::Socklb(_) => bed.client(),
+        Balancer::Socklb(_) | Balancer::Rebalance => bed.client(),
     }
 }
 
@@ -229,6 +280,15 @@ fn print_table(runs: &[Run]) {
     }
     let failed: u64 = runs.iter().map(|r| r.failed_requests).sum();
     println!("\nfailed requests: {failed}");
+    for run in runs {
+        if let Some((took, closed)) = run.evened {
+            println!(
+                "{}: the first client's {CONNECTIONS} connections were even {took:.1?} after the \
+                 scale-up, {closed} of them closed while idle and reopened by the client",
+                run.balancer.label()
+            );
+        }
+    }
 }
 
 fn short(n: u64) -> String {
