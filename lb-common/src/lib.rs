@@ -84,6 +84,8 @@ pub mod limits {
     pub const UDP_PEERS_PER_SOCKET: usize = 4;
     /// Backends whose count was caught going below zero (`COUNT_UNDERFLOWS`).
     pub const MAX_UNDERFLOW_RECORDS: u32 = 4_096;
+    /// Backend ids one socket walk can be narrowed to (more: the walk lists every socket).
+    pub const MAX_ITER_FILTER: u32 = 16_384;
 }
 
 /// Index of the agent's switches in the `SETTINGS` array, and their bits.
@@ -387,6 +389,9 @@ pub struct SockState {
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub protocol: u8,
 }
+
+/// The key of `ITER_BACKENDS` that makes the socket iterator list every backend's sockets.
+pub const ITER_ALL: u32 = u32::MAX;
 
 /// What the socket iterator (`dump_sockets`) writes per assigned socket.
 #[repr(C)]

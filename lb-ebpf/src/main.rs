@@ -65,12 +65,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use lb_common::{
-    Addr, Affinity, AffinityKey, Algorithm, Backend, CountAdjustment, IPPROTO_UDP, RebalanceStats,
-    Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState, SocketRecord, UdpPeer,
-    UdpPeers, backend_state, client_hash,
+    Addr, Affinity, AffinityKey, Algorithm, Backend, CountAdjustment, IPPROTO_UDP, ITER_ALL,
+    RebalanceStats, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState,
+    SocketRecord, UdpPeer, UdpPeers, backend_state, client_hash,
     limits::{
         LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS,
-        MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, MAX_UNDERFLOW_RECORDS, UDP_PEERS_PER_SOCKET,
+        MAX_ITER_FILTER, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, MAX_UNDERFLOW_RECORDS,
+        UDP_PEERS_PER_SOCKET,
     },
     settings,
 };
@@ -107,6 +108,15 @@ static SOCKETS: SkStorage<SockState> = SkStorage::new();
 /// Unconnected UDP sockets' Service peers (only such sockets get this storage).
 #[btf_map(pin_by_name)]
 static UDP_PEERS: SkStorage<UdpPeers> = SkStorage::new();
+
+/// Which backend ids `dump_sockets` lists, each with how many of its sockets it may still
+/// list (`ITER_ALL` as a key: every socket). Not pinned: each program that loads the object
+/// (the agent, socklbctl) has its own. Listing only what is asked keeps a walk linear: the
+/// kernel serves an iterator a page at a time, and each page after the first starts by
+/// skipping again through a hash bucket of a map that has as few buckets as CPUs, so the
+/// pages written, not the sockets walked, are what costs.
+#[btf_map]
+static ITER_BACKENDS: HashMap<u32, u64, { MAX_ITER_FILTER as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Backend id -> times its count was caught about to go below zero (and left at zero).
 /// Nothing should ever be here; the agent reports whatever is.
@@ -262,6 +272,16 @@ pub extern "C" fn dump_sockets(ctx: *mut c_void) -> i32 {
         let (sk, value) = ((*ctx).sk, (*ctx).value);
         if sk.is_null() || value.is_null() || read_volatile(&raw const (*value).live) == 0 {
             return 0;
+        }
+        if ITER_BACKENDS.get(&ITER_ALL).is_none() {
+            // Only the backends asked for, as many of each as asked.
+            let Some(left) = ITER_BACKENDS.get_ptr_mut(&(*value).backend_id) else {
+                return 0;
+            };
+            if read_volatile(left) == 0 {
+                return 0;
+            }
+            add(left, u64::MAX); // one fewer (walks are one at a time per map)
         }
         let mut record = SocketRecord {
             cookie: bpf_get_socket_cookie(sk),

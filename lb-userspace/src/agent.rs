@@ -7,10 +7,7 @@
 //! restart, rebalancing, closing UDP sockets of backends that left) runs on the `background`
 //! thread, from a snapshot this loop publishes after each round.
 
-use std::{
-    cell::OnceCell, collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use lb_common::{Algorithm, IPPROTO_UDP, SlotKey, backend_state, settings};
@@ -398,20 +395,27 @@ impl Agent {
             errors.extend(service_errors.iter().map(|e| ("service", e.to_string())));
         }
         // A drained backend is forgotten (and its id reused) only once its count is zero and
-        // no live socket refers to it, which the socket iterator says (looked at only then).
-        let holders: OnceCell<Option<BTreeSet<u32>>> = OnceCell::new();
-        let tools = Arc::clone(&self.tools);
-        let connections = |id| match maps.connections(id) {
-            0 => {
-                let held = holders.get_or_init(|| match tools.sockets.list() {
-                    Ok(list) => Some(list.iter().map(|r| r.state.backend_id).collect()),
-                    Err(e) => {
-                        warn!("listing assigned sockets: {e:#}; keeping drained backends");
-                        None
-                    }
-                });
-                u64::from(held.as_ref().is_none_or(|h| h.contains(&id)))
+        // no live socket refers to it, which the socket iterator says for those candidates.
+        // One socket of each is enough to know it is held.
+        let drained: std::collections::BTreeMap<u32, u64> = programmed
+            .backends
+            .iter()
+            .filter(|(id, b)| b.state == backend_state::DRAINING && maps.connections(**id) == 0)
+            .map(|(id, _)| (*id, 1))
+            .collect();
+        let held: Option<BTreeSet<u32>> = if drained.is_empty() {
+            Some(BTreeSet::new())
+        } else {
+            match self.tools.sockets.of(&drained) {
+                Ok(list) => Some(list.iter().map(|r| r.state.backend_id).collect()),
+                Err(e) => {
+                    warn!("listing assigned sockets: {e:#}; keeping drained backends");
+                    None
+                }
             }
+        };
+        let connections = |id| match maps.connections(id) {
+            0 => u64::from(held.as_ref().is_none_or(|h| h.contains(&id))),
             n => n,
         };
         let plan = if work.everything {

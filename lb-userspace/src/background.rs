@@ -87,6 +87,17 @@ fn run(config: Config, mut maps: Maps, tools: &Tools, snapshot: &Published) {
                 }
                 Err(e) => warn!("rebalancing failed: {e:#}"),
             }
+            if let Some(c) = rebalancer.cost.take() {
+                info!(
+                    "rebalance round took {:.1} ms: {} assigned sockets listed, {} network \
+                     namespaces found, {} entered, {} sockets looked at",
+                    c.took.as_secs_f64() * 1e3,
+                    c.listed,
+                    c.namespaces,
+                    c.entered,
+                    c.looked
+                );
+            }
         }
 
         if !now.udp_gone.is_empty() {

@@ -35,9 +35,13 @@
 //! # How
 //!
 //! The sockets come from the socket iterator (only the ones socklb assigned, in every
-//! namespace); each is looked at with sock_diag in its network namespace and closed with
-//! `shutdown(SHUT_RDWR)` on a duplicate of its owner's descriptor (`close`), which clients see
-//! as a normal close. Each closure is counted (REBALANCE_STATS, the log, metrics, socklbctl).
+//! namespace). Of each busy backend, a bounded sample (four times what the round may close
+//! there, at least 32; the iterator lists them in the map's order, so mostly the same sockets
+//! from round to round, which rule 4 needs) is looked at with one sock_diag query each in its
+//! network namespace, so a round's cost follows what it may close, not how many sockets the
+//! node has. A socket is closed with `shutdown(SHUT_RDWR)` on
+//! a duplicate of its owner's descriptor (`close`), which clients see as a normal close. Each
+//! closure is counted (REBALANCE_STATS, the log, metrics, socklbctl).
 //!
 //! # Budget
 //!
@@ -54,14 +58,14 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{IPPROTO_TCP, RebalanceStats};
+use lb_common::{IPPROTO_TCP, RebalanceStats, SocketRecord};
 
 use crate::{
     close::{LiveState, Outcome, Owners},
     datapath::Maps,
     netns,
     sockdiag::{self, Activity, DiagSocket},
-    sockets::SocketIterator,
+    sockets::{self, SocketIterator},
 };
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -182,6 +186,19 @@ impl Round {
     }
 }
 
+/// What the last round that looked at sockets cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub took: Duration,
+    /// Assigned sockets of the busy backends the iterator listed, on the whole node.
+    pub listed: usize,
+    /// Network namespaces found under the cgroup, and those entered to look at sockets.
+    pub namespaces: usize,
+    pub entered: usize,
+    /// Sockets of the busy backends looked at (sock_diag queries).
+    pub looked: usize,
+}
+
 /// The rebalancer's memory between rounds.
 pub struct Rebalancer {
     policy: Policy,
@@ -195,10 +212,15 @@ pub struct Rebalancer {
     recent: HashMap<u32, (u64, Instant)>,
     /// Closures in the last second, node-wide.
     spent: Vec<Instant>,
+    /// What the last round that looked at sockets cost.
+    pub cost: Option<Cost>,
 }
 
 /// How long closed connections are expected back within.
 const RECONNECT_WINDOW: Duration = Duration::from_secs(5);
+/// Sockets of a busy backend looked at per round: this many times what may be closed there.
+const SAMPLE_FACTOR: u64 = 4;
+const MIN_SAMPLE: u64 = 32;
 
 /// A socket the round may close.
 struct Candidate {
@@ -220,6 +242,7 @@ impl Rebalancer {
             seen: HashMap::new(),
             recent: HashMap::new(),
             spent: Vec::new(),
+            cost: None,
         }
     }
 
@@ -239,7 +262,7 @@ impl Rebalancer {
         // Plans, from the counts alone: no socket is looked at for an even Service.
         let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
         let mut quota: HashMap<(u32, u32), u64> = HashMap::new();
-        let mut watched: HashMap<(u32, u32), u32> = HashMap::new(); // -> quiet ms
+        let mut watched: HashMap<u32, u32> = HashMap::new(); // service id -> quiet ms
         for t in targets {
             let counts: Vec<(u32, u64)> = t
                 .backends
@@ -262,10 +285,7 @@ impl Rebalancer {
             }
             let n: u64 = wanted.iter().map(|(_, n)| n).sum();
             node_budget -= n;
-            let quiet_ms = t.quiet.as_millis() as u32;
-            for id in &t.backends {
-                watched.insert((t.service_id, *id), quiet_ms);
-            }
+            watched.insert(t.service_id, t.quiet.as_millis() as u32);
             for (id, k) in &wanted {
                 quota.insert((t.service_id, *id), *k);
             }
@@ -285,45 +305,64 @@ impl Rebalancer {
             return Ok(Vec::new());
         }
 
-        // Look at the sockets of those Services, in their namespaces.
-        let mut by_netns: BTreeMap<u64, Vec<(u64, u32, u32)>> = BTreeMap::new();
-        for r in sockets.list()? {
+        // Look at a sample of each busy backend's sockets, in their namespaces.
+        // A sample of each busy backend's sockets: the iterator stops listing a backend's
+        // sockets once it has its share, so a round costs what it looks at.
+        let busy: BTreeMap<u32, u64> = quota
+            .iter()
+            .map(|((_, b), q)| (*b, (q * SAMPLE_FACTOR).max(MIN_SAMPLE)))
+            .collect();
+        let listed = sockets.of(&busy)?;
+        let mut cost = Cost {
+            listed: listed.len(),
+            ..Cost::default()
+        };
+        let mut of_backend: HashMap<(u32, u32), Vec<SocketRecord>> = HashMap::new();
+        for r in listed {
             let key = (r.state.service_id, r.state.backend_id);
-            if r.state.protocol == IPPROTO_TCP && watched.contains_key(&key) {
-                by_netns
-                    .entry(r.state.netns)
-                    .or_default()
-                    .push((r.cookie, key.0, key.1));
+            if r.state.protocol == IPPROTO_TCP && quota.contains_key(&key) {
+                of_backend.entry(key).or_default().push(r);
+            }
+        }
+        let mut by_netns: BTreeMap<u64, Vec<SocketRecord>> = BTreeMap::new();
+        for records in of_backend.into_values() {
+            for r in records {
+                by_netns.entry(r.state.netns).or_default().push(r);
             }
         }
         let namespaces = self.cookies.under(&self.cgroup)?;
+        cost.namespaces = namespaces.len();
         let answer_ms = self.policy.answer_window.as_millis() as u32;
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut looked: HashSet<u64> = HashSet::new();
-        for (cookie, assigned) in &by_netns {
+        for (cookie, records) in &by_netns {
             let Some(ns) = namespaces.get(cookie) else {
                 continue; // no process of the cgroup is in it (any more)
             };
-            let dump: HashMap<u64, DiagSocket> =
-                match sockdiag::in_netns(&ns.file, |s| s.sockets(IPPROTO_TCP)) {
-                    Ok(d) => d.into_iter().map(|s| (s.cookie, s)).collect(),
-                    Err(e) => {
-                        log::warn!("rebalance: sock_diag in network namespace {cookie}: {e:#}");
-                        continue;
-                    }
-                };
-            for (sock_cookie, service_id, backend_id) in assigned {
-                let Some(d) = dump.get(sock_cookie) else {
-                    continue;
-                };
-                let Some(activity) = d.activity else { continue };
-                looked.insert(*sock_cookie);
-                let before = self.seen.insert(*sock_cookie, activity);
-                if !quota.contains_key(&(*service_id, *backend_id)) {
+            cost.entered += 1;
+            let found = sockdiag::in_netns(&ns.file, |session| {
+                let mut found = Vec::new();
+                for r in records {
+                    let (local, remote) = sockets::endpoints(&r.state);
+                    let d = session.query(r.state.family, IPPROTO_TCP, local, remote, r.cookie)?;
+                    found.extend(d.map(|d| (r.state, d)));
+                }
+                Ok(found)
+            });
+            let found = match found {
+                Ok(f) => f,
+                Err(e) => {
+                    log::warn!("rebalance: sock_diag in network namespace {cookie}: {e:#}");
                     continue;
                 }
-                let quiet_ms = watched[&(*service_id, *backend_id)];
-                let live = live_state(d, &activity);
+            };
+            for (state, d) in found {
+                let Some(activity) = d.activity else { continue };
+                looked.insert(d.cookie);
+                let before = self.seen.insert(d.cookie, activity);
+                let key = (state.service_id, state.backend_id);
+                let quiet_ms = watched[&key.0];
+                let live = live_state(&d, &activity);
                 let verdict = match before {
                     None => Err("first look"),
                     Some(b) if streaming(&b, &activity) => Err("receiving a stream"),
@@ -331,22 +370,23 @@ impl Rebalancer {
                 };
                 match verdict {
                     Ok(()) => candidates.push(Candidate {
-                        service_id: *service_id,
-                        backend_id: *backend_id,
+                        service_id: key.0,
+                        backend_id: key.1,
                         inode: u64::from(d.inode),
-                        cookie: *sock_cookie,
+                        cookie: d.cookie,
                         netns: *cookie,
                         last_received_ms: activity.last_received_ms,
                         quiet_ms,
                     }),
                     Err(why) => {
-                        let round = rounds.get_mut(service_id).expect("planned");
+                        let round = rounds.get_mut(&key.0).expect("planned");
                         *round.left.entry(why).or_default() += 1;
                     }
                 }
             }
         }
         self.seen.retain(|c, _| looked.contains(c));
+        cost.looked = looked.len();
 
         // Close the quietest first: a connection that has been idle longest is the least
         // likely to be about to carry a request.
@@ -396,6 +436,8 @@ impl Rebalancer {
             stats.last_unix = unix;
             maps.rebalance_stats.insert(service_id, &stats, 0)?;
         }
+        cost.took = now.elapsed();
+        self.cost = Some(cost);
         // A Service that is even again starts afresh.
         let planned: HashSet<u32> = rounds.keys().copied().collect();
         self.recent.retain(|id, _| planned.contains(id));

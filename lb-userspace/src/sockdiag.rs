@@ -1,5 +1,5 @@
-//! sock_diag (netlink) inside one network namespace: a dump of its TCP or UDP sockets of one
-//! family with their queues, tcp_info and inode (what `ss -tinpe` shows), and SOCK_DESTROY of
+//! sock_diag (netlink) inside one network namespace: one socket, or a dump of its TCP or UDP
+//! sockets, with their queues, tcp_info and inode (what `ss -tinpe` shows), and SOCK_DESTROY of
 //! one socket (what `ss -K` does). The socket iterator says which sockets are socklb's and in
 //! which namespace; this is how the agent looks at them there.
 //!
@@ -8,7 +8,7 @@
 
 use std::{fs, io, net::SocketAddr};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     NetlinkSerializable,
@@ -98,6 +98,49 @@ impl Session {
         Ok(out)
     }
 
+    /// One socket, named by its family, protocol, addresses and cookie: None if it is gone.
+    pub fn query(
+        &mut self,
+        family: u8,
+        protocol: u8,
+        local: SocketAddr,
+        remote: SocketAddr,
+        cookie: u64,
+    ) -> Result<Option<DiagSocket>> {
+        let mut id = SocketId::new_v4();
+        id.source_address = local.ip();
+        id.source_port = local.port();
+        id.destination_address = remote.ip();
+        id.destination_port = remote.port();
+        id.cookie = cookie_bytes(cookie);
+        let request = SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol,
+            extensions: ExtensionFlags::INFO,
+            states: StateFlags::all(),
+            socket_id: id,
+        });
+        self.send(request, NLM_F_REQUEST | NLM_F_ACK)?;
+        let mut found = None;
+        let answer = self.receive(|message| {
+            if let SockDiagMessage::InetResponse(r) = message {
+                found = Some(diag_socket(family, protocol, &r));
+            }
+        });
+        match answer {
+            Ok(()) => Ok(found),
+            Err(e)
+                if e.root_cause()
+                    .downcast_ref::<io::Error>()
+                    .and_then(io::Error::raw_os_error)
+                    == Some(libc::ENOENT) =>
+            {
+                Ok(None) // closed since it was listed
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Closes one socket (SOCK_DESTROY, as `ss -K`): the kernel aborts it, a TCP peer gets a
     /// reset, and the application's next call on it fails with ECONNABORTED.
     pub fn destroy(&mut self, socket: &DiagSocket) -> Result<()> {
@@ -149,7 +192,8 @@ impl Session {
                     NetlinkPayload::Error(e) => match e.code {
                         None => return Ok(()), // the ACK of a request
                         Some(code) => {
-                            bail!("sock_diag: {}", io::Error::from_raw_os_error(-code.get()))
+                            return Err(io::Error::from_raw_os_error(-code.get()))
+                                .context("sock_diag");
                         }
                     },
                     NetlinkPayload::InnerMessage(m) => each(m),

@@ -4,24 +4,29 @@
 //! rebalancer, the forgetting of drained backends and `socklbctl socket list` all start here.
 
 use std::{
+    collections::BTreeMap,
     io::Read as _,
     net::{IpAddr, SocketAddr},
     os::fd::OwnedFd,
+    sync::Mutex,
 };
 
 use anyhow::{Context as _, Result};
 use aya::{
     Btf, Ebpf,
-    maps::MapData,
+    maps::{HashMap, MapData},
     programs::{Iter, ProgramFd},
 };
-use lb_common::{SockState, SocketRecord};
+use lb_common::{ITER_ALL, SockState, SocketRecord, limits::MAX_ITER_FILTER};
 
 use crate::bpf_sys;
 
 /// The iterator, attached to the `SOCKETS` map.
 pub struct SocketIterator {
     link: OwnedFd,
+    /// Which backends a walk lists and how many sockets of each (`ITER_BACKENDS`, this
+    /// loader's own copy), and what was put in it last; one walk at a time.
+    filter: Mutex<(HashMap<MapData, u32, u64>, Vec<u32>)>,
 }
 
 impl SocketIterator {
@@ -38,23 +43,71 @@ impl SocketIterator {
         let fd: &ProgramFd = program.fd()?;
         let link = bpf_sys::iter_link_create(fd, sockets.fd())
             .context("attaching dump_sockets to the SOCKETS map")?;
-        Ok(SocketIterator { link })
+        let filter = ebpf
+            .take_map("ITER_BACKENDS")
+            .context("map ITER_BACKENDS missing from the BPF object")?
+            .try_into()?;
+        Ok(SocketIterator {
+            link,
+            filter: Mutex::new((filter, Vec::new())),
+        })
     }
 
     /// Every socket with a live assignment, as the kernel sees it now.
     pub fn list(&self) -> Result<Vec<SocketRecord>> {
+        self.walk(None)
+    }
+
+    /// Live assignments to the given backends, at most the given number of each (the kernel
+    /// lists only those: a walk costs what it returns, see `ITER_BACKENDS`).
+    pub fn of(&self, backends: &BTreeMap<u32, u64>) -> Result<Vec<SocketRecord>> {
+        self.walk(Some(backends))
+    }
+
+    fn walk(&self, backends: Option<&BTreeMap<u32, u64>>) -> Result<Vec<SocketRecord>> {
+        let mut guard = self
+            .filter
+            .lock()
+            .map_err(|_| anyhow::anyhow!("socket iterator lock poisoned"))?;
+        let (filter, set) = &mut *guard;
+        for id in set.drain(..) {
+            let _ = filter.remove(&id);
+        }
+        let wanted: Vec<(u32, u64)> = match backends {
+            Some(b) if b.len() < MAX_ITER_FILTER as usize => {
+                b.iter().map(|(id, n)| (*id, *n)).collect()
+            }
+            _ => vec![(ITER_ALL, u64::MAX)],
+        };
+        for (id, n) in wanted {
+            filter.insert(&id, &n, 0)?;
+            set.push(id);
+        }
         let mut file = bpf_sys::iter_create(&self.link).context("starting the socket iterator")?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .context("reading the socket iterator")?;
-        Ok(bytes
+        // Each read() the kernel serves from the start of a hash bucket again (skipping what
+        // it gave before), and a socket storage map has as few buckets as CPUs: reads as large
+        // as the kernel serves (its 32 KiB buffer) keep those restarts few.
+        let mut bytes = Vec::with_capacity(1 << 20);
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            let n = file
+                .read(&mut chunk)
+                .context("reading the socket iterator")?;
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&chunk[..n]);
+        }
+        let records = bytes
             .as_chunks::<{ size_of::<SocketRecord>() }>()
             .0
             .iter()
             // SAFETY: SocketRecord is repr(C) plain data of exactly this size (checked in
             // lb-common); read_unaligned copes with the buffer's alignment.
-            .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) })
-            .collect())
+            .map(|chunk| unsafe { std::ptr::read_unaligned::<SocketRecord>(chunk.as_ptr().cast()) })
+            .filter(|r| backends.is_none_or(|b| b.contains_key(&r.state.backend_id)))
+            .collect();
+        Ok(records)
     }
 }
 

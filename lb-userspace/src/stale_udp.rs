@@ -21,7 +21,8 @@ pub fn close(
     cgroup: &std::path::Path,
 ) -> Result<u64> {
     let mut by_netns: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
-    for r in sockets.list()? {
+    let all: BTreeMap<u32, u64> = gone.iter().map(|id| (*id, u64::MAX)).collect();
+    for r in sockets.of(&all)? {
         if r.state.protocol == IPPROTO_UDP && gone.contains(&r.state.backend_id) {
             by_netns.entry(r.state.netns).or_default().insert(r.cookie);
         }

@@ -225,6 +225,17 @@ impl Client {
         Ok(out)
     }
 
+    /// Connects `count` TCP sockets one after the other and keeps them idle; how many.
+    pub fn hold(&mut self, target: impl Into<SocketAddr>, count: usize) -> Result<u64> {
+        let target = target.into();
+        let reply =
+            self.call(json!({ "cmd": "hold", "target": target.to_string(), "count": count }))?;
+        if reply["errors"].as_u64() != Some(0) {
+            bail!("connects failed: {reply}");
+        }
+        Ok(reply["held"].as_u64().unwrap_or(0))
+    }
+
     pub fn close_all(&mut self) -> Result<u64> {
         let reply = self.call(json!({ "cmd": "close" }))?;
         Ok(reply["closed"].as_u64().unwrap_or(0))

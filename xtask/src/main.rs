@@ -38,9 +38,10 @@ enum Task {
     Demo,
     /// Benchmarks, each against a baseline measured in the same run: `balance` (real clients
     /// and servers, per-pod load), `connect` (the cost of a connect), `nodes` (several agents),
-    /// `control-plane` (sync and change latency at 10,000 Services).
+    /// `control-plane` (sync and change latency at 10,000 Services), `rebalance-scan` (what a
+    /// rebalancing round costs with 10k and 100k sockets).
     Bench {
-        #[arg(value_parser = ["balance", "connect", "nodes", "control-plane"])]
+        #[arg(value_parser = ["balance", "connect", "nodes", "control-plane", "rebalance-scan"])]
         which: String,
     },
 }

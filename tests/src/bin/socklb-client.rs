@@ -35,6 +35,8 @@
 //! - `{"cmd":"sendto","target":"VIP:PORT","count":N}` sends N datagrams from each of `rounds`
 //!   fresh unconnected UDP sockets (as a DNS client does) and answers with, per socket, the
 //!   pods that answered and the addresses the answers came from.
+//! - `{"cmd":"hold","target":"VIP:PORT","count":N}` connects N TCP sockets one after the
+//!   other and keeps them, idle, without a request (for the benchmarks' socket counts).
 //! - `{"cmd":"close"}` closes every open connection.
 
 use std::{
@@ -156,6 +158,22 @@ fn main() {
                     Err(e) => json!({ "error": e.to_string() }),
                 },
                 "dgram_ask" => dgram_ask(&dgrams, c.rounds),
+                "hold" => {
+                    let (mut held, mut errors) = (0, 0);
+                    for _ in 0..c.count {
+                        match c.target.map(TcpStream::connect) {
+                            Some(Ok(stream)) => {
+                                open.push(Conn::Tcp {
+                                    stream: BufReader::new(stream),
+                                    target: c.target.expect("checked"),
+                                });
+                                held += 1;
+                            }
+                            _ => errors += 1,
+                        }
+                    }
+                    json!({ "held": held, "errors": errors })
+                }
                 "churn" => churn(&c),
                 "latency" => latency(&c),
                 "sendto" => sendto(&c),

@@ -1,4 +1,5 @@
-//! socklb-bench (`cargo xtask bench balance|connect|nodes`): measurements, each against a
+//! socklb-bench (`cargo xtask bench balance|connect|nodes|control-plane|rebalance-scan`):
+//! measurements, each against a
 //! baseline taken in the same run. Needs root, like the tests.
 
 mod balance;
@@ -6,6 +7,8 @@ mod chart;
 mod connect;
 mod control_plane;
 mod nodes;
+mod rebalance;
+mod rebalance_scan;
 
 use std::path::PathBuf;
 
@@ -24,6 +27,7 @@ fn main() -> Result<()> {
         Some("connect") => connect::run(&results.join("connect")),
         Some("nodes") => nodes::run(&results.join("nodes")),
         Some("control-plane") => control_plane::run(&results.join("control-plane")),
-        _ => bail!("usage: socklb-bench balance|connect|nodes|control-plane"),
+        Some("rebalance-scan") => rebalance_scan::run(&results.join("rebalance-scan")),
+        _ => bail!("usage: socklb-bench balance|connect|nodes|control-plane|rebalance-scan"),
     }
 }
