@@ -1,6 +1,5 @@
 //! socklb-bench (`cargo xtask bench balance|connect|nodes|control-plane|rebalance-scan`):
-//! measurements, each against a
-//! baseline taken in the same run. Needs root, like the tests.
+//! measurements, each against a baseline taken in the same run. Needs root, like the tests.
 
 mod balance;
 mod chart;
