@@ -32,7 +32,9 @@ pub mod map_names {
     pub const SETTINGS: &str = "SETTINGS";
     pub const ENABLED_NETNS: &str = "ENABLED_NETNS";
     pub const COUNT_UNDERFLOWS: &str = "COUNT_UNDERFLOWS";
-    pub const ALL: [&str; 15] = [
+    pub const EVENTS: &str = "EVENTS";
+    pub const V6ONLY: &str = "V6ONLY";
+    pub const ALL: [&str; 17] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -48,8 +50,16 @@ pub mod map_names {
         SETTINGS,
         ENABLED_NETNS,
         COUNT_UNDERFLOWS,
+        EVENTS,
+        V6ONLY,
     ];
 }
+
+/// The layout of the pinned maps: their names, key and value types, sizes and limits. Bump it
+/// with any change to them. The agent writes it next to the maps it pins (`LAYOUT`) and, when
+/// it finds maps of another layout (an upgrade across such a change), replaces them instead
+/// of failing to load on them.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Capacity limits. They size the maps, so changing one needs `socklb-agent cleanup` first
 /// (the loader refuses to reuse a pinned map of another size).
@@ -286,6 +296,8 @@ pub struct RebalanceStats {
     pub largest_round: u64,
     /// Unix time (seconds) of the last closure.
     pub last_unix: u64,
+    /// Closures that failed (the socket could not be reached or shut down).
+    pub errors: u64,
 }
 
 /// Key of the `SLOTS` map: slot `index` of frontend `service_id`. The value is a backend id.
@@ -430,7 +442,8 @@ pub struct UdpPeer {
 }
 
 /// What `adjust_count` reads from the test-run data after the 14-byte Ethernet header: the
-/// agent applies a repair as one atomic add in the kernel, never as a racing absolute write.
+/// agent applies a repair as one compare-and-swap in the kernel, never as a racing absolute
+/// write. Its return value is one of `adjust_result`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CountAdjustment {
@@ -438,6 +451,16 @@ pub struct CountAdjustment {
     pub _pad: u32,
     /// Two's complement: a negative delta wraps.
     pub delta: u64,
+}
+
+/// What `adjust_count` returns.
+pub mod adjust_result {
+    pub const APPLIED: u32 = 0;
+    /// The count is lower than the decrement asked for (it moved since the agent looked): left
+    /// as it was.
+    pub const BELOW_ZERO: u32 = 1;
+    /// Unknown backend id, or the count kept changing under the compare-and-swap.
+    pub const NOT_APPLIED: u32 = 2;
 }
 
 impl ServiceName {
@@ -477,7 +500,7 @@ mod user {
         assert!(size_of::<Service>() == 16);
         assert!(size_of::<AffinityKey>() == 16);
         assert!(size_of::<Affinity>() == 16);
-        assert!(size_of::<RebalanceStats>() == 32);
+        assert!(size_of::<RebalanceStats>() == 40);
         assert!(size_of::<SlotKey>() == 8);
         assert!(size_of::<Backend>() == 24);
         assert!(size_of::<ServiceStats>() == 16);

@@ -23,8 +23,12 @@
 //!   exactly once).
 //! - `dump_sockets` is a BPF iterator over `SOCKETS`: it lists every socket socklb assigned,
 //!   in every network namespace, for the agent's recount and rebalancer.
-//! - `adjust_count` is run by the agent (BPF_PROG_TEST_RUN) to repair a count with one atomic
-//!   add, so a repair never races with the programs' own updates.
+//! - `adjust_count` is run by the agent (BPF_PROG_TEST_RUN) to repair a count with one
+//!   compare-and-swap, so a repair never races with the programs' own updates.
+//! - `setsockopt` notes which `AF_INET6` sockets set `IPV6_V6ONLY`: such a socket cannot
+//!   reach an IPv4 address, so `connect6` leaves its connects to `::ffff:VIP` alone (the
+//!   kernel fails them with ENETUNREACH, as without socklb) instead of assigning and counting
+//!   a connection that can never be made.
 //!
 //! Per-socket state lives in socket-local storage (`SOCKETS`, and `UDP_PEERS` for unconnected
 //! UDP), freed by the kernel with the socket.
@@ -33,7 +37,8 @@
 //! agent switched on: their network namespace cookie is in `ENABLED_NETNS` (Kmesh does the
 //! same). Everything else goes on to kube-proxy untouched.
 //!
-//! Oldest kernel: 5.18 (bpf_link cgroup attach 5.7, getpeername hooks 5.8, sock_release 5.9,
+//! Oldest kernel: 5.18 (bpf_link cgroup attach 5.7, setsockopt hook 5.3, getpeername hooks
+//! 5.8, sock_release 5.9,
 //! `bpf_sock_ops.sk` 5.10, `bpf_loop` 5.17, `bpf_set_retval` 5.18).
 #![no_std]
 #![no_main]
@@ -61,13 +66,13 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_loop, bpf_map_update_elem, bpf_seq_write, bpf_set_retval,
         bpf_sk_storage_get, bpf_skb_load_bytes,
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
 use lb_common::{
     Addr, Affinity, AffinityKey, Algorithm, Backend, CountAdjustment, IPPROTO_UDP, ITER_ALL,
     RebalanceStats, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState,
-    SocketRecord, UdpPeer, UdpPeers, backend_state, client_hash,
+    SocketRecord, UdpPeer, UdpPeers, adjust_result, backend_state, client_hash,
     limits::{
         LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS,
         MAX_ITER_FILTER, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, MAX_UNDERFLOW_RECORDS,
@@ -77,6 +82,10 @@ use lb_common::{
 };
 
 const AF_INET: u32 = 2;
+const SOL_IPV6: i32 = 41;
+const IPV6_V6ONLY: i32 = 26;
+/// `sk_state` of a connected UDP socket (it goes back to TCP_CLOSE when disconnected).
+const UDP_CONNECTED: u32 = BPF_TCP_ESTABLISHED;
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
@@ -123,6 +132,15 @@ static ITER_BACKENDS: HashMap<u32, u64, { MAX_ITER_FILTER as usize }, NO_PREALLO
 #[btf_map(pin_by_name)]
 static COUNT_UNDERFLOWS: HashMap<u32, u64, { MAX_UNDERFLOW_RECORDS as usize }, NO_PREALLOC> =
     HashMap::new();
+
+/// Assignments made and ended, one counter per CPU (monotonic). The agent repairs a count only
+/// when these did not move while it looked at the sockets: then its look is a snapshot.
+#[btf_map(pin_by_name)]
+static EVENTS: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// `AF_INET6` sockets that set `IPV6_V6ONLY` (1) or cleared it again (0).
+#[btf_map(pin_by_name)]
+static V6ONLY: SkStorage<u32> = SkStorage::new();
 
 /// Round-robin position per Service, one per CPU: no shared counter, no lock.
 #[btf_map(pin_by_name)]
@@ -173,6 +191,15 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let key = unsafe { service_key(&ctx, read_v6(&ctx)) };
+    if key.addr.as_v4().is_some() && unsafe { v6only(&ctx) } {
+        // A V6ONLY socket's connect to `::ffff:VIP` fails in the kernel whatever we write;
+        // only an earlier assignment (a reconnect) ends here.
+        let previous = SOCKETS.get_ptr_mut(&ctx);
+        if !previous.is_null() {
+            unsafe { release(previous) };
+        }
+        return ALLOW;
+    }
     match unsafe { try_connect(&ctx, key) } {
         // `::ffff:VIP` (an IPv4 Service) goes to `::ffff:pod`, an IPv6 VIP to an IPv6 pod.
         Verdict::Rewrite(addr, port) => unsafe { write_v6(&ctx, addr, port) },
@@ -230,6 +257,36 @@ pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Records `IPV6_V6ONLY` as the application sets it; the option itself is left to the kernel.
+#[cgroup_sockopt(setsockopt)]
+pub fn setsockopt(ctx: SockoptContext) -> i32 {
+    let opt = ctx.sockopt;
+    // SAFETY: the context is valid for the run; optval is bounds-checked against optval_end.
+    unsafe {
+        if (*opt).level != SOL_IPV6 || (*opt).optname != IPV6_V6ONLY {
+            return ALLOW;
+        }
+        let value = (*opt).__bindgen_anon_2.optval.cast::<u8>();
+        let end = (*opt).__bindgen_anon_3.optval_end.cast::<u8>();
+        if value.is_null() || value.add(4) > end {
+            return ALLOW; // a short option: the kernel refuses it
+        }
+        let on = u32::from(read_volatile(value.cast::<u32>()) != 0);
+        let sk = (*opt).__bindgen_anon_1.sk;
+        let flag: *mut u32 = bpf_sk_storage_get(
+            v6only_map(),
+            sk.cast(),
+            ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+        .cast();
+        if !flag.is_null() {
+            *flag = on;
+        }
+    }
+    ALLOW
+}
+
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     unsafe { track_tcp_state(&ctx) };
@@ -281,24 +338,30 @@ pub extern "C" fn dump_sockets(ctx: *mut c_void) -> i32 {
             if read_volatile(left) == 0 {
                 return 0;
             }
-            add(left, u64::MAX); // one fewer (walks are one at a time per map)
         }
         let mut record = SocketRecord {
             cookie: bpf_get_socket_cookie(sk),
             state: *value,
         };
         let seq = (*(*ctx).meta).seq;
-        bpf_seq_write(
+        let written = bpf_seq_write(
             seq.cast(),
             (&raw mut record).cast(),
             size_of::<SocketRecord>() as u32,
         );
+        // A record that did not fit is written again on the next page: it costs no budget.
+        if written == 0
+            && let Some(left) = ITER_BACKENDS.get_ptr_mut(&(*value).backend_id)
+        {
+            add(left, u64::MAX); // one fewer (walks are one at a time per map)
+        }
     }
     0
 }
 
 /// Adds a `CountAdjustment` (given as test-run data after a 14-byte Ethernet header) to a
-/// backend's count in one atomic operation. Run only by the agent, never attached.
+/// backend's count with a compare-and-swap that refuses to go below zero. Run only by the
+/// agent, never attached; returns one of `adjust_result`.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "socket")]
 pub extern "C" fn adjust_count(skb: *mut __sk_buff) -> i64 {
@@ -312,12 +375,28 @@ pub extern "C" fn adjust_count(skb: *mut __sk_buff) -> i64 {
             size_of::<CountAdjustment>() as u32,
         )
     };
-    if copied == 0
-        && let Some(count) = CONN_COUNTS.get_ptr_mut(adjustment.backend_id)
-    {
-        unsafe { add(count, adjustment.delta) };
+    if copied != 0 {
+        return i64::from(adjust_result::NOT_APPLIED);
     }
-    0
+    let Some(count) = CONN_COUNTS.get_ptr_mut(adjustment.backend_id) else {
+        return i64::from(adjust_result::NOT_APPLIED);
+    };
+    let delta = adjustment.delta as i64;
+    for _ in 0..4 {
+        let now = unsafe { read_volatile(count) };
+        let Some(new) = (now as i64).checked_add(delta).filter(|n| *n >= 0) else {
+            return i64::from(adjust_result::BELOW_ZERO);
+        };
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                count, now, new as u64,
+            )
+        };
+        if swapped {
+            return i64::from(adjust_result::APPLIED);
+        }
+    }
+    i64::from(adjust_result::NOT_APPLIED)
 }
 
 /// What a hook does with the address the application gave.
@@ -420,6 +499,7 @@ unsafe fn try_connect(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
         if let Some(count) = CONN_COUNTS.get_ptr_mut(backend_id) {
             unsafe { add(count, 1) };
         }
+        note_event();
         let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
         unsafe {
             *state = SockState {
@@ -462,13 +542,19 @@ unsafe fn try_sendmsg(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
     if key.proto != IPPROTO_UDP {
         return Verdict::Pass;
     }
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let connected = SOCKETS.get_ptr_mut(ctx);
+    if !connected.is_null() && unsafe { (*sk).state } != UDP_CONNECTED {
+        // It was connected through socklb and has since been disconnected (connect with
+        // AF_UNSPEC, which no hook sees): that assignment is over.
+        unsafe { release(connected) };
+    }
     let Some(service) = (unsafe { SERVICES.get(&key) }) else {
         return Verdict::Pass;
     };
     if !switched_on(ctx) {
         return Verdict::Pass;
     }
-    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     let peers: *mut UdpPeers = unsafe {
         bpf_sk_storage_get(
             udp_peers_map(),
@@ -825,7 +911,30 @@ unsafe fn release(state: *mut SockState) {
     let was = unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*state).live, 0) };
     if was == 1 {
         unsafe { uncount((*state).backend_id) };
+        note_event();
     }
+}
+
+/// One more assignment made or ended on this CPU (`EVENTS`).
+#[inline(always)]
+fn note_event() {
+    if let Some(n) = EVENTS.get_ptr_mut(0) {
+        unsafe { add(n, 1) };
+    }
+}
+
+/// Whether this socket set `IPV6_V6ONLY` (see `setsockopt`).
+#[inline(always)]
+unsafe fn v6only(ctx: &SockAddrContext) -> bool {
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let flag: *mut u32 =
+        unsafe { bpf_sk_storage_get(v6only_map(), sk.cast(), ptr::null_mut(), 0) }.cast();
+    !flag.is_null() && unsafe { read_volatile(flag) } == 1
+}
+
+#[inline(always)]
+fn v6only_map() -> *mut c_void {
+    ptr::from_ref(&V6ONLY).cast_mut().cast()
 }
 
 /// `CONN_COUNTS[backend_id] -= 1`, refusing to go below zero: a compare-and-swap that stops

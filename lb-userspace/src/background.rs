@@ -60,7 +60,10 @@ fn run(config: Config, mut maps: Maps, tools: &Tools, snapshot: &Published) {
     let mut cookies = netns::Cookies::default();
     let mut underflows_seen: BTreeMap<u32, u64> = BTreeMap::new();
     loop {
-        thread::sleep(config.policy.interval);
+        // Rounds a random 0.5 to 1.5 intervals apart: a client that sends every interval would
+        // otherwise be looked at in the same phase of its cycle every round, and never be
+        // seen quiet if that phase is just after its request.
+        thread::sleep(config.policy.interval.mul_f64(0.5 + fastrand::f64()));
         let now = snapshot.lock().map(|s| Arc::clone(&s)).unwrap_or_default();
 
         for (id, n) in maps.underflows() {
@@ -80,8 +83,8 @@ fn run(config: Config, mut maps: Maps, tools: &Tools, snapshot: &Published) {
                         let closed = r.total();
                         info!(
                             "rebalance {}: closed {closed} of {} wanted (budget {}); per backend \
-                             {:?}; left open {:?}",
-                            r.service, r.wanted, r.budget, r.closed, r.left
+                             {:?}; left open {:?}; errors {}",
+                            r.service, r.wanted, r.budget, r.closed, r.left, r.errors
                         );
                     }
                 }
@@ -123,7 +126,8 @@ fn check_counts(maps: &Maps, tools: &Tools) {
             }
             for id in &r.unsettled {
                 warn!(
-                    "backend {id}: count disagrees with the live sockets but kept changing; left as is"
+                    "backend {id}: count disagrees with the live sockets, but the programs kept \
+                     counting during every look, so it could not be checked; left as is"
                 );
             }
         }

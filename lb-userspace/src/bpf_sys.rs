@@ -1,8 +1,9 @@
 //! The few bpf(2) commands aya does not expose: for a pinned link, open it, read which program
 //! and cgroup it holds, and swap its program atomically (used when an upgraded agent adopts
 //! links pinned by an older build, so no connect goes unbalanced during the swap); a map
-//! iterator (aya's iterator links take no map); and a test run of a program (how the agent
-//! repairs a count with an atomic add in the kernel).
+//! iterator (aya's iterator links take no map); a cgroup link for the setsockopt hook, and
+//! pinning it (aya 0.16 cannot turn that link into a pinnable one); and a test run of a
+//! program (how the agent repairs a count in the kernel).
 
 use std::{
     ffi::CString,
@@ -11,6 +12,7 @@ use std::{
     path::Path,
 };
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -18,6 +20,8 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_ITER_CREATE: libc::c_long = 33;
 const BPF_TRACE_ITER: u64 = 28;
+/// `enum bpf_attach_type`: BPF_CGROUP_SETSOCKOPT.
+pub const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zeroed, 128-byte bpf_attr big enough for the commands used here.
@@ -27,6 +31,30 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
     } else {
         Ok(ret)
     }
+}
+
+/// Pins a BPF object (BPF_OBJ_PIN).
+pub fn obj_pin(fd: impl AsFd, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64; // pathname
+    attr[1] = fd.as_fd().as_raw_fd() as u64; // bpf_fd, file_flags 0
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Attaches `prog` to a cgroup with a bpf_link (BPF_LINK_CREATE).
+pub fn cgroup_link_create(
+    prog: impl AsFd,
+    cgroup: impl AsFd,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_fd().as_raw_fd() as u64 | ((cgroup.as_fd().as_raw_fd() as u64) << 32);
+    attr[1] = u64::from(attach_type); // flags 0
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: a new descriptor from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Opens a pinned BPF object (BPF_OBJ_GET).

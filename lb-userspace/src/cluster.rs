@@ -142,17 +142,49 @@ pub struct ClusterState {
     /// The node the agent runs on, for `internalTrafficPolicy: Local` (unknown in standalone
     /// mode, where Local Services use all their endpoints).
     pub node: Option<String>,
+    /// The manifest file of each Service and EndpointSlice (standalone mode; empty for objects
+    /// from the API server), for errors.
+    pub service_files: BTreeMap<ServiceRef, String>,
+    pub slice_files: BTreeMap<ServiceRef, String>,
+}
+
+impl ClusterState {
+    /// The files a Service and its EndpointSlices came from (none in Kubernetes mode).
+    fn files_of(&self, service: &ServiceRef) -> Vec<String> {
+        let mut files: Vec<String> = self
+            .service_files
+            .get(service)
+            .cloned()
+            .into_iter()
+            .collect();
+        for (slice_ref, slice) in &self.slices {
+            let labels = slice.metadata.labels.as_ref();
+            let of_service = slice_ref.namespace == service.namespace
+                && labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) == Some(&service.name);
+            if let Some(file) = self.slice_files.get(slice_ref).filter(|_| of_service)
+                && !files.contains(file)
+            {
+                files.push(file.clone());
+            }
+        }
+        files
+    }
 }
 
 /// A Service that could not be resolved; its previously programmed frontends stay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceError {
     pub service: ServiceRef,
+    /// The manifest files of the Service and its EndpointSlices (standalone mode).
+    pub files: Vec<String>,
     pub message: String,
 }
 
 impl fmt::Display for ServiceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.files.is_empty() {
+            write!(f, "{}: ", self.files.join(", "))?;
+        }
         write!(f, "Service {}: {}", self.service, self.message)
     }
 }
@@ -176,6 +208,7 @@ pub fn desired(
             Err(message) => {
                 errors.push(ServiceError {
                     service: service_ref.clone(),
+                    files: state.files_of(service_ref),
                     message,
                 });
                 let kept = previous

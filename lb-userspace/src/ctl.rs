@@ -237,6 +237,7 @@ pub fn rebalance_list(maps: &Maps) -> Result<Vec<Row>> {
             ("closed", json!(r.closed)),
             ("rounds", json!(r.rounds)),
             ("largest_round", json!(r.largest_round)),
+            ("errors", json!(r.errors)),
             (
                 "last_s_ago",
                 json!((r.last_unix > 0).then(|| now.saturating_sub(r.last_unix))),
@@ -384,6 +385,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
                     ("rounds", json!(r.rounds)),
                     ("largest_round", json!(r.largest_round)),
                     ("last_unix", json!(r.last_unix)),
+                    ("errors", json!(r.errors)),
                 ])
             })
             .collect(),
@@ -393,6 +395,19 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
         map_names::UDP_PEERS => bail!(
             "{name} is socket-local storage of unconnected UDP sockets, which the agent does not \
              iterate; see `socket list` for the assigned sockets"
+        ),
+        map_names::EVENTS => {
+            let events = maps.events()?;
+            vec![row(vec![
+                (
+                    "assignments_made_and_ended",
+                    json!(events.iter().sum::<u64>()),
+                ),
+                ("per_cpu", json!(events)),
+            ])]
+        }
+        map_names::V6ONLY => bail!(
+            "{name} is socket-local storage (which IPv6 sockets set IPV6_V6ONLY); nothing to list"
         ),
         map_names::COUNT_UNDERFLOWS => maps
             .underflows()

@@ -2,10 +2,12 @@
 //! keep them working while the agent is stopped or restarting.
 //!
 //! Layout under the pin path (default /sys/fs/bpf/socklb): one file per map (named as in
-//! `lb_common::map_names`) and `links/<program>` for each attachment. A starting agent reuses
-//! whatever is pinned: maps keep their contents and connection counts, links stay attached. If
-//! a pinned link runs a program from another build, its program is swapped in place with
-//! BPF_LINK_UPDATE, so there is never a moment without a balancer.
+//! `lb_common::map_names`), `links/<program>` for each attachment, and `LAYOUT`, a symlink to
+//! the `lb_common::LAYOUT_VERSION` of the maps (bpffs holds no regular files). A starting agent reuses whatever is pinned: maps
+//! keep their contents and connection counts, links stay attached. If a pinned link runs a
+//! program from another build, its program is swapped in place with BPF_LINK_UPDATE, so there
+//! is never a moment without a balancer. Only maps of another layout (an upgrade that changed
+//! them) are not reused: they are removed with their links and made afresh (see `install`).
 
 use std::{
     ffi::CString,
@@ -17,17 +19,17 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramFd, SockOps, SocketFilter,
         links::FdLink, loaded_programs,
     },
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, CountAdjustment, RebalanceStats, Service, ServiceKey,
-    ServiceName, ServiceStats, SlotKey, map_names,
+    Affinity, AffinityKey, Backend, CountAdjustment, LAYOUT_VERSION, RebalanceStats, Service,
+    ServiceKey, ServiceName, ServiceStats, SlotKey, adjust_result, map_names,
 };
-use log::info;
+use log::{info, warn};
 
 use crate::{
     bpf_sys,
@@ -40,9 +42,10 @@ pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/socklb";
 
 /// The programs, in the order they are attached: the ones that undo or show a rewrite before
 /// the ones that make it, so no rewritten socket ever lacks its counterpart.
-pub const PROGRAMS: [&str; 10] = [
+pub const PROGRAMS: [&str; 11] = [
     "sock_ops",
     "sock_release",
+    "setsockopt",
     "getpeername4",
     "getpeername6",
     "recvmsg4",
@@ -83,6 +86,8 @@ pub struct Maps {
     pub rebalance_stats: HashMap<MapData, u32, RebalanceStats>,
     /// Backends whose count the programs refused to take below zero, and how often.
     pub count_underflows: HashMap<MapData, u32, u64>,
+    /// Assignments made and ended, per CPU (see `Maps::events`).
+    pub events: PerCpuArray<MapData, u64>,
     /// The socket storage map, read through `SocketIterator` (and by sock_diag).
     pub sockets: MapData,
 }
@@ -111,6 +116,7 @@ impl Tools {
     /// The tools for an installed datapath (socklbctl, while the agent runs or not): the
     /// object is loaded again on the pinned maps, nothing is attached.
     pub fn open(pin_path: &Path) -> Result<Tools> {
+        check_layout(pin_path)?;
         let sockets = pin_path.join(map_names::SOCKETS);
         let sockets = MapData::from_pin(&sockets).with_context(|| {
             format!(
@@ -125,9 +131,10 @@ impl Tools {
         Tools::load(&mut ebpf, &sockets)
     }
 
-    /// Adds `delta` to a backend's live count in one atomic operation in the kernel, so that
-    /// no connect or close the programs count meanwhile is lost.
-    pub fn adjust_count(&self, backend_id: u32, delta: i64) -> Result<()> {
+    /// Adds `delta` to a backend's live count with a compare-and-swap in the kernel, so that
+    /// no connect or close the programs count meanwhile is lost and the count never goes
+    /// below zero. Returns whether it was applied.
+    pub fn adjust_count(&self, backend_id: u32, delta: i64) -> Result<bool> {
         let adjustment = CountAdjustment {
             backend_id,
             _pad: 0,
@@ -145,8 +152,11 @@ impl Tools {
                 size_of::<CountAdjustment>(),
             )
         });
-        bpf_sys::prog_test_run(&self.adjust_count, &data).context("running adjust_count")?;
-        Ok(())
+        match bpf_sys::prog_test_run(&self.adjust_count, &data).context("running adjust_count")? {
+            adjust_result::APPLIED => Ok(true),
+            adjust_result::BELOW_ZERO | adjust_result::NOT_APPLIED => Ok(false),
+            other => bail!("adjust_count returned {other}"),
+        }
     }
 }
 
@@ -168,9 +178,18 @@ pub fn install(pin_path: &Path, cgroup: &Path, flags: u64) -> Result<Installed> 
     }
     let cgroup_id = fs::metadata(cgroup)?.ino();
     ensure_bpffs(pin_path)?;
+    replace_other_layout(pin_path)?;
     let links_dir = pin_path.join("links");
     fs::create_dir_all(&links_dir)
         .with_context(|| format!("cannot create {}", links_dir.display()))?;
+    // Before any map is pinned, so that pinned maps never lack it.
+    let layout = pin_path.join(LAYOUT_FILE);
+    let version = LAYOUT_VERSION.to_string();
+    if fs::read_link(&layout).ok() != Some(PathBuf::from(&version)) {
+        let _ = fs::remove_file(&layout); // a leftover without maps
+        std::os::unix::fs::symlink(&version, &layout)
+            .with_context(|| format!("making {}", layout.display()))?;
+    }
 
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_path)
@@ -199,10 +218,8 @@ pub fn install(pin_path: &Path, cgroup: &Path, flags: u64) -> Result<Installed> 
             adopt(program, &link_path, cgroup_id)
                 .with_context(|| format!("adopting {}", link_path.display()))?
         } else {
-            attach(program, &cgroup_dir)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?
-                .pin(&link_path)
-                .with_context(|| format!("pinning {}", link_path.display()))?;
+            attach_pinned(program, &cgroup_dir, &link_path)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
             LinkAction::Attached
         };
         info!("{name}: {action:?} ({})", cgroup.display());
@@ -217,19 +234,70 @@ pub fn install(pin_path: &Path, cgroup: &Path, flags: u64) -> Result<Installed> 
     })
 }
 
+/// Next to the pinned maps: a symlink to their `LAYOUT_VERSION`.
+const LAYOUT_FILE: &str = "LAYOUT";
+
+/// The layout of the maps pinned at `pin_path`: `None` if none are pinned, `Some(None)` if
+/// they are but say nothing (pinned by a build from before `LAYOUT`).
+fn pinned_layout(pin_path: &Path) -> Option<Option<u32>> {
+    if !map_names::ALL.iter().any(|n| pin_path.join(n).exists()) {
+        return None;
+    }
+    let target = fs::read_link(pin_path.join(LAYOUT_FILE)).ok();
+    Some(target.and_then(|t| t.to_str()?.parse().ok()))
+}
+
+/// Refuses to open maps of another layout, which would fail or be misread.
+fn check_layout(pin_path: &Path) -> Result<()> {
+    match pinned_layout(pin_path) {
+        Some(Some(LAYOUT_VERSION)) | None => Ok(()),
+        Some(found) => bail!(
+            "the maps at {} have layout {} and this build reads layout {LAYOUT_VERSION}: \
+             start the matching socklb-agent, which replaces them",
+            pin_path.display(),
+            found.map_or("unknown (older)".to_string(), |v| v.to_string()),
+        ),
+    }
+}
+
+/// An upgrade that changed the maps' layout: the loader cannot reuse maps of another layout,
+/// so the old programs, links and maps go and fresh ones are made. Connections made before
+/// keep working (their sockets hold their own addresses), but they no longer count against
+/// their backends, and getpeername shows them the pod's address; new connections are
+/// balanced as soon as the new programs are attached, a few milliseconds later (until then a
+/// connect to a VIP goes where the application asked: to kube-proxy's rules in Kubernetes).
+fn replace_other_layout(pin_path: &Path) -> Result<()> {
+    let Some(found) = pinned_layout(pin_path) else {
+        return Ok(());
+    };
+    if found == Some(LAYOUT_VERSION) {
+        return Ok(());
+    }
+    warn!(
+        "the maps pinned at {} have layout {} and this build uses layout {LAYOUT_VERSION}: \
+         replacing them (connections made before are no longer counted)",
+        pin_path.display(),
+        found.map_or("unknown (older)".to_string(), |v| v.to_string()),
+    );
+    uninstall(pin_path).context("removing the maps and links of the other layout")?;
+    Ok(())
+}
+
 fn load(program: &mut Program) -> Result<()> {
     match program {
         Program::CgroupSockAddr(p) => p.load()?,
         Program::SockOps(p) => p.load()?,
         Program::CgroupSock(p) => p.load()?,
+        Program::CgroupSockopt(p) => p.load()?,
         other => bail!("unexpected program type {:?}", other.prog_type()),
     }
     Ok(())
 }
 
-fn attach(program: &mut Program, cgroup: &fs::File) -> Result<FdLink> {
+/// Attaches `program` to `cgroup` with a bpf_link and pins the link at `link_path`.
+fn attach_pinned(program: &mut Program, cgroup: &fs::File, link_path: &Path) -> Result<()> {
     let mode = CgroupAttachMode::Single; // bpf_link attachments always coexist with others
-    Ok(match program {
+    let link = match program {
         Program::CgroupSockAddr(p) => {
             let id = p.attach(cgroup, mode)?;
             FdLink::try_from(CgroupSockAddr::take_link(p, id)?)?
@@ -242,8 +310,18 @@ fn attach(program: &mut Program, cgroup: &fs::File) -> Result<FdLink> {
             let id = p.attach(cgroup, mode)?;
             FdLink::try_from(CgroupSock::take_link(p, id)?)?
         }
+        Program::CgroupSockopt(p) => {
+            let link =
+                bpf_sys::cgroup_link_create(p.fd()?, cgroup, bpf_sys::BPF_CGROUP_SETSOCKOPT)?;
+            bpf_sys::obj_pin(&link, link_path)
+                .with_context(|| format!("pinning {}", link_path.display()))?;
+            return Ok(());
+        }
         other => bail!("unexpected program type {:?}", other.prog_type()),
-    })
+    };
+    link.pin(link_path)
+        .with_context(|| format!("pinning {}", link_path.display()))?;
+    Ok(())
 }
 
 /// Keeps a pinned link, swapping in `program` if the link runs different code.
@@ -288,7 +366,7 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>> {
     if links_dir.exists() {
         fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
     }
-    for name in map_names::ALL {
+    for name in map_names::ALL.iter().chain([&LAYOUT_FILE]) {
         let p = pin_path.join(name);
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
@@ -352,12 +430,14 @@ impl Maps {
             enabled_netns: take(map_names::ENABLED_NETNS)?.try_into()?,
             rebalance_stats: take(map_names::REBALANCE_STATS)?.try_into()?,
             count_underflows: take(map_names::COUNT_UNDERFLOWS)?.try_into()?,
+            events: take(map_names::EVENTS)?.try_into()?,
             sockets: map_data(take(map_names::SOCKETS)?)?,
         })
     }
 
     /// Opens the maps an agent pinned, e.g. for socklbctl (works while the agent is stopped).
     pub fn open_pinned(pin_path: &Path) -> Result<Self> {
+        check_layout(pin_path)?;
         let open = |name: &str| -> Result<Map> {
             let path = pin_path.join(name);
             let data = MapData::from_pin(&path).with_context(|| {
@@ -381,6 +461,7 @@ impl Maps {
             enabled_netns: open(map_names::ENABLED_NETNS)?.try_into()?,
             rebalance_stats: open(map_names::REBALANCE_STATS)?.try_into()?,
             count_underflows: open(map_names::COUNT_UNDERFLOWS)?.try_into()?,
+            events: open(map_names::EVENTS)?.try_into()?,
             sockets: map_data(open(map_names::SOCKETS)?)?,
         })
     }
@@ -400,6 +481,12 @@ impl Maps {
     /// refuse and record it in `COUNT_UNDERFLOWS`), so this is the map's value as it is.
     pub fn connections(&self, backend_id: u32) -> u64 {
         self.counts.get(&backend_id, 0).unwrap_or(0)
+    }
+
+    /// Assignments the programs made or ended so far, per CPU. Equal before and after a look
+    /// at the sockets means no count changed meanwhile.
+    pub fn events(&self) -> Result<Vec<u64>> {
+        Ok(self.events.get(&0, 0)?.iter().copied().collect())
     }
 
     /// Backend id -> how often its count was refused a decrement below zero.
@@ -431,8 +518,8 @@ impl MapWriter for Maps {
             Op::ResetCount(id) => {
                 // Only for an id no socket holds: its count is 0 unless an earlier run went
                 // wrong, and a new pod must start from 0 whatever happened.
+                // Its underflow record stays: it reports what went wrong before.
                 self.counts.set(*id, &0, 0)?;
-                let _ = self.count_underflows.remove(id);
             }
             Op::DeleteService(k) => self.services.remove(k)?,
             Op::DeleteSlot(k) => self.slots.remove(k)?,

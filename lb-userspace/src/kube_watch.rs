@@ -114,6 +114,7 @@ impl KubeCluster {
                 .map(|s| (service_ref(&s.metadata), Arc::clone(s)))
                 .collect(),
             node: Some(self.node.clone()),
+            ..ClusterState::default()
         }
     }
 
@@ -139,6 +140,7 @@ impl KubeCluster {
                 .collect(),
             slices: slices.map(|s| (service_ref(&s.metadata), s)).collect(),
             node: Some(self.node.clone()),
+            ..ClusterState::default()
         }
     }
 }

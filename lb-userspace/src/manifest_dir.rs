@@ -98,11 +98,14 @@ impl ManifestDir {
                     namespace: id.namespace,
                     name: id.name,
                 };
+                let file = path.display().to_string();
                 match (object, id.kind) {
                     (Object::Service(s), Kind::Service) => {
+                        state.service_files.insert(key.clone(), file);
                         state.services.insert(key, Arc::clone(s));
                     }
                     (Object::EndpointSlice(s), Kind::EndpointSlice) => {
+                        state.slice_files.insert(key.clone(), file);
                         state.slices.insert(key, Arc::clone(s));
                     }
                     _ => unreachable!("id kind follows the object"),
@@ -202,6 +205,33 @@ mod tests {
         fs::remove_file(&file).unwrap();
         let (s, _) = m.load();
         assert!(s.services.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_service_that_cannot_be_resolved_is_reported_with_its_files() {
+        let d = dir();
+        let dual = SVC.replace(
+            "clusterIP: 10.96.0.10,",
+            "clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10], ipFamilies: [IPv6],",
+        );
+        fs::write(d.join("web.yaml"), dual).unwrap();
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.244.0.1]}]\n";
+        fs::write(d.join("web-slices.yaml"), slice).unwrap();
+        let (s, e) = ManifestDir::new(&d).load();
+        assert!(e.is_empty(), "{e:?}");
+        let (_, errors) =
+            crate::cluster::desired(&s, lb_common::Algorithm::LeastConn, &Default::default());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let text = errors[0].to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{}, {}: Service ns/web: ",
+                d.join("web.yaml").display(),
+                d.join("web-slices.yaml").display()
+            )),
+            "{text}"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 

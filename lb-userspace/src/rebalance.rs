@@ -10,43 +10,54 @@
 //! # Which connections are closed
 //!
 //! Only idle ones, where closing is what a client sees when a server closes an idle
-//! keep-alive connection. A TCP connection is idle when (checked from tcp_info in a sock_diag
-//! dump, and again on the socket itself microseconds before closing it):
+//! keep-alive connection. A TCP connection is idle when (checked from tcp_info with a
+//! sock_diag query, and again on the socket itself microseconds before closing it):
 //! 1. it is established, with nothing unread and nothing unacknowledged;
-//! 2. it has been quiet in both directions for the quiet time (default 10 ms, per Service
+//! 2. it has been quiet in both directions for the quiet time (default 500 ms, per Service
 //!    `socklb.io/rebalance-quiet`): no exchange is under way;
 //! 3. its last data was received after its last data was sent, and within the answer window
 //!    (1 s) of it: the last request was answered, and what was received was that answer;
-//! 4. since the previous round it has not received more data than a request/response
-//!    pattern gives (at most 3 data segments in per segment out, plus 3): a connection that
-//!    receives without asking is delivering a stream. A connection is only closed once it has
-//!    been looked at in two rounds.
+//! 4. since the previous round it has not received data without sending any, nor more than
+//!    twice as many data segments as it sent plus one: a connection that receives without
+//!    asking is delivering a stream. So a connection is only closed once it has been looked
+//!    at in two rounds.
 //!
 //! What that means per protocol: HTTP/1.1 keep-alive, HTTP/2 and gRPC unary calls, Redis,
-//! SQL and other request/response protocols are closed between requests; pipelined requests
-//! keep data in flight or answers arriving, so they are not. Server streaming (SSE, gRPC
-//! server streams, WebSocket push, long polls) is never closed while it delivers: each event
-//! arrives long after the request (3) and events arrive without requests (4). The limits: a
-//! long poll or stream that has been silent since before its first event could look like an
-//! answered request, and so could a request whose answer takes longer than the quiet time
-//! while nothing is in flight; exclude such ports (`socklb.io/rebalance-exclude-ports`) or
-//! raise the quiet time.
+//! SQL and other request/response protocols are closed between requests. Server streaming
+//! (SSE, gRPC server streams, WebSocket push) is never closed while it delivers: each event
+//! arrives long after the request (3) and events arrive without requests (4). The limits,
+//! which is why the quiet time is long by default:
+//! - TCP does not show requests, only data. Two requests in flight at once on one connection
+//!   (HTTP/2 or gRPC calls from several threads, pipelining) look answered as soon as the first
+//!   answer arrives; if the second answer takes longer than the quiet time after that, the
+//!   connection looks idle and that request would be cut. The quiet time must exceed the
+//!   slowest answer of such a Service.
+//! - A connection used more often than once per quiet time is never quiet long enough and is
+//!   never moved. Services with sequential clients (one request at a time per connection, as
+//!   connection pools do) can take a much shorter quiet time.
+//! - A stream or long poll silent since before its first event looks like an answered
+//!   request. Exclude such ports (`socklb.io/rebalance-exclude-ports`).
+//! - Connections that receive much more than they send (large downloads) look like streams
+//!   and are not moved.
 //!
 //! # How
 //!
 //! The sockets come from the socket iterator (only the ones socklb assigned, in every
-//! namespace). Of each busy backend, a bounded sample (four times what the round may close
-//! there, at least 32; the iterator lists them in the map's order, so mostly the same sockets
-//! from round to round, which rule 4 needs) is looked at with one sock_diag query each in its
-//! network namespace, so a round's cost follows what it may close, not how many sockets the
-//! node has. A socket is closed with `shutdown(SHUT_RDWR)` on
-//! a duplicate of its owner's descriptor (`close`), which clients see as a normal close. Each
-//! closure is counted (REBALANCE_STATS, the log, metrics, socklbctl).
+//! namespace). Of each backend over its share, a bounded sample (four times what may be
+//! closed there, at least 32, doubled each round in which it gave no idle connection; the
+//! iterator lists them in the map's order, so mostly the same sockets from round to round,
+//! which rule 4 needs) is looked at with one sock_diag query each in its network namespace,
+//! so a round's cost follows what it may close, not how many sockets the node has. A socket is
+//! closed with `shutdown(SHUT_RDWR)` on a duplicate of its owner's descriptor (`close`), which
+//! clients see as a normal close. Each closure is counted, and so is each failure
+//! (REBALANCE_STATS, the log, metrics, socklbctl).
 //!
 //! # Budget
 //!
 //! Per Service and round, at most `max_share` of its connections (default 10%, at least one);
-//! rounds every `interval` (default 1 s); on the whole node at most `max_per_second` closures
+//! rounds every `interval` on average (default 1 s; each pause is random between half and one
+//! and a half of it, so that no periodic client is always looked at in the same phase); on
+//! the whole node at most `max_per_second` closures
 //! per second (default 100). Connections closed but not yet back (their clients reconnect
 //! when they next need them) are counted as if they had come back on the least-loaded
 //! backends, so a slow pool is not closed twice over.
@@ -89,7 +100,7 @@ impl Default for Policy {
             interval: Duration::from_secs(1),
             max_share: 0.1,
             max_per_second: 100,
-            quiet: Duration::from_millis(10),
+            quiet: Duration::from_millis(500),
             answer_window: Duration::from_secs(1),
         }
     }
@@ -106,38 +117,51 @@ pub struct Target {
     pub quiet: Duration,
 }
 
-/// How many connections to close on which backends, from the live counts of a Service's
-/// backends: one at a time from the busiest, each assumed to come back on the least loaded
-/// (least-conn), until the spread is at most one or the budget is spent. `pending`
-/// connections closed earlier and not back yet are first placed on the least loaded.
-pub fn plan(counts: &[(u32, u64)], pending: u64, budget: u64) -> Vec<(u32, u64)> {
+/// What a Service port needs to be even.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Backend id -> connections over its share, for the backends over it.
+    pub excess: BTreeMap<u32, u64>,
+    /// Connections to close this round: all the excess, within the budget.
+    pub moves: u64,
+}
+
+/// The plan for one Service port, from its backends' live counts: the even spread of its
+/// connections, counting `pending` ones (closed earlier, not back yet) as already back, gives
+/// every backend the mean rounded down or up (up for the busiest, so that as few as possible
+/// move); what a backend holds over that is its excess. Closing the excess, each closed
+/// connection coming back on the least loaded (least-conn), leaves a spread of at most one.
+pub fn plan(counts: &[(u32, u64)], pending: u64, budget: u64) -> Plan {
     if counts.len() < 2 {
-        return Vec::new();
+        return Plan::default();
     }
-    let mut load: Vec<(u32, u64)> = counts.to_vec();
-    let least = |load: &mut Vec<(u32, u64)>| -> usize {
-        (0..load.len())
-            .min_by_key(|i| (load[*i].1, load[*i].0))
-            .expect("two or more")
-    };
-    for _ in 0..pending {
-        let i = least(&mut load);
-        load[i].1 += 1;
-    }
-    let mut out: BTreeMap<u32, u64> = BTreeMap::new();
-    for _ in 0..budget {
-        let most = (0..load.len())
-            .max_by_key(|i| (load[*i].1, std::cmp::Reverse(load[*i].0)))
-            .expect("two or more");
-        let fewest = least(&mut load);
-        if load[most].1 <= load[fewest].1 + 1 {
-            break;
+    let total = counts.iter().map(|(_, c)| c).sum::<u64>() + pending;
+    let k = counts.len() as u64;
+    let mut busiest: Vec<(u32, u64)> = counts.to_vec();
+    busiest.sort_by_key(|(id, c)| (std::cmp::Reverse(*c), *id));
+    let mut excess = BTreeMap::new();
+    for (i, (id, count)) in busiest.iter().enumerate() {
+        let share = total / k + u64::from((i as u64) < total % k);
+        if *count > share {
+            excess.insert(*id, count - share);
         }
-        load[most].1 -= 1;
-        load[fewest].1 += 1;
-        *out.entry(load[most].0).or_default() += 1;
     }
-    out.into_iter().collect()
+    let moves = excess.values().sum::<u64>().min(budget);
+    Plan { excess, moves }
+}
+
+/// Which backend to close a connection on next: of those with excess left and a candidate
+/// to close, the most loaded (lowest id on a tie).
+fn next_backend(
+    load: &HashMap<u32, u64>,
+    excess: &BTreeMap<u32, u64>,
+    has_candidate: impl Fn(u32) -> bool,
+) -> Option<u32> {
+    excess
+        .iter()
+        .filter(|(id, left)| **left > 0 && has_candidate(**id))
+        .max_by_key(|(id, _)| (load.get(id).copied().unwrap_or(0), std::cmp::Reverse(**id)))
+        .map(|(id, _)| *id)
 }
 
 /// Rules 1 to 3 (see the module comment) on a socket's state; `Err` says why it is busy.
@@ -160,11 +184,12 @@ pub fn idle(s: &LiveState, quiet_ms: u32, answer_ms: u32) -> Result<(), &'static
     Ok(())
 }
 
-/// Rule 4: whether, between two looks, the connection received like a stream.
+/// Rule 4: whether, between two looks, the connection received like a stream: data without
+/// sending any, or more than two data segments per segment sent, plus one.
 pub fn streaming(before: &Activity, now: &Activity) -> bool {
     let got = now.data_segs_in.wrapping_sub(before.data_segs_in);
     let sent = now.data_segs_out.wrapping_sub(before.data_segs_out);
-    got > 3 * sent + 3
+    got > 0 && (sent == 0 || got > 2 * sent + 1)
 }
 
 /// What one round did to one Service.
@@ -178,6 +203,8 @@ pub struct Round {
     pub budget: u64,
     /// Connections not closed, by reason.
     pub left: BTreeMap<&'static str, u64>,
+    /// Closures that failed.
+    pub errors: u64,
 }
 
 impl Round {
@@ -199,6 +226,51 @@ pub struct Cost {
     pub looked: usize,
 }
 
+/// How long closed connections are expected back within.
+const RECONNECT_WINDOW: Duration = Duration::from_secs(5);
+/// Sockets of a busy backend looked at per round: this many times what may be closed there,
+/// at least `MIN_SAMPLE`, doubled per round that found none idle, up to `MAX_SAMPLE`.
+const SAMPLE_FACTOR: u64 = 4;
+const MIN_SAMPLE: u64 = 32;
+const MAX_SAMPLE: u64 = 4096;
+
+/// Connections closed and not back yet, per Service port.
+#[derive(Debug, Default)]
+struct Recent {
+    /// Service id -> its total when the closures began, and when each closure was made.
+    by_service: HashMap<u32, (u64, Vec<Instant>)>,
+}
+
+impl Recent {
+    /// How many of the closures within the window have not come back, judged by the total.
+    fn pending(&self, service_id: u32, total: u64, now: Instant) -> u64 {
+        let Some((baseline, at)) = self.by_service.get(&service_id) else {
+            return 0;
+        };
+        let recent = at
+            .iter()
+            .filter(|t| now.duration_since(**t) < RECONNECT_WINDOW)
+            .count() as u64;
+        recent.min(baseline.saturating_sub(total))
+    }
+
+    fn closed(&mut self, service_id: u32, total_before: u64, n: u64, now: Instant) {
+        let (_, at) = self
+            .by_service
+            .entry(service_id)
+            .or_insert_with(|| (total_before, Vec::new()));
+        at.extend((0..n).map(|_| now));
+    }
+
+    /// Forgets closures older than the window, and Services with none left.
+    fn expire(&mut self, now: Instant) {
+        self.by_service.retain(|_, (_, at)| {
+            at.retain(|t| now.duration_since(*t) < RECONNECT_WINDOW);
+            !at.is_empty()
+        });
+    }
+}
+
 /// The rebalancer's memory between rounds.
 pub struct Rebalancer {
     policy: Policy,
@@ -207,30 +279,32 @@ pub struct Rebalancer {
     cookies: netns::Cookies,
     /// The last look at each socket, by cookie (rule 4).
     seen: HashMap<u64, Activity>,
-    /// Per service id: its total before the last closures, and when; connections closed and
-    /// not back yet are counted from it.
-    recent: HashMap<u32, (u64, Instant)>,
+    recent: Recent,
+    /// (service id, backend id) -> sample size multiplier, for backends whose sample had no
+    /// idle connection.
+    widen: HashMap<(u32, u32), u64>,
     /// Closures in the last second, node-wide.
     spent: Vec<Instant>,
     /// What the last round that looked at sockets cost.
     pub cost: Option<Cost>,
 }
 
-/// How long closed connections are expected back within.
-const RECONNECT_WINDOW: Duration = Duration::from_secs(5);
-/// Sockets of a busy backend looked at per round: this many times what may be closed there.
-const SAMPLE_FACTOR: u64 = 4;
-const MIN_SAMPLE: u64 = 32;
-
 /// A socket the round may close.
 struct Candidate {
-    service_id: u32,
-    backend_id: u32,
     inode: u64,
     cookie: u64,
     netns: u64,
     last_received_ms: u32,
+}
+
+/// One Service port's part of a round.
+struct Work {
     quiet_ms: u32,
+    total: u64,
+    plan: Plan,
+    load: HashMap<u32, u64>,
+    candidates: HashMap<u32, Vec<Candidate>>,
+    round: Round,
 }
 
 impl Rebalancer {
@@ -240,7 +314,8 @@ impl Rebalancer {
             cgroup,
             cookies: netns::Cookies::default(),
             seen: HashMap::new(),
-            recent: HashMap::new(),
+            recent: Recent::default(),
+            widen: HashMap::new(),
             spent: Vec::new(),
             cost: None,
         }
@@ -256,13 +331,12 @@ impl Rebalancer {
         let now = Instant::now();
         self.spent
             .retain(|t| now.duration_since(*t) < Duration::from_secs(1));
+        self.recent.expire(now);
         let mut node_budget =
             u64::from(self.policy.max_per_second).saturating_sub(self.spent.len() as u64);
 
         // Plans, from the counts alone: no socket is looked at for an even Service.
-        let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
-        let mut quota: HashMap<(u32, u32), u64> = HashMap::new();
-        let mut watched: HashMap<u32, u32> = HashMap::new(); // service id -> quiet ms
+        let mut work: BTreeMap<u32, Work> = BTreeMap::new();
         for t in targets {
             let counts: Vec<(u32, u64)> = t
                 .backends
@@ -270,70 +344,73 @@ impl Rebalancer {
                 .map(|id| (*id, maps.connections(*id)))
                 .collect();
             let total: u64 = counts.iter().map(|(_, c)| c).sum();
-            let pending = match self.recent.get(&t.service_id) {
-                Some((before, at)) if now.duration_since(*at) < RECONNECT_WINDOW => {
-                    before.saturating_sub(total)
-                }
-                _ => 0,
-            };
+            let pending = self.recent.pending(t.service_id, total, now);
             let budget = ((self.policy.max_share * total as f64).floor() as u64)
                 .max(1)
                 .min(node_budget);
-            let wanted = plan(&counts, pending, budget);
-            if wanted.is_empty() {
+            let plan = plan(&counts, pending, budget);
+            if plan.moves == 0 {
                 continue;
             }
-            let n: u64 = wanted.iter().map(|(_, n)| n).sum();
-            node_budget -= n;
-            watched.insert(t.service_id, t.quiet.as_millis() as u32);
-            for (id, k) in &wanted {
-                quota.insert((t.service_id, *id), *k);
-            }
-            rounds.insert(
+            node_budget -= plan.moves;
+            work.insert(
                 t.service_id,
-                Round {
-                    service: t.name.clone(),
-                    wanted: n,
-                    budget,
-                    ..Round::default()
+                Work {
+                    quiet_ms: t.quiet.as_millis() as u32,
+                    total,
+                    round: Round {
+                        service: t.name.clone(),
+                        wanted: plan.moves,
+                        budget,
+                        ..Round::default()
+                    },
+                    plan,
+                    load: counts.into_iter().collect(),
+                    candidates: HashMap::new(),
                 },
             );
-            self.recent.entry(t.service_id).or_insert((total, now));
         }
-        if quota.is_empty() {
+        let keys: HashSet<(u32, u32)> = work
+            .iter()
+            .flat_map(|(s, w)| w.plan.excess.keys().map(move |b| (*s, *b)))
+            .collect();
+        self.widen.retain(|k, _| keys.contains(k));
+        if work.is_empty() {
             self.seen.clear();
             return Ok(Vec::new());
         }
 
-        // Look at a sample of each busy backend's sockets, in their namespaces.
         // A sample of each busy backend's sockets: the iterator stops listing a backend's
         // sockets once it has its share, so a round costs what it looks at.
-        let busy: BTreeMap<u32, u64> = quota
-            .iter()
-            .map(|((_, b), q)| (*b, (q * SAMPLE_FACTOR).max(MIN_SAMPLE)))
-            .collect();
-        let listed = sockets.of(&busy)?;
+        let mut sample: BTreeMap<u32, u64> = BTreeMap::new();
+        for (service_id, w) in &work {
+            for (backend, excess) in &w.plan.excess {
+                let widen = self
+                    .widen
+                    .get(&(*service_id, *backend))
+                    .copied()
+                    .unwrap_or(1);
+                let n = (excess.min(&w.plan.moves) * SAMPLE_FACTOR).max(MIN_SAMPLE) * widen;
+                sample.insert(*backend, n.min(MAX_SAMPLE));
+            }
+        }
+        let listed = sockets.of(&sample)?;
         let mut cost = Cost {
             listed: listed.len(),
             ..Cost::default()
         };
-        let mut of_backend: HashMap<(u32, u32), Vec<SocketRecord>> = HashMap::new();
-        for r in listed {
-            let key = (r.state.service_id, r.state.backend_id);
-            if r.state.protocol == IPPROTO_TCP && quota.contains_key(&key) {
-                of_backend.entry(key).or_default().push(r);
-            }
-        }
         let mut by_netns: BTreeMap<u64, Vec<SocketRecord>> = BTreeMap::new();
-        for records in of_backend.into_values() {
-            for r in records {
+        for r in listed {
+            let busy = work
+                .get(&r.state.service_id)
+                .is_some_and(|w| w.plan.excess.contains_key(&r.state.backend_id));
+            if r.state.protocol == IPPROTO_TCP && busy {
                 by_netns.entry(r.state.netns).or_default().push(r);
             }
         }
         let namespaces = self.cookies.under(&self.cgroup)?;
         cost.namespaces = namespaces.len();
         let answer_ms = self.policy.answer_window.as_millis() as u32;
-        let mut candidates: Vec<Candidate> = Vec::new();
         let mut looked: HashSet<u64> = HashSet::new();
         for (cookie, records) in &by_netns {
             let Some(ns) = namespaces.get(cookie) else {
@@ -360,88 +437,113 @@ impl Rebalancer {
                 let Some(activity) = d.activity else { continue };
                 looked.insert(d.cookie);
                 let before = self.seen.insert(d.cookie, activity);
-                let key = (state.service_id, state.backend_id);
-                let quiet_ms = watched[&key.0];
-                let live = live_state(&d, &activity);
+                let w = work.get_mut(&state.service_id).expect("planned");
                 let verdict = match before {
                     None => Err("first look"),
                     Some(b) if streaming(&b, &activity) => Err("receiving a stream"),
-                    Some(_) => idle(&live, quiet_ms, answer_ms),
+                    Some(_) => idle(&live_state(&d, &activity), w.quiet_ms, answer_ms),
                 };
                 match verdict {
-                    Ok(()) => candidates.push(Candidate {
-                        service_id: key.0,
-                        backend_id: key.1,
-                        inode: u64::from(d.inode),
-                        cookie: d.cookie,
-                        netns: *cookie,
-                        last_received_ms: activity.last_received_ms,
-                        quiet_ms,
-                    }),
-                    Err(why) => {
-                        let round = rounds.get_mut(&key.0).expect("planned");
-                        *round.left.entry(why).or_default() += 1;
-                    }
+                    Ok(()) => w
+                        .candidates
+                        .entry(state.backend_id)
+                        .or_default()
+                        .push(Candidate {
+                            inode: u64::from(d.inode),
+                            cookie: d.cookie,
+                            netns: *cookie,
+                            last_received_ms: activity.last_received_ms,
+                        }),
+                    Err(why) => *w.round.left.entry(why).or_default() += 1,
                 }
             }
         }
         self.seen.retain(|c, _| looked.contains(c));
         cost.looked = looked.len();
 
-        // Close the quietest first: a connection that has been idle longest is the least
-        // likely to be about to carry a request.
-        candidates.sort_by_key(|c| std::cmp::Reverse(c.last_received_ms));
+        // Close, one at a time, on the most loaded backend over its share that has an idle
+        // connection left: a backend whose connections are all busy does not hold up the
+        // rest. Of a backend's idle connections the quietest go first.
         let mut owners: HashMap<u64, Owners> = HashMap::new();
-        for c in candidates {
-            let left = quota.get_mut(&(c.service_id, c.backend_id)).expect("quota");
-            if *left == 0 {
-                continue;
+        for (service_id, w) in &mut work {
+            for list in w.candidates.values_mut() {
+                list.sort_by_key(|c| c.last_received_ms); // quietest last: popped first
             }
-            let Some(ns) = namespaces.get(&c.netns) else {
-                continue;
-            };
-            let owner = owners
-                .entry(c.netns)
-                .or_insert_with(|| Owners::of(&ns.pids));
-            let outcome =
-                owner.shut_down(c.inode, c.cookie, |live| idle(live, c.quiet_ms, answer_ms));
-            let round = rounds.get_mut(&c.service_id).expect("planned");
-            match outcome {
-                Ok(Outcome::Closed) => {
-                    *left -= 1;
-                    *round.closed.entry(c.backend_id).or_default() += 1;
-                    self.spent.push(Instant::now());
+            for backend in w.plan.excess.keys() {
+                if w.candidates.get(backend).is_none_or(Vec::is_empty) {
+                    let widen = self.widen.entry((*service_id, *backend)).or_insert(1);
+                    *widen = (*widen * 2).min(MAX_SAMPLE / MIN_SAMPLE);
+                } else {
+                    self.widen.remove(&(*service_id, *backend));
                 }
-                Ok(Outcome::Busy(why)) => *round.left.entry(why).or_default() += 1,
-                Ok(Outcome::Gone) => *round.left.entry("gone").or_default() += 1,
-                Err(e) => {
-                    log::warn!("rebalance: closing a connection of {}: {e}", round.service);
-                    *round.left.entry("error").or_default() += 1;
+            }
+            let mut moves = w.plan.moves;
+            while moves > 0 {
+                let Some(backend) = next_backend(&w.load, &w.plan.excess, |b| {
+                    w.candidates.get(&b).is_some_and(|l| !l.is_empty())
+                }) else {
+                    break;
+                };
+                let c = w
+                    .candidates
+                    .get_mut(&backend)
+                    .and_then(Vec::pop)
+                    .expect("has a candidate");
+                let Some(ns) = namespaces.get(&c.netns) else {
+                    continue;
+                };
+                let owner = owners
+                    .entry(c.netns)
+                    .or_insert_with(|| Owners::of(&ns.pids));
+                let quiet_ms = w.quiet_ms;
+                let outcome =
+                    owner.shut_down(c.inode, c.cookie, |live| idle(live, quiet_ms, answer_ms));
+                match outcome {
+                    Ok(Outcome::Closed) => {
+                        moves -= 1;
+                        *w.plan.excess.get_mut(&backend).expect("planned") -= 1;
+                        *w.load.get_mut(&backend).expect("counted") -= 1;
+                        *w.round.closed.entry(backend).or_default() += 1;
+                        self.spent.push(Instant::now());
+                    }
+                    Ok(Outcome::Busy(why)) => *w.round.left.entry(why).or_default() += 1,
+                    Ok(Outcome::Gone) => *w.round.left.entry("gone").or_default() += 1,
+                    Err(e) => {
+                        log::warn!(
+                            "rebalance: closing a connection of {}: {e}",
+                            w.round.service
+                        );
+                        w.round.errors += 1;
+                    }
                 }
+            }
+            let closed = w.round.total();
+            if closed > 0 {
+                self.recent.closed(*service_id, w.total, closed, now);
             }
         }
 
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        for (service_id, round) in &rounds {
-            let n = round.total();
-            if n == 0 {
+        for (service_id, w) in &work {
+            let (n, errors) = (w.round.total(), w.round.errors);
+            if n == 0 && errors == 0 {
                 continue;
             }
             let mut stats: RebalanceStats = maps.rebalance_stats(*service_id);
             stats.closed += n;
-            stats.rounds += 1;
-            stats.largest_round = stats.largest_round.max(n);
-            stats.last_unix = unix;
+            stats.errors += errors;
+            if n > 0 {
+                stats.rounds += 1;
+                stats.largest_round = stats.largest_round.max(n);
+                stats.last_unix = unix;
+            }
             maps.rebalance_stats.insert(service_id, &stats, 0)?;
         }
         cost.took = now.elapsed();
         self.cost = Some(cost);
-        // A Service that is even again starts afresh.
-        let planned: HashSet<u32> = rounds.keys().copied().collect();
-        self.recent.retain(|id, _| planned.contains(id));
-        Ok(rounds.into_values().collect())
+        Ok(work.into_values().map(|w| w.round).collect())
     }
 }
 
@@ -467,6 +569,20 @@ mod tests {
             .collect()
     }
 
+    /// What a round closes when every connection is idle: per backend, in the order the
+    /// rebalancer picks them.
+    fn closures(counts: &[(u32, u64)], mut plan: Plan) -> Vec<(u32, u64)> {
+        let mut load: HashMap<u32, u64> = counts.iter().copied().collect();
+        let mut out: BTreeMap<u32, u64> = BTreeMap::new();
+        for _ in 0..plan.moves {
+            let b = next_backend(&load, &plan.excess, |_| true).expect("excess left");
+            *plan.excess.get_mut(&b).unwrap() -= 1;
+            *load.get_mut(&b).unwrap() -= 1;
+            *out.entry(b).or_default() += 1;
+        }
+        out.into_iter().collect()
+    }
+
     /// Simulates rounds: closed connections come back on the least-loaded backend. Returns
     /// the final counts and the rounds taken.
     fn converge(mut counts: Vec<(u32, u64)>, share: f64) -> (Vec<u64>, usize) {
@@ -474,12 +590,12 @@ mod tests {
         for round in 0..100 {
             let budget = ((share * total as f64) as u64).max(1);
             let p = plan(&counts, 0, budget);
-            if p.is_empty() {
+            if p.moves == 0 {
                 return (counts.iter().map(|(_, c)| *c).collect(), round);
             }
-            let n: u64 = p.iter().map(|(_, n)| n).sum();
-            assert!(n <= budget, "bound exceeded: {n}");
-            for (id, k) in p {
+            assert!(p.moves <= budget, "bound exceeded: {}", p.moves);
+            let n = p.moves;
+            for (id, k) in closures(&counts, p) {
                 counts.iter_mut().find(|(i, _)| *i == id).unwrap().1 -= k;
             }
             for _ in 0..n {
@@ -500,6 +616,7 @@ mod tests {
             (3, 6, 60),
             (4, 8, 8),
             (4, 8, 6),
+            (2, 4, 3),
             (2, 10, 1000),
         ] {
             let mut counts = vec![total / before; before as usize];
@@ -519,33 +636,77 @@ mod tests {
 
     #[test]
     fn even_services_and_single_backends_are_left_alone() {
-        assert!(plan(&ids(&[5, 5, 5, 5]), 0, 10).is_empty());
-        assert!(
-            plan(&ids(&[6, 5, 5, 6]), 0, 10).is_empty(),
+        assert_eq!(plan(&ids(&[5, 5, 5, 5]), 0, 10).moves, 0);
+        assert_eq!(
+            plan(&ids(&[6, 5, 5, 6]), 0, 10).moves,
+            0,
             "spread 1 is even"
         );
-        assert!(plan(&ids(&[7]), 0, 10).is_empty(), "nowhere to move to");
-        assert!(plan(&ids(&[1, 1, 1, 1, 1, 1, 0, 0]), 0, 10).is_empty());
+        assert_eq!(plan(&ids(&[7]), 0, 10).moves, 0, "nowhere to move to");
+        assert_eq!(plan(&ids(&[1, 1, 1, 1, 1, 1, 0, 0]), 0, 10).moves, 0);
     }
 
     #[test]
     fn closures_come_from_the_busiest_within_the_budget() {
+        let c = ids(&[6, 6, 6, 6, 4, 4, 4, 4]);
         assert_eq!(
-            plan(&ids(&[6, 6, 6, 6, 4, 4, 4, 4]), 0, 10),
+            closures(&c, plan(&c, 0, 10)),
             [(0, 1), (1, 1), (2, 1), (3, 1)]
         );
-        assert_eq!(plan(&ids(&[40, 10, 10]), 0, 3), [(0, 3)]);
-        assert_eq!(plan(&ids(&[2, 0]), 0, 5), [(0, 1)], "1/1 is the end");
+        let c = ids(&[40, 10, 10]);
+        assert_eq!(closures(&c, plan(&c, 0, 3)), [(0, 3)]);
+        let c = ids(&[2, 0]);
+        assert_eq!(closures(&c, plan(&c, 0, 5)), [(0, 1)], "1/1 is the end");
+        let c = ids(&[9, 8, 0, 0]);
+        assert_eq!(
+            closures(&c, plan(&c, 0, 3)),
+            [(0, 2), (1, 1)],
+            "the busiest first, then whichever is busiest now"
+        );
+    }
+
+    #[test]
+    fn a_backend_without_idle_connections_does_not_hold_up_the_rest() {
+        // Backend 0 is the busiest but all its connections are busy: the round closes on 1.
+        let p = plan(&ids(&[10, 8, 0, 0]), 0, 4);
+        assert_eq!(p.excess, BTreeMap::from([(0, 5), (1, 3)]));
+        let load: HashMap<u32, u64> = ids(&[10, 8, 0, 0]).into_iter().collect();
+        assert_eq!(next_backend(&load, &p.excess, |b| b != 0), Some(1));
+        assert_eq!(next_backend(&load, &p.excess, |_| false), None);
     }
 
     #[test]
     fn connections_not_back_yet_count_where_they_will_land() {
         // A pool of 40 on 4 pods, 8 pods now, 20 closed and not reconnected yet: 5/5/5/5/0/0/0/0.
         // Those 20 will land on the empty pods; closing more would be closing twice over.
-        assert!(plan(&ids(&[5, 5, 5, 5, 0, 0, 0, 0]), 20, 100).is_empty());
+        assert_eq!(plan(&ids(&[5, 5, 5, 5, 0, 0, 0, 0]), 20, 100).moves, 0);
         // Without them it would close 8 (to 3/3/3/3/2/2/2/2).
-        let p = plan(&ids(&[5, 5, 5, 5, 0, 0, 0, 0]), 0, 100);
-        assert_eq!(p.iter().map(|(_, n)| n).sum::<u64>(), 8);
+        assert_eq!(plan(&ids(&[5, 5, 5, 5, 0, 0, 0, 0]), 0, 100).moves, 8);
+    }
+
+    #[test]
+    fn closures_are_remembered_until_they_come_back_or_the_window_ends() {
+        let t0 = Instant::now();
+        let mut r = Recent::default();
+        // Service 1: 40 connections, 5 closed; service 2 never closed anything.
+        r.closed(1, 40, 5, t0);
+        assert_eq!(r.pending(1, 35, t0), 5);
+        assert_eq!(r.pending(2, 35, t0), 0);
+        // A round in which service 1 planned nothing (its pending made it even) forgets
+        // nothing: 2 s on, 3 are back.
+        r.expire(t0 + Duration::from_secs(2));
+        assert_eq!(r.pending(1, 38, t0 + Duration::from_secs(2)), 2);
+        // More closures later keep the first baseline: 3 more closed, from 38.
+        r.closed(1, 38, 3, t0 + Duration::from_secs(3));
+        assert_eq!(r.pending(1, 35, t0 + Duration::from_secs(3)), 5);
+        // The first five leave the window; the last three are still expected.
+        let t6 = t0 + Duration::from_secs(6);
+        r.expire(t6);
+        assert_eq!(r.pending(1, 36, t6), 3);
+        let t9 = t0 + Duration::from_secs(9);
+        r.expire(t9);
+        assert_eq!(r.pending(1, 36, t9), 0);
+        assert!(r.by_service.is_empty());
     }
 
     fn state(sent: u32, received: u32) -> LiveState {
@@ -571,6 +732,7 @@ mod tests {
             "a pooled connection"
         );
         assert_eq!(idle(&state(8, 7), 10, 1000), Err("not quiet"));
+        assert_eq!(idle(&state(600, 400), 500, 1000), Err("not quiet"));
         assert_eq!(idle(&state(30, 50), 10, 1000), Err("waiting for an answer"));
         assert_eq!(
             idle(&state(60_000, 40), 10, 1000),
@@ -600,13 +762,15 @@ mod tests {
             "20 calls, 2 segments each"
         );
         assert!(!streaming(&at(0, 0), &at(0, 0)), "silent");
-        assert!(
-            streaming(&at(10, 1), &at(30, 1)),
-            "20 pushes, nothing asked"
-        );
+        assert!(!streaming(&at(5, 5), &at(5, 6)), "a request, no answer yet");
+        assert!(streaming(&at(10, 1), &at(11, 1)), "one push, nothing asked");
         assert!(
             streaming(&at(10, 1), &at(30, 2)),
             "20 pushes, one window update"
+        );
+        assert!(
+            !streaming(&at(10, 10), &at(13, 11)),
+            "an answer of 3 segments"
         );
     }
 }

@@ -4,12 +4,15 @@
 //! this makes sure instead of trusting them.
 //!
 //! The live sockets come from the socket iterator, which sees every socket socklb assigned in
-//! every network namespace (also those of processes that left the cgroup). A count is only
-//! repaired when it and the sockets behind it did not move across two looks, and the repair
-//! is the difference, added atomically in the kernel (`Tools::adjust_count`): a connect or
-//! close the programs count meanwhile is never lost, as an absolute write could lose it.
+//! every network namespace (also those of processes that left the cgroup). A look is only
+//! trusted when the programs made and ended no assignment while it was taken (their per-CPU
+//! `EVENTS` counters did not move): then the sockets listed and the counts read are one
+//! snapshot, and a count that differs is really wrong. The repair is the difference, applied
+//! in the kernel with a compare-and-swap (`Tools::adjust_count`), so a connect or close
+//! counted after the look is never lost and a count never goes below zero. A node so busy
+//! that no quiet look comes in a few tries is left alone and reported.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{collections::BTreeMap, thread, time::Duration};
 
 use anyhow::Result;
 
@@ -22,60 +25,56 @@ pub struct Recount {
     pub namespaces: usize,
     /// (backend id, count in the map, sockets found) for counts repaired.
     pub corrected: Vec<(u32, u64, u64)>,
-    /// Backends whose count disagreed but kept changing, so were left alone.
+    /// Backends whose count disagreed in the last look, when no look was a snapshot, or
+    /// whose count moved below the repair before it was applied: left alone.
     pub unsettled: Vec<u32>,
 }
 
-pub fn verify(maps: &Maps, tools: &Tools) -> Result<Recount> {
-    let first = live(tools)?;
-    let mut ids: BTreeSet<u32> = maps.backends.keys().collect::<Result<_, _>>()?;
-    ids.extend(first.per_backend.keys());
-    let counts = |maps: &Maps| -> BTreeMap<u32, u64> {
-        ids.iter().map(|id| (*id, maps.connections(*id))).collect()
-    };
-    let before = counts(maps);
-    let second = live(tools)?;
-    let after = counts(maps);
+/// Looks taken before giving up on a snapshot, and the pause between them.
+const LOOKS: usize = 5;
+const PAUSE: Duration = Duration::from_millis(20);
 
-    let mut report = Recount {
-        sockets: second.sockets,
-        namespaces: second.namespaces.len(),
-        ..Recount::default()
-    };
-    let found = |l: &Live, id: &u32| l.per_backend.get(id).copied().unwrap_or(0);
-    for id in &ids {
-        let counted = after[id];
-        if counted == found(&second, id) {
+pub fn verify(maps: &Maps, tools: &Tools) -> Result<Recount> {
+    let mut report = Recount::default();
+    for look in 0..LOOKS {
+        let before = maps.events()?;
+        let records = tools.sockets.list()?;
+        let mut found: BTreeMap<u32, u64> = BTreeMap::new();
+        for r in &records {
+            *found.entry(r.state.backend_id).or_default() += 1;
+        }
+        let mut counted: BTreeMap<u32, u64> = BTreeMap::new();
+        for id in maps.backends.keys().chain(found.keys().copied().map(Ok)) {
+            let id = id?;
+            counted.insert(id, maps.connections(id));
+        }
+        let snapshot = maps.events()? == before;
+        let namespaces: std::collections::BTreeSet<u64> =
+            records.iter().map(|r| r.state.netns).collect();
+        report = Recount {
+            sockets: records.len(),
+            namespaces: namespaces.len(),
+            ..Recount::default()
+        };
+        let wrong = counted.into_iter().filter_map(|(id, counted)| {
+            let live = found.get(&id).copied().unwrap_or(0);
+            (counted != live).then_some((id, counted, live))
+        });
+        if !snapshot {
+            report.unsettled = wrong.map(|(id, ..)| id).collect();
+            if look + 1 < LOOKS {
+                thread::sleep(PAUSE);
+            }
             continue;
         }
-        let settled = before[id] == counted && found(&first, id) == found(&second, id);
-        if settled {
-            let delta = found(&second, id) as i64 - counted as i64;
-            tools.adjust_count(*id, delta)?;
-            report.corrected.push((*id, counted, found(&second, id)));
-        } else {
-            report.unsettled.push(*id);
+        for (id, counted, live) in wrong {
+            if tools.adjust_count(id, live as i64 - counted as i64)? {
+                report.corrected.push((id, counted, live));
+            } else {
+                report.unsettled.push(id);
+            }
         }
+        break;
     }
     Ok(report)
-}
-
-/// The live assigned sockets, per backend id.
-struct Live {
-    per_backend: BTreeMap<u32, u64>,
-    sockets: usize,
-    namespaces: BTreeSet<u64>,
-}
-
-fn live(tools: &Tools) -> Result<Live> {
-    let records = tools.sockets.list()?;
-    let mut per_backend = BTreeMap::new();
-    for r in &records {
-        *per_backend.entry(r.state.backend_id).or_insert(0) += 1;
-    }
-    Ok(Live {
-        per_backend,
-        sockets: records.len(),
-        namespaces: records.iter().map(|r| r.state.netns).collect(),
-    })
 }

@@ -28,7 +28,7 @@ pub struct DiagSocket {
     /// AF_INET or AF_INET6 (a dual-mode socket talking to `::ffff:pod` is AF_INET6).
     pub family: u8,
     pub protocol: u8,
-    /// TCP state (1 = ESTABLISHED ...), 7 (CLOSE) for connected UDP.
+    /// TCP state (1 = ESTABLISHED ...); for UDP, 1 when connected and 7 (CLOSE) when not.
     pub state: u8,
     pub local: SocketAddr,
     pub remote: SocketAddr,

@@ -5,13 +5,21 @@
 //! application's next call fails with ECONNABORTED and it connects again, which least-conn
 //! places on a live pod. (Unconnected sockets need nothing: each datagram is placed again when
 //! its backend is no longer active, see `sendmsg4`.)
+//!
+//! "Left" means draining: the pod is gone, not ready, or terminating, and so is out of
+//! rotation for new connections. A socket is only closed while sock_diag still shows it
+//! connected to that backend: one the application connected elsewhere since, or disconnected
+//! (`connect(AF_UNSPEC)`), is left alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use lb_common::IPPROTO_UDP;
 
-use crate::{netns, sockdiag, sockets::SocketIterator};
+use crate::{
+    netns, sockdiag,
+    sockets::{self, SocketIterator},
+};
 
 /// Closes the connected UDP sockets assigned to `gone` backend ids. Returns how many.
 pub fn close(
@@ -20,11 +28,16 @@ pub fn close(
     cookies: &mut netns::Cookies,
     cgroup: &std::path::Path,
 ) -> Result<u64> {
-    let mut by_netns: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    // Per network namespace: socket cookie -> the backend it was sent to.
+    let mut by_netns: BTreeMap<u64, BTreeMap<u64, std::net::SocketAddr>> = BTreeMap::new();
     let all: BTreeMap<u32, u64> = gone.iter().map(|id| (*id, u64::MAX)).collect();
     for r in sockets.of(&all)? {
         if r.state.protocol == IPPROTO_UDP && gone.contains(&r.state.backend_id) {
-            by_netns.entry(r.state.netns).or_default().insert(r.cookie);
+            let (_, backend) = sockets::endpoints(&r.state);
+            by_netns
+                .entry(r.state.netns)
+                .or_default()
+                .insert(r.cookie, backend);
         }
     }
     if by_netns.is_empty() {
@@ -39,7 +52,8 @@ pub fn close(
         closed += sockdiag::in_netns(&ns.file, |session| {
             let mut n = 0;
             for s in session.sockets(IPPROTO_UDP)? {
-                if wanted.contains(&s.cookie) && session.destroy(&s).is_ok() {
+                let still_there = wanted.get(&s.cookie) == Some(&s.remote);
+                if still_there && session.destroy(&s).is_ok() {
                     n += 1;
                 }
             }

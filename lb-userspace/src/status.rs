@@ -224,7 +224,8 @@ impl Collector for MapsCollector {
             &underflows,
         )?;
 
-        let (mut connects, mut refused, mut closed, mut active) = (vec![], vec![], vec![], vec![]);
+        let (mut connects, mut refused, mut active) = (vec![], vec![], vec![]);
+        let (mut closed, mut close_errors) = (vec![], vec![]);
         for (key, s) in &p.services {
             let mut l = service_labels(s.id);
             l.push((
@@ -234,7 +235,9 @@ impl Collector for MapsCollector {
             let stats = maps.stats(s.id);
             connects.push((l.clone(), stats.connects));
             refused.push((l.clone(), stats.refused));
-            closed.push((l.clone(), maps.rebalance_stats(s.id).closed));
+            let rebalanced = maps.rebalance_stats(s.id);
+            closed.push((l.clone(), rebalanced.closed));
+            close_errors.push((l.clone(), rebalanced.errors));
             let live = (0..s.count)
                 .filter(|i| {
                     p.slots.contains_key(&SlotKey {
@@ -262,6 +265,12 @@ impl Collector for MapsCollector {
             "rebalance_closed",
             "Connections closed by rebalancing",
             &closed,
+        )?;
+        counters(
+            &mut encoder,
+            "rebalance_errors",
+            "Rebalancing closures that failed",
+            &close_errors,
         )?;
         gauges(
             &mut encoder,

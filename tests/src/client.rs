@@ -119,6 +119,14 @@ impl Client {
             .map(drop)
     }
 
+    /// Disconnects every open connected UDP socket (`connect(AF_UNSPEC)`); they become kept
+    /// unconnected sockets that `dgram_ask` sends from, to the address they were connected
+    /// to. Returns how many.
+    pub fn disconnect(&mut self) -> Result<u64> {
+        let reply = self.call(json!({ "cmd": "disconnect" }))?;
+        Ok(reply["disconnected"].as_u64().unwrap_or(0))
+    }
+
     /// `rounds` datagrams (`sendto`) from each kept unconnected socket, in order of creation.
     pub fn dgram_ask(&mut self, rounds: usize) -> Result<Vec<Datagrams>> {
         let reply = self.call(json!({ "cmd": "dgram_ask", "rounds": rounds }))?;
@@ -314,4 +322,28 @@ pub fn per_pod(outcomes: &[Outcome]) -> BTreeMap<String, u64> {
         }
     }
     m
+}
+
+/// Connects made one at a time, in order, that each went to a pod with the fewest connections
+/// so far among `pods` (least-conn's exact choice when nothing else holds connections): `Err`
+/// names the first that did not.
+pub fn least_loaded_each_time(pods: &[String], outcomes: &[Outcome]) -> Result<(), String> {
+    let mut load: BTreeMap<&str, u64> = pods.iter().map(|p| (p.as_str(), 0)).collect();
+    for (i, o) in outcomes.iter().enumerate() {
+        let pod = o
+            .pod
+            .as_deref()
+            .ok_or(format!("connect {i} failed: {o:?}"))?;
+        let fewest = load.values().copied().min().unwrap_or(0);
+        match load.get(pod).copied() {
+            Some(n) if n == fewest => *load.get_mut(pod).expect("present") += 1,
+            Some(n) => {
+                return Err(format!(
+                    "connect {i} went to {pod} with {n} while a pod had {fewest}: {load:?}"
+                ));
+            }
+            None => return Err(format!("connect {i} went to {pod}, not one of {pods:?}")),
+        }
+    }
+    Ok(())
 }

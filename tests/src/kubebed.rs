@@ -42,6 +42,8 @@ use crate::{
 };
 
 pub const NODE: &str = "node-1";
+/// The node's IPv6 address on every pod's veth: the pods' next hop.
+const NODE_HOP6: &str = "fd00:169::1";
 
 /// A pod on the node whose connections socklb may balance.
 pub struct ClientPod {
@@ -331,10 +333,18 @@ impl KubeBed {
         for range in ["10.244.0.0/16", "10.96.0.0/12"] {
             netns.ip(&["route", "add", range, "via", "169.254.1.1", "dev", "eth0"])?;
         }
-        // IPv6: the node's end of the veth is fe80::1; the pod routes the IPv6 pod and Service
+        // IPv6: the node's end of the veth is fd00:169::1 (a ULA, like 169.254.1.1 above, on
+        // every pod's veth); the pod reaches it on-link and routes the IPv6 pod and Service
         // ranges there, and the node routes the pod's address back down the veth.
-        self.node
-            .ip(&["-6", "addr", "add", "fe80::1/64", "dev", &veth, "nodad"])?;
+        self.node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_HOP6}/128"),
+            "dev",
+            &veth,
+            "nodad",
+        ])?;
         self.node
             .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &veth])?;
         netns.ip(&[
@@ -346,8 +356,9 @@ impl KubeBed {
             "eth0",
             "nodad",
         ])?;
+        netns.ip(&["-6", "route", "add", NODE_HOP6, "dev", "eth0"])?;
         for range in ["fd00:244::/32", kube_proxy::SERVICE_RANGES[1]] {
-            netns.ip(&["-6", "route", "add", range, "via", "fe80::1", "dev", "eth0"])?;
+            netns.ip(&["-6", "route", "add", range, "via", NODE_HOP6, "dev", "eth0"])?;
         }
 
         let pod_cgroup = self

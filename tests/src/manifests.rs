@@ -25,6 +25,8 @@ pub struct ServiceSpec {
     pub algorithm: Option<&'static str>,
     /// `socklb.io/rebalance: "true"`.
     pub rebalance: bool,
+    /// `socklb.io/rebalance-quiet`, if set (e.g. "20ms").
+    pub rebalance_quiet: Option<&'static str>,
     /// `sessionAffinity: ClientIP` with this timeout (seconds).
     pub affinity_timeout: Option<u32>,
     /// Pods of either family: each family's go into an EndpointSlice of that `addressType`.
@@ -49,6 +51,7 @@ impl ServiceSpec {
             protocol: "TCP",
             algorithm: None,
             rebalance: false,
+            rebalance_quiet: None,
             affinity_timeout: None,
             pods: pods.iter().map(|p| (*p).into()).collect(),
         }
@@ -80,6 +83,9 @@ impl ServiceSpec {
         }
         if self.rebalance {
             annotations.push("socklb.io/rebalance: \"true\"".to_owned());
+        }
+        if let Some(q) = self.rebalance_quiet {
+            annotations.push(format!("socklb.io/rebalance-quiet: \"{q}\""));
         }
         let annotations = match annotations.is_empty() {
             true => String::new(),

@@ -269,3 +269,32 @@ fn a_restart_during_a_thousand_open_connections_and_churn_keeps_the_pods_counts(
     drop(holders);
     bed.settle_at(0).unwrap();
 }
+
+#[test]
+fn a_repair_never_takes_a_count_below_zero_and_every_change_is_an_event() {
+    require_privileges!();
+    let (bed, spec) = Testbed::serving("adj", 5, 1, |_| {}, &[]).unwrap();
+    let pin = &bed.agent().pin_path;
+    let maps = lb_userspace::datapath::Maps::open_pinned(pin).unwrap();
+    let tools = lb_userspace::datapath::Tools::open(pin).unwrap();
+    let id = maps.backends.keys().next().unwrap().unwrap();
+    let events =
+        |maps: &lb_userspace::datapath::Maps| -> u64 { maps.events().unwrap().iter().sum() };
+
+    let before = events(&maps);
+    let mut client = bed.client().unwrap();
+    assert!(client.open(spec.target(), 2).unwrap().iter().all(|o| o.ok));
+    assert_eq!(maps.connections(id), 2);
+    assert_eq!(events(&maps), before + 2, "two assignments");
+
+    // A decrement larger than the count is refused whole; one within it is applied.
+    assert!(!tools.adjust_count(id, -3).unwrap());
+    assert_eq!(maps.connections(id), 2);
+    assert!(tools.adjust_count(id, 1).unwrap());
+    assert!(tools.adjust_count(id, -1).unwrap());
+    assert_eq!(maps.connections(id), 2);
+
+    client.close_all().unwrap();
+    bed.settle_at(0).unwrap();
+    assert_eq!(events(&maps), before + 4, "and two ends");
+}

@@ -192,6 +192,35 @@ fn udp_service(
 }
 
 #[test]
+fn a_disconnected_udp_socket_stops_counting_when_it_sends_unconnected() {
+    require_privileges!();
+    let mut bed = Testbed::new("udpdis").unwrap();
+    let ips = pod_ips(57, 2);
+    let spec = udp_service(&mut bed, 57, &ips, "least-conn");
+    bed.write_service(&spec).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let mut client = bed.client().unwrap();
+    let one = json!({"cmd": "open", "target": "10.96.57.10:53", "count": 1, "proto": "udp"});
+    for _ in 0..4 {
+        assert!(client.open_with(one.clone()).unwrap()[0].ok);
+    }
+    assert_eq!(bed.counted_total().unwrap(), 4);
+    // connect(AF_UNSPEC) runs no hook: the sockets still count until they next send, which
+    // they now do unconnected (sendto), and sendmsg sees them disconnected.
+    assert_eq!(client.disconnect().unwrap(), 4);
+    let asked = client.dgram_ask(2).unwrap();
+    for d in &asked {
+        assert_eq!(d.unanswered, 0, "{d:?}");
+        assert!(d.from.iter().all(|f| f == "10.96.57.10:53"), "{d:?}");
+    }
+    assert_eq!(
+        bed.counted_total().unwrap(),
+        0,
+        "disconnected sockets still counted"
+    );
+}
+
+#[test]
 fn unconnected_udp_never_follows_a_reused_backend_id_to_a_removed_pod() {
     require_privileges!();
     let mut bed = Testbed::new("reuse").unwrap();

@@ -211,3 +211,56 @@ fn restarting_the_agent_keeps_open_and_new_connections_balanced() {
     c.close_all().unwrap();
     bed.settle_at(0).unwrap();
 }
+
+#[test]
+fn an_upgrade_over_maps_of_an_older_layout_replaces_them_and_keeps_connections_working() {
+    require_privileges!();
+    let (mut bed, spec) = Testbed::serving("upg", 11, 3, |_| {}, &[]).unwrap();
+    let vip = spec.target();
+    let mut c = bed.client().unwrap();
+    assert!(c.open_one_by_one(vip, 3).unwrap().iter().all(|o| o.ok));
+
+    // What an older build left: no LAYOUT file, and a map whose value has another size (the
+    // rebalancing record before it had an error count).
+    bed.agent.as_mut().unwrap().stop().unwrap();
+    let pin = bed.agent().pin_path.clone();
+    std::fs::remove_file(pin.join("LAYOUT")).unwrap();
+    std::fs::remove_file(pin.join("REBALANCE_STATS")).unwrap();
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pin.join("REBALANCE_STATS"))
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "32",
+            "entries",
+            "65536",
+            "name",
+            "REBALANCE_STATS",
+            "flags",
+            "1",
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    bed.agent.as_mut().unwrap().restart().unwrap();
+    let log = bed.agent().log();
+    assert!(
+        log.contains("layout unknown (older)") && log.contains("replacing them"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_link(pin.join("LAYOUT")).unwrap(),
+        std::path::Path::new(&lb_common::LAYOUT_VERSION.to_string())
+    );
+    // Connections made before keep working; new ones are balanced (the old ones no longer
+    // count, so three new ones spread over the three pods).
+    assert_eq!(c.requests(1).unwrap().values().sum::<u64>(), 3);
+    let spread = per_pod(&c.open_one_by_one(vip, 3).unwrap());
+    assert_eq!(spread.values().copied().collect::<Vec<_>>(), [1, 1, 1]);
+    assert_eq!(bed.counted_total().unwrap(), 3);
+}

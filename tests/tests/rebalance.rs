@@ -45,8 +45,8 @@ fn evens_out(
     took
 }
 
-/// `conns` pooled connections from two clients (a request every 100 ms each) over `before`
-/// pods, then `after` pods; a second Service, not opted in, sees the same scale-up.
+/// `conns` pooled connections from two clients (a request every second on each) over
+/// `before` pods, then `after` pods; a second Service, not opted in, sees the same scale-up.
 fn pool_scale_up(prefix: &str, subnet: u8, conns: usize, before: u8, after: u8) {
     let (mut bed, mut web) =
         Testbed::serving(prefix, subnet, before, |s| s.rebalance = true, &[]).unwrap();
@@ -72,7 +72,7 @@ fn pool_scale_up(prefix: &str, subnet: u8, conns: usize, before: u8, after: u8) 
                 .iter()
                 .all(|o| o.ok)
         );
-        c.pace(10).unwrap();
+        c.pace(1).unwrap();
     }
     let mut bystander = bed.client().unwrap();
     assert!(
@@ -82,7 +82,7 @@ fn pool_scale_up(prefix: &str, subnet: u8, conns: usize, before: u8, after: u8) 
             .iter()
             .all(|o| o.ok)
     );
-    bystander.pace(10).unwrap();
+    bystander.pace(1).unwrap();
 
     let all = pod_ips(subnet, after);
     bed.add_pods(&all[before as usize..], 8080).unwrap();
@@ -160,7 +160,7 @@ fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
     require_privileges!();
     let (mut bed, mut web) = Testbed::serving("rbs", 64, 2, |s| s.rebalance = true, &[]).unwrap();
     // On each of the two pods: 4 event streams (an event every 50-100 ms), 2 connections
-    // pipelining 3 requests every 20 ms, 6 keep-alive connections with a request every 500 ms.
+    // pipelining 3 requests every 20 ms, 6 keep-alive connections with a request every second.
     let mut streams = bed.client().unwrap();
     streams.streams(web.target(), 8).unwrap();
     let mut pipelined = bed.client().unwrap();
@@ -183,7 +183,7 @@ fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
             .iter()
             .all(|o| o.ok)
     );
-    idle.pace(2).unwrap();
+    idle.pace(1).unwrap();
     let ips = pod_ips(64, 4);
     assert_eq!(
         (bed.pod_at(ips[0]).open(), bed.pod_at(ips[1]).open()),
@@ -256,8 +256,10 @@ fn grpc_channels_even_out_with_no_failed_call() {
     require_privileges!();
     const GRPC: u16 = 50051;
     let mut bed = Testbed::new("rbg").unwrap();
-    // Two Services: "web" with 12 channels over 4 then 8 pods, and "few" with 3 channels
-    // over 2 then 4 pods (fewer channels than pods).
+    // Two Services: "web" with 12 channels over 4 then 8 pods, each channel making a unary
+    // call every 50 ms, so never quiet for the default 500 ms: the Service sets a quiet time
+    // of 20 ms, right for sequential calls; and "few" with 3 channels over 2 then 4 pods
+    // (fewer channels than pods), a call every second, at the default settings.
     let (web_ips, few_ips) = (pod_ips(66, 8), pod_ips(67, 4));
     let _pods: Vec<GrpcPod> = web_ips
         .iter()
@@ -282,6 +284,7 @@ fn grpc_channels_even_out_with_no_failed_call() {
         &few_ips[..2],
     );
     web.rebalance = true;
+    web.rebalance_quiet = Some("20ms");
     few.rebalance = true;
     bed.write_service(&web).unwrap();
     bed.write_service(&few).unwrap();
@@ -289,10 +292,12 @@ fn grpc_channels_even_out_with_no_failed_call() {
     bed.agent().wait_backends("demo/few", &few.pods).unwrap();
 
     // Long-lived channels, one per client process (a process's channels to one target share
-    // a connection), each making a unary call every 50 ms.
-    let clients: Vec<GrpcChannels> = std::iter::repeat_n(web.target(), 12)
-        .chain(std::iter::repeat_n(few.target(), 3))
-        .map(|target| GrpcChannels::start(&bed.netns, bed.cgroup.path(), target, 1, 50).unwrap())
+    // a connection).
+    let clients: Vec<GrpcChannels> = std::iter::repeat_n((web.target(), 50), 12)
+        .chain(std::iter::repeat_n((few.target(), 1000), 3))
+        .map(|(target, every_ms)| {
+            GrpcChannels::start(&bed.netns, bed.cgroup.path(), target, 1, every_ms).unwrap()
+        })
         .collect();
     let count = |ips: &[Ipv4Addr]| -> Vec<u64> {
         let s = served(&bed.netns, GRPC);
@@ -333,7 +338,7 @@ fn grpc_channels_even_out_with_no_failed_call() {
 
     for c in clients {
         let calls = c.finish().unwrap();
-        assert!(calls.calls > 100, "{calls:?}");
+        assert!(calls.calls > 5, "{calls:?}");
         assert_eq!(calls.failed, 0, "{calls:?}\n{}", bed.agent().log());
     }
 }

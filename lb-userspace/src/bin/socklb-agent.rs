@@ -50,7 +50,7 @@ struct Cli {
     rebalance_max_per_second: u32,
     /// How long (ms) a connection must have been quiet in both directions to be closed, for
     /// Services without a socklb.io/rebalance-quiet annotation.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 500)]
     rebalance_quiet_ms: u64,
     /// Where /healthz, /readyz and /metrics are served ("off" for nowhere).
     #[arg(long, default_value = "127.0.0.1:9967")]

@@ -5,7 +5,9 @@
 //!   connections at once (all threads released together), makes one request on each, keeps them
 //!   open, and answers with each one's pod, peer address (getpeername) and error if any. The
 //!   socket's family is the target's, so `[::ffff:VIP]:PORT` is a dual-mode AF_INET6 socket to
-//!   an IPv4 address (what Java and gRPC C-core open); `"v6only":true` sets IPV6_V6ONLY on it.
+//!   an IPv4 address (what Java and gRPC C-core open); `"v6only":true` sets IPV6_V6ONLY on it,
+//!   and keeps it open even if its connect fails (as an application retrying on the same
+//!   socket would), until `close`.
 //!   With `"bind_ports":[P, ...]` it opens one TCP connection per port instead, one after the
 //!   other, each bound to that local port and closed with a reset (no TIME_WAIT) later.
 //! - `{"cmd":"request","rounds":K}` sends K more requests on every open connection; answers
@@ -37,6 +39,9 @@
 //!   pods that answered and the addresses the answers came from.
 //! - `{"cmd":"hold","target":"VIP:PORT","count":N}` connects N TCP sockets one after the
 //!   other and keeps them, idle, without a request (for the benchmarks' socket counts).
+//! - `{"cmd":"disconnect"}` disconnects every open connected UDP socket (`connect` with
+//!   AF_UNSPEC) and keeps it, now unconnected; `{"cmd":"dgram_ask"}` then also sends from
+//!   these, to the address they were connected to.
 //! - `{"cmd":"close"}` closes every open connection.
 
 use std::{
@@ -95,6 +100,8 @@ enum Conn {
         target: SocketAddr,
     },
     Udp(UdpSocket),
+    /// A socket whose connect failed, kept open.
+    Kept(#[allow(dead_code, reason = "held open, never used")] socket2::Socket),
 }
 
 /// An unconnected UDP socket and the address it sends to.
@@ -225,6 +232,22 @@ fn main() {
                     }
                     json!({ "pods": pods, "cut": cut })
                 }
+                "disconnect" => {
+                    let mut n = 0;
+                    for conn in std::mem::take(&mut open) {
+                        match conn {
+                            Conn::Udp(socket) => match disconnect(&socket) {
+                                Ok(target) => {
+                                    dgrams.push(Dgram { socket, target });
+                                    n += 1;
+                                }
+                                Err(_) => open.push(Conn::Udp(socket)),
+                            },
+                            other => open.push(other),
+                        }
+                    }
+                    json!({ "disconnected": n })
+                }
                 "close" => {
                     let n = open.len();
                     open.clear();
@@ -243,6 +266,7 @@ impl Conn {
         match self {
             Conn::Tcp { stream, .. } => http_request(stream),
             Conn::Udp(s) => udp_request(s),
+            Conn::Kept(_) => Err(std::io::ErrorKind::NotConnected.into()),
         }
     }
 
@@ -318,13 +342,7 @@ fn open_many(c: &Command) -> (Vec<Outcome>, Vec<Conn>) {
                 if udp {
                     open_udp(target)
                 } else if v6only {
-                    open_tcp(target, || {
-                        use socket2::{Domain, Socket, Type};
-                        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
-                        s.set_only_v6(true)?;
-                        s.connect(&target.into())?;
-                        Ok(s.into())
-                    })
+                    open_v6only(target)
                 } else {
                     open_tcp(target, || match timeout {
                         Some(t) => TcpStream::connect_timeout(&target, t),
@@ -342,6 +360,28 @@ fn open_many(c: &Command) -> (Vec<Outcome>, Vec<Conn>) {
         conns.extend(conn);
     }
     (outcomes, conns)
+}
+
+/// An AF_INET6 TCP socket with IPV6_V6ONLY set, connecting to `target`; kept open if the
+/// connect fails.
+fn open_v6only(target: SocketAddr) -> (Outcome, Option<Conn>) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None).and_then(|s| {
+        s.set_only_v6(true)?;
+        Ok(s)
+    });
+    let failed = |e: std::io::Error| Outcome {
+        errno: e.raw_os_error(),
+        error: Some(e.to_string()),
+        ..Outcome::default()
+    };
+    match socket {
+        Err(e) => (failed(e), None),
+        Ok(s) => match s.connect(&target.into()) {
+            Ok(()) => open_tcp(target, || Ok(s.into())),
+            Err(e) => (failed(e), Some(Conn::Kept(s))),
+        },
+    }
 }
 
 /// One connection per local port, in order. They close with a reset, so the same ports can be
@@ -629,6 +669,26 @@ fn latency(c: &Command) -> serde_json::Value {
         "per_second": micros.len() as f64 / elapsed,
         "errors": errors,
     })
+}
+
+/// Disconnects a connected UDP socket (`connect` to AF_UNSPEC); returns the address it was
+/// connected to, as the application asked for it (getpeername shows the VIP).
+fn disconnect(socket: &UdpSocket) -> std::io::Result<SocketAddr> {
+    let target = socket.peer_addr()?;
+    // SAFETY: a zeroed sockaddr with family AF_UNSPEC, passed with its size.
+    let rc = unsafe {
+        let mut unspec: libc::sockaddr = std::mem::zeroed();
+        unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            socket.as_raw_fd(),
+            &raw const unspec,
+            size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(target)
 }
 
 /// `count` unconnected UDP sockets for `target`, kept for `dgram_ask`.

@@ -30,6 +30,9 @@ const PHASE: Duration = Duration::from_secs(4);
 const CONNECTIONS: usize = 12;
 /// Requests per second on each connection.
 const RATE: u64 = 20;
+/// With rebalancing: a connection is only closed once it has been quiet for the default quiet
+/// time (500 ms), so these connections are used once a second.
+const REBALANCE_RATE: u64 = 1;
 /// The longest the rebalancing row waits for its connections to even out.
 const EVEN_WITHIN: Duration = Duration::from_secs(30);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -72,8 +75,9 @@ fn main() -> Result<()> {
     println!(
         "socklb demo: a client holds {CONNECTIONS} keep-alive connections to a Service with 3 pods and\n\
          sends {RATE} requests/s on each; the Service scales up to 6 pods, and a second client opens\n\
-         {CONNECTIONS} more connections (with rebalancing: no second client; socklb evens out the\n\
-         first one's). Each phase lasts {PHASE:?}; the pods count what they serve.\n"
+         {CONNECTIONS} more connections (with rebalancing: no second client, {REBALANCE_RATE} request/s on\n\
+         each connection, and socklb evens out the first client's at its default settings). Each\n\
+         phase lasts {PHASE:?}; the pods count what they serve.\n"
     );
     let start = Instant::now();
     let mut runs = Vec::new();
@@ -116,7 +120,11 @@ fn run(balancer: Balancer) -> Result<Run> {
 
     // Phase 1: the first client's connections, 3 pods.
     let mut first = client(&bed, balancer)?;
-    connect(&mut first, target)?;
+    let rate = match balancer {
+        Balancer::Rebalance => REBALANCE_RATE,
+        _ => RATE,
+    };
+    connect(&mut first, target, rate)?;
     let start = snapshot(&bed);
     thread::sleep(PHASE);
     let at_scale_up = snapshot(&bed);
@@ -143,7 +151,7 @@ fn run(balancer: Balancer) -> Result<Run> {
         Balancer::Rebalance => (None, Some(wait_even(&bed, scaled_at)?)),
         _ => {
             let mut second = client(&bed, balancer)?;
-            connect(&mut second, target)?;
+            connect(&mut second, target, rate)?;
             (Some(second), None)
         }
     };
@@ -196,12 +204,12 @@ fn client(bed: &Testbed, balancer: Balancer) -> Result<Client> {
 }
 
 /// Opens the client's keep-alive connections and starts its steady requests.
-fn connect(client: &mut Client, target: SocketAddrV4) -> Result<()> {
+fn connect(client: &mut Client, target: SocketAddrV4, rate: u64) -> Result<()> {
     let outcomes = client.open(target, CONNECTIONS)?;
     if let Some(failed) = outcomes.iter().find(|o| !o.ok) {
         bail!("a connect failed: {failed:?}");
     }
-    client.pace(RATE)
+    client.pace(rate)
 }
 
 /// Open connections at the end of a phase, and requests served during it, per pod.

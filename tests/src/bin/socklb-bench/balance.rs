@@ -50,7 +50,7 @@ impl Balancer {
             Balancer::KubeProxy => "kube-proxy (iptables)",
             Balancer::Random => "socklb random",
             Balancer::LeastConn => "socklb least-conn",
-            Balancer::Rebalance => "socklb least-conn + rebalance",
+            Balancer::Rebalance => "socklb least-conn + rebalance (quiet 20 ms)",
         }
     }
 }
@@ -242,6 +242,11 @@ fn run_one(s: &Scenario, balancer: Balancer) -> Result<Run> {
         _ => "least-conn",
     });
     spec.rebalance = balancer == Balancer::Rebalance;
+    if spec.rebalance {
+        // wrk sends one request at a time per connection, a request every 50 ms: never quiet
+        // for the default 500 ms. A short quiet time is safe for such sequential clients.
+        spec.rebalance_quiet = Some("20ms");
+    }
     let chain = |ips: &[Ipv4Addr]| ChainService {
         port_name: "demo/bench:main".into(),
         vip: VIP.into(),

@@ -115,8 +115,9 @@ fn services(n: u32) -> (Vec<ServiceSpec>, ServiceSpec) {
     (specs, measured)
 }
 
-/// (Services, family) -> [direct, socklb, kube-proxy].
-type Table = BTreeMap<(u32, Family), [Option<Latency>; 3]>;
+/// (Services, family) -> [direct, socklb, direct, kube-proxy]: each balancer beside going
+/// straight to the pod in its own namespace, rounds taken in turn.
+type Table = BTreeMap<(u32, Family), [Option<Latency>; 4]>;
 
 pub fn run(results: &Path) -> Result<()> {
     fs::create_dir_all(results)?;
@@ -216,12 +217,17 @@ pub fn run(results: &Path) -> Result<()> {
         );
         let mut client = Client::spawn(&bed.netns, None)?;
         for family in Family::ALL {
-            let (_, vip) = family.targets(&measured);
+            let (pod, vip) = family.targets(&measured);
+            client.latency(pod, WARM_UP)?;
             client.latency(vip, WARM_UP)?;
-            let rounds: Vec<Latency> = (0..ROUNDS)
-                .map(|_| client.latency(vip, CONNECTS))
-                .collect::<Result<_>>()?;
-            table.entry((n, family)).or_default()[2] = Some(median(&rounds));
+            let (mut straight, mut chained) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                straight.push(client.latency(pod, CONNECTS)?);
+                chained.push(client.latency(vip, CONNECTS)?);
+            }
+            let row = table.entry((n, family)).or_default();
+            row[2] = Some(median(&straight));
+            row[3] = Some(median(&chained));
         }
         println!("   kube-proxy done");
     }
@@ -230,20 +236,28 @@ pub fn run(results: &Path) -> Result<()> {
         "# Connect cost\n\nConnect + first byte of the answer (HTTP/1.0 to nginx), {CONNECTS} connections one after another \
          per round, {ROUNDS} rounds per path taken in turn (the table shows the round with the median p50), after \
          {WARM_UP} to warm up. Ratios are against going straight to the pod with the same kind of socket in the same \
-         namespace. Every Service is dual-stack (an IPv4 and an IPv6 ClusterIP); kube-proxy's baseline is iptables \
+         namespace, measured in turn with the balancer's rounds: socklb's and kube-proxy's each have their own. Every Service is dual-stack (an IPv4 and an IPv6 ClusterIP); kube-proxy's baseline is iptables \
          for IPv4 and v4-mapped sockets and ip6tables for IPv6.\n\n\
          | Services | client socket | path | p50 (µs) | p99 (µs) | connections/s | p50 vs direct | connections/s vs direct |\n|---|---|---|---|---|---|---|---|\n"
     );
     for ((n, family), paths) in &table {
-        let Some(direct) = paths[0] else { continue };
-        for (path, latency) in ["direct to the pod", "socklb", "kube-proxy (iptables)"]
-            .iter()
-            .zip(paths)
-        {
-            let Some(l) = latency else { continue };
-            let path = match (family, *path) {
-                (Family::V6, "kube-proxy (iptables)") => "kube-proxy (ip6tables)",
-                (_, p) => p,
+        let kube_proxy = match family {
+            Family::V6 => "kube-proxy (ip6tables)",
+            _ => "kube-proxy (iptables)",
+        };
+        let rows = [
+            ("direct to the pod (socklb's namespace)", paths[0], paths[0]),
+            ("socklb", paths[1], paths[0]),
+            (
+                "direct to the pod (kube-proxy's namespace)",
+                paths[2],
+                paths[2],
+            ),
+            (kube_proxy, paths[3], paths[2]),
+        ];
+        for (path, latency, direct) in rows {
+            let (Some(l), Some(direct)) = (latency, direct) else {
+                continue;
             };
             let _ = writeln!(
                 out,

@@ -44,11 +44,11 @@ pub fn runs() -> Result<String> {
     type Scenario = (&'static str, fn(u8) -> Result<Outcome>);
     let scenarios: [Scenario; 3] = [
         (
-            "pool of 40 keep-alive connections, 4 -> 8 pods, a request every 100 ms each",
+            "pool of 40 keep-alive connections, 4 -> 8 pods, a request every second on each",
             pool,
         ),
         (
-            "gRPC C-core (grpc.aio), 12 channels, 4 -> 8 pods, a unary call every 50 ms each",
+            "gRPC C-core (grpc.aio), 12 channels, 4 -> 8 pods, a unary call every second on each",
             grpc,
         ),
         (
@@ -116,7 +116,7 @@ fn pool(subnet: u8) -> Result<Outcome> {
     let mut clients = vec![bed.client()?, bed.client()?];
     for c in &mut clients {
         c.open(spec.target(), 20)?;
-        c.pace(10)?;
+        c.pace(1)?;
     }
     let ips = pod_ips(subnet, 8);
     bed.add_pods(&ips[4..], 8080)?;
@@ -156,7 +156,7 @@ fn grpc(subnet: u8) -> Result<Outcome> {
     bed.write_service(&spec)?;
     bed.start_agent(&[])?;
     let clients: Vec<GrpcChannels> = (0..12)
-        .map(|_| GrpcChannels::start(&bed.netns, bed.cgroup.path(), spec.target(), 1, 50))
+        .map(|_| GrpcChannels::start(&bed.netns, bed.cgroup.path(), spec.target(), 1, 1000))
         .collect::<Result<_>>()?;
     let served = || -> Vec<u64> {
         let mut per: BTreeMap<IpAddr, u64> = BTreeMap::new();
@@ -208,7 +208,7 @@ fn streams(subnet: u8) -> Result<Outcome> {
     pipelined.pace_pipelined(50, 3)?;
     let mut idle = bed.client()?;
     idle.open_one_by_one(spec.target(), 12)?;
-    idle.pace(2)?;
+    idle.pace(1)?;
     let ips = pod_ips(subnet, 4);
     bed.add_pods(&ips[2..], 8080)?;
     let at = scale(&bed, &mut spec, &ips)?;
