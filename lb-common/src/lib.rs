@@ -368,13 +368,23 @@ pub struct ServiceName {
 /// - `sock_release`, when the application closes the socket, unconditionally: it is the
 ///   backstop for sockets whose state callbacks never come (a connect that failed before the
 ///   SYN, connected UDP, or another program that switched the callbacks off);
-/// - `connect4`/`connect6` on a socket that connects again, before the new assignment.
+/// - `connect4`/`connect6` on a socket that connects again, before the new assignment (also
+///   when `connect6` then leaves the new connect alone, as for a V6ONLY socket connecting to a
+///   v4-mapped address);
+/// - `sendmsg4`/`sendmsg6` on a UDP socket that was connected through socklb and is no longer
+///   connected (the application disconnected it with `connect(AF_UNSPEC)`, which no hook
+///   sees) and now sends with an explicit address.
 ///
 /// A new assignment sets `live` to 1 only in connect(), which cannot run concurrently with
 /// `sock_release` on the same socket, and only after the previous one was ended, so a
 /// count is never incremented twice for one assignment. The decrement never takes a count
-/// below zero: it is a compare-and-swap that refuses at 0 and records the backend in
+/// below zero: it is a compare-and-swap that refuses at 0 (or, if it keeps losing races, a
+/// decrement undone at once if it wrapped) and records the backend in
 /// `COUNT_UNDERFLOWS`, which the agent reports (log, metric, `socklbctl backend list`).
+///
+/// Each change (an assignment, or the end of one) is bracketed by the per-CPU `EVENTS`
+/// counters (started before, finished after), which is what lets the agent take a snapshot
+/// of sockets and counts (see the agent's `recount`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockState {

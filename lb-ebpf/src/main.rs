@@ -37,13 +37,13 @@
 //! agent switched on: their network namespace cookie is in `ENABLED_NETNS` (Kmesh does the
 //! same). Everything else goes on to kube-proxy untouched.
 //!
-//! Oldest kernel: 5.18 (bpf_link cgroup attach 5.7, setsockopt hook 5.3, getpeername hooks
-//! 5.8, sock_release 5.9,
-//! `bpf_sock_ops.sk` 5.10, `bpf_loop` 5.17, `bpf_set_retval` 5.18).
+//! Oldest kernel: 5.18 (setsockopt hook 5.3, bpf_link cgroup attach 5.7, getpeername hooks
+//! 5.8, sock_release 5.9, `bpf_sock_ops.sk` 5.10, atomic exchange and compare-and-swap 5.12,
+//! `bpf_loop` 5.17, `bpf_set_retval` 5.18).
 #![no_std]
 #![no_main]
-// The BPF target has no compare-and-swap, so core::sync::atomic offers no read-modify-write
-// methods; the intrinsic maps straight onto BPF's atomic add instruction.
+// core::sync::atomic offers no read-modify-write methods for the BPF target; the intrinsics
+// map straight onto BPF's atomic instructions.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -133,10 +133,14 @@ static ITER_BACKENDS: HashMap<u32, u64, { MAX_ITER_FILTER as usize }, NO_PREALLO
 static COUNT_UNDERFLOWS: HashMap<u32, u64, { MAX_UNDERFLOW_RECORDS as usize }, NO_PREALLOC> =
     HashMap::new();
 
-/// Assignments made and ended, one counter per CPU (monotonic). The agent repairs a count only
-/// when these did not move while it looked at the sockets: then its look is a snapshot.
+/// Changes to the assignments (a count and a socket's `live` flag), one pair of monotonic
+/// counters per CPU: `EVENT_STARTED` is bumped before a change, `EVENT_FINISHED` after it. The
+/// agent trusts a look at the sockets and counts only if every change started before it had
+/// finished and none started during it: then the look is a snapshot.
 #[btf_map(pin_by_name)]
-static EVENTS: PerCpuArray<u64, 1> = PerCpuArray::new();
+static EVENTS: PerCpuArray<u64, 2> = PerCpuArray::new();
+const EVENT_STARTED: u32 = 0;
+const EVENT_FINISHED: u32 = 1;
 
 /// `AF_INET6` sockets that set `IPV6_V6ONLY` (1) or cleared it again (0).
 #[btf_map(pin_by_name)]
@@ -273,6 +277,9 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
         }
         let on = u32::from(read_volatile(value.cast::<u32>()) != 0);
         let sk = (*opt).__bindgen_anon_1.sk;
+        if sk.is_null() || (*sk).src_port != 0 {
+            return ALLOW; // bound already: the kernel refuses the change (EINVAL)
+        }
         let flag: *mut u32 = bpf_sk_storage_get(
             v6only_map(),
             sk.cast(),
@@ -496,10 +503,10 @@ unsafe fn try_connect(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
 
     let state = SOCKETS.get_or_insert_ptr_mut(ctx, None);
     if !state.is_null() {
+        note_event(EVENT_STARTED);
         if let Some(count) = CONN_COUNTS.get_ptr_mut(backend_id) {
             unsafe { add(count, 1) };
         }
-        note_event();
         let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
         unsafe {
             *state = SockState {
@@ -517,6 +524,7 @@ unsafe fn try_connect(ctx: &SockAddrContext, key: ServiceKey) -> Verdict {
                 protocol: key.proto,
             };
         }
+        note_event(EVENT_FINISHED);
     }
     bump_stats(service.id, |s| unsafe { &raw mut (*s).connects });
     Verdict::Rewrite(backend.addr, backend.port)
@@ -908,17 +916,21 @@ unsafe fn track_tcp_state(ctx: &SockOpsContext) {
 /// uncounts it (see `lb_common::SockState`).
 #[inline(always)]
 unsafe fn release(state: *mut SockState) {
+    if unsafe { read_volatile(&raw const (*state).live) } == 0 {
+        return; // already ended
+    }
+    note_event(EVENT_STARTED);
     let was = unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*state).live, 0) };
     if was == 1 {
         unsafe { uncount((*state).backend_id) };
-        note_event();
     }
+    note_event(EVENT_FINISHED);
 }
 
-/// One more assignment made or ended on this CPU (`EVENTS`).
+/// Bumps this CPU's `EVENTS` counter `which`.
 #[inline(always)]
-fn note_event() {
-    if let Some(n) = EVENTS.get_ptr_mut(0) {
+fn note_event(which: u32) {
+    if let Some(n) = EVENTS.get_ptr_mut(which) {
         unsafe { add(n, 1) };
     }
 }
@@ -944,8 +956,8 @@ unsafe fn uncount(backend_id: u32) {
     let Some(count) = CONN_COUNTS.get_ptr_mut(backend_id) else {
         return;
     };
-    // A few tries; if contention is so heavy that every one loses, a plain atomic decrement
-    // (which can only go wrong on a count that was wrong already).
+    // A few tries; if contention is so heavy that every one loses, an atomic decrement, undone
+    // at once if it wrapped (the BPF target here has no fetch-and-add).
     for _ in 0..4 {
         let now = unsafe { read_volatile(count) };
         if now == 0 || now > i64::MAX as u64 {
@@ -964,6 +976,10 @@ unsafe fn uncount(backend_id: u32) {
         }
     }
     unsafe { add(count, u64::MAX) }; // wrapping add of -1
+    if unsafe { read_volatile(count) } > i64::MAX as u64 {
+        unsafe { add(count, 1) };
+        unsafe { record_underflow(backend_id) };
+    }
 }
 
 /// Counts a refused decrement against `backend_id` in `COUNT_UNDERFLOWS`.

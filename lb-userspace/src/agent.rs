@@ -79,7 +79,6 @@ pub async fn run(config: Config) -> Result<()> {
         tools,
         actions,
     } = datapath::install(&config.pin_path, &config.cgroup, flags)?;
-    let tools = Arc::new(tools);
     let mut programmed = maps.read_programmed()?;
     let adopted = actions.iter().any(|(_, a)| *a != LinkAction::Attached);
     if adopted {
@@ -98,7 +97,6 @@ pub async fn run(config: Config) -> Result<()> {
             policy: config.rebalance,
             recount: adopted,
         },
-        Arc::clone(&tools),
         Arc::clone(&published),
     )?;
 
@@ -283,7 +281,7 @@ struct Agent {
     status: Arc<Status>,
     /// Pods to switch on whose network namespace is not there yet.
     pods_pending: bool,
-    tools: Arc<Tools>,
+    tools: Tools,
     /// Where the background thread finds what to work on.
     published: Published,
     /// Rebalancing's quiet time for Services that do not set their own.

@@ -2,7 +2,9 @@
 //! watch, a map update or a health probe: the count check after adopting pinned maps,
 //! rebalancing, closing connected UDP sockets whose backend left, and reporting counts the
 //! programs refused to take below zero. It reads what to do from a `Snapshot` the agent loop
-//! publishes after each reconcile, and opens the pinned maps itself.
+//! publishes after each reconcile, and opens the pinned maps and its own socket iterator
+//! itself, so that a long walk here never holds up the agent loop's own (forgetting drained
+//! backends).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -43,8 +45,9 @@ pub struct Config {
 }
 
 /// Starts the thread; it runs until the process ends.
-pub fn spawn(config: Config, tools: Arc<Tools>, snapshot: Published) -> Result<()> {
+pub fn spawn(config: Config, snapshot: Published) -> Result<()> {
     let maps = Maps::open_pinned(&config.pin_path)?;
+    let tools = Tools::open(&config.pin_path)?;
     thread::Builder::new()
         .name("socklb-sockets".into())
         .spawn(move || run(config, maps, &tools, &snapshot))

@@ -5,15 +5,15 @@
 //! Why this and not SOCK_DESTROY (`ss -K`): a destroyed socket is aborted (ECONNABORTED, a
 //! reset to the server) and a client that finds out on its next write fails that request.
 //! `shutdown(SHUT_RDWR)` wakes a client waiting on the socket at once with end-of-stream (the
-//! same thing it sees when a server closes an idle keep-alive connection), sends a FIN so the
-//! server frees its side, and makes a request caught in the race fail locally instead of
-//! being executed on the server. Measured with real clients (gRPC C-core, redis-py, the JDK's
+//! same thing it sees when a server closes an idle keep-alive connection), and sends a FIN so
+//! the server frees its side; a request written after it fails locally, without reaching the
+//! server. Measured with real clients (gRPC C-core, redis-py, the JDK's
 //! HttpClient, wrk): see the README's rebalancing section.
 //!
 //! Just before the shutdown the socket is checked once more on the duplicate itself (its
 //! identity by SO_COOKIE, its queues and tcp_info), so what was seen idle a moment ago is
 //! still idle: the window in which a new request can slip in is the few microseconds between
-//! that check and the shutdown.
+//! that check and the shutdown (such a request may reach the server, and its answer is lost).
 
 use std::{
     collections::HashMap,

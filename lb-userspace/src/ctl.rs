@@ -399,11 +399,8 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
         map_names::EVENTS => {
             let events = maps.events()?;
             vec![row(vec![
-                (
-                    "assignments_made_and_ended",
-                    json!(events.iter().sum::<u64>()),
-                ),
-                ("per_cpu", json!(events)),
+                ("changes_started", json!(events.started)),
+                ("changes_finished", json!(events.finished)),
             ])]
         }
         map_names::V6ONLY => bail!(

@@ -92,6 +92,16 @@ pub struct Maps {
     pub sockets: MapData,
 }
 
+/// The programs' count of changes to the assignments (`EVENTS`): `started` is bumped before
+/// a count and a socket's `live` flag change, `finished` after. A look at the sockets and the
+/// counts is a snapshot if `started == finished` before it (nothing under way) and `started`
+/// did not move by its end (nothing began).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Events {
+    pub started: u64,
+    pub finished: u64,
+}
+
 /// The two programs the agent runs itself rather than attaching: the socket iterator and the
 /// count repair.
 pub struct Tools {
@@ -483,10 +493,15 @@ impl Maps {
         self.counts.get(&backend_id, 0).unwrap_or(0)
     }
 
-    /// Assignments the programs made or ended so far, per CPU. Equal before and after a look
-    /// at the sockets means no count changed meanwhile.
-    pub fn events(&self) -> Result<Vec<u64>> {
-        Ok(self.events.get(&0, 0)?.iter().copied().collect())
+    /// Changes to the assignments the programs started and finished so far, over all CPUs
+    /// (see `Events`).
+    pub fn events(&self) -> Result<Events> {
+        let sum = |i: u32| -> Result<u64> { Ok(self.events.get(&i, 0)?.iter().sum()) };
+        // Started first: a change that starts after this read shows as started > finished in
+        // a later look, never as a finished change that was not started.
+        let started = sum(0)?;
+        let finished = sum(1)?;
+        Ok(Events { started, finished })
     }
 
     /// Backend id -> how often its count was refused a decrement below zero.

@@ -17,10 +17,9 @@
 //!    `socklb.io/rebalance-quiet`): no exchange is under way;
 //! 3. its last data was received after its last data was sent, and within the answer window
 //!    (1 s) of it: the last request was answered, and what was received was that answer;
-//! 4. since the previous round it has not received data without sending any, nor more than
-//!    twice as many data segments as it sent plus one: a connection that receives without
-//!    asking is delivering a stream. So a connection is only closed once it has been looked
-//!    at in two rounds.
+//! 4. it is not a stream: in none of the intervals between the looks of the last 30 s did it
+//!    receive data without sending any. A connection is only closed once it has been looked
+//!    at in three rounds (two intervals).
 //!
 //! What that means per protocol: HTTP/1.1 keep-alive, HTTP/2 and gRPC unary calls, Redis,
 //! SQL and other request/response protocols are closed between requests. Server streaming
@@ -36,9 +35,11 @@
 //!   never moved. Services with sequential clients (one request at a time per connection, as
 //!   connection pools do) can take a much shorter quiet time.
 //! - A stream or long poll silent since before its first event looks like an answered
-//!   request. Exclude such ports (`socklb.io/rebalance-exclude-ports`).
-//! - Connections that receive much more than they send (large downloads) look like streams
-//!   and are not moved.
+//!   request, and so does a stream whose client sends something (a keep-alive ping) in every
+//!   interval between looks while the events are sparse. Exclude such ports
+//!   (`socklb.io/rebalance-exclude-ports`).
+//! - A request whose answer crosses a look (sent before it, answered after) looks like a
+//!   stream for a while: that connection is left alone for 30 s.
 //!
 //! # How
 //!
@@ -185,11 +186,11 @@ pub fn idle(s: &LiveState, quiet_ms: u32, answer_ms: u32) -> Result<(), &'static
 }
 
 /// Rule 4: whether, between two looks, the connection received like a stream: data without
-/// sending any, or more than two data segments per segment sent, plus one.
+/// sending any. (How much it received says nothing: an answer can take many segments.)
 pub fn streaming(before: &Activity, now: &Activity) -> bool {
     let got = now.data_segs_in.wrapping_sub(before.data_segs_in);
     let sent = now.data_segs_out.wrapping_sub(before.data_segs_out);
-    got > 0 && (sent == 0 || got > 2 * sent + 1)
+    got > 0 && sent == 0
 }
 
 /// What one round did to one Service.
@@ -278,7 +279,9 @@ pub struct Rebalancer {
     cgroup: PathBuf,
     cookies: netns::Cookies,
     /// The last look at each socket, by cookie (rule 4).
-    seen: HashMap<u64, Activity>,
+    seen: HashMap<u64, Seen>,
+    /// Sockets seen receiving without sending (rule 4), and when last.
+    streams: HashMap<u64, Instant>,
     recent: Recent,
     /// (service id, backend id) -> sample size multiplier, for backends whose sample had no
     /// idle connection.
@@ -288,6 +291,21 @@ pub struct Rebalancer {
     /// What the last round that looked at sockets cost.
     pub cost: Option<Cost>,
 }
+
+/// The last look at a socket.
+#[derive(Clone, Copy)]
+struct Seen {
+    activity: Activity,
+    /// How many rounds have looked at it (in a row or not).
+    looks: u32,
+    at: Instant,
+}
+
+/// How long stream evidence (rule 4) keeps a socket from being closed, and a look is kept.
+const STREAM_MEMORY: Duration = Duration::from_secs(30);
+const SEEN_MEMORY: Duration = Duration::from_secs(60);
+/// Looks before a socket may be closed: two intervals for rule 4 to catch a stream in.
+const LOOKS_BEFORE_CLOSING: u32 = 3;
 
 /// A socket the round may close.
 struct Candidate {
@@ -314,6 +332,7 @@ impl Rebalancer {
             cgroup,
             cookies: netns::Cookies::default(),
             seen: HashMap::new(),
+            streams: HashMap::new(),
             recent: Recent::default(),
             widen: HashMap::new(),
             spent: Vec::new(),
@@ -332,6 +351,10 @@ impl Rebalancer {
         self.spent
             .retain(|t| now.duration_since(*t) < Duration::from_secs(1));
         self.recent.expire(now);
+        self.seen
+            .retain(|_, s| now.duration_since(s.at) < SEEN_MEMORY);
+        self.streams
+            .retain(|_, at| now.duration_since(*at) < STREAM_MEMORY);
         let mut node_budget =
             u64::from(self.policy.max_per_second).saturating_sub(self.spent.len() as u64);
 
@@ -376,7 +399,6 @@ impl Rebalancer {
             .collect();
         self.widen.retain(|k, _| keys.contains(k));
         if work.is_empty() {
-            self.seen.clear();
             return Ok(Vec::new());
         }
 
@@ -436,12 +458,26 @@ impl Rebalancer {
             for (state, d) in found {
                 let Some(activity) = d.activity else { continue };
                 looked.insert(d.cookie);
-                let before = self.seen.insert(d.cookie, activity);
+                let before = self.seen.get(&d.cookie).copied();
+                if before.is_some_and(|b| streaming(&b.activity, &activity)) {
+                    self.streams.insert(d.cookie, now);
+                }
+                let looks = before.map_or(1, |b| b.looks + 1);
+                self.seen.insert(
+                    d.cookie,
+                    Seen {
+                        activity,
+                        looks,
+                        at: now,
+                    },
+                );
                 let w = work.get_mut(&state.service_id).expect("planned");
-                let verdict = match before {
-                    None => Err("first look"),
-                    Some(b) if streaming(&b, &activity) => Err("receiving a stream"),
-                    Some(_) => idle(&live_state(&d, &activity), w.quiet_ms, answer_ms),
+                let verdict = if looks < LOOKS_BEFORE_CLOSING {
+                    Err("not watched long enough")
+                } else if self.streams.contains_key(&d.cookie) {
+                    Err("receiving a stream")
+                } else {
+                    idle(&live_state(&d, &activity), w.quiet_ms, answer_ms)
                 };
                 match verdict {
                     Ok(()) => w
@@ -458,7 +494,6 @@ impl Rebalancer {
                 }
             }
         }
-        self.seen.retain(|c, _| looked.contains(c));
         cost.looked = looked.len();
 
         // Close, one at a time, on the most loaded backend over its share that has an idle
@@ -751,7 +786,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_receiving_more_than_it_asks_is_a_stream() {
+    fn a_connection_receiving_without_asking_is_a_stream() {
         let at = |i, o| Activity {
             data_segs_in: i,
             data_segs_out: o,
@@ -764,13 +799,10 @@ mod tests {
         assert!(!streaming(&at(0, 0), &at(0, 0)), "silent");
         assert!(!streaming(&at(5, 5), &at(5, 6)), "a request, no answer yet");
         assert!(streaming(&at(10, 1), &at(11, 1)), "one push, nothing asked");
+        assert!(streaming(&at(10, 1), &at(30, 1)), "20 pushes");
         assert!(
-            streaming(&at(10, 1), &at(30, 2)),
-            "20 pushes, one window update"
-        );
-        assert!(
-            !streaming(&at(10, 10), &at(13, 11)),
-            "an answer of 3 segments"
+            !streaming(&at(10, 10), &at(22, 11)),
+            "an answer of 12 segments (16 KB at a 1500-byte MTU)"
         );
     }
 }

@@ -5,9 +5,10 @@
 //!
 //! The live sockets come from the socket iterator, which sees every socket socklb assigned in
 //! every network namespace (also those of processes that left the cgroup). A look is only
-//! trusted when the programs made and ended no assignment while it was taken (their per-CPU
-//! `EVENTS` counters did not move): then the sockets listed and the counts read are one
-//! snapshot, and a count that differs is really wrong. The repair is the difference, applied
+//! trusted when no change to an assignment was under way as it began and none began while it
+//! was taken (the programs' per-CPU `EVENTS` counters, see `datapath::Events`): then the
+//! sockets listed and the counts read are one snapshot, and a count that differs is really
+//! wrong. The repair is the difference, applied
 //! in the kernel with a compare-and-swap (`Tools::adjust_count`), so a connect or close
 //! counted after the look is never lost and a count never goes below zero. A node so busy
 //! that no quiet look comes in a few tries is left alone and reported.
@@ -38,6 +39,7 @@ pub fn verify(maps: &Maps, tools: &Tools) -> Result<Recount> {
     let mut report = Recount::default();
     for look in 0..LOOKS {
         let before = maps.events()?;
+        let quiet_start = before.started == before.finished;
         let records = tools.sockets.list()?;
         let mut found: BTreeMap<u32, u64> = BTreeMap::new();
         for r in &records {
@@ -48,7 +50,7 @@ pub fn verify(maps: &Maps, tools: &Tools) -> Result<Recount> {
             let id = id?;
             counted.insert(id, maps.connections(id));
         }
-        let snapshot = maps.events()? == before;
+        let snapshot = quiet_start && maps.events()?.started == before.started;
         let namespaces: std::collections::BTreeSet<u64> =
             records.iter().map(|r| r.state.netns).collect();
         report = Recount {

@@ -148,6 +148,12 @@ impl Client {
         ))
     }
 
+    /// Asks for answers of `bytes` bytes from now on (0: the pod's name alone).
+    pub fn answers(&mut self, bytes: usize) -> Result<()> {
+        self.call(json!({ "cmd": "answers", "bytes": bytes }))
+            .map(drop)
+    }
+
     /// Starts `rate` requests per second on every open connection, until `stop_pacing`.
     pub fn pace(&mut self, rate: u64) -> Result<()> {
         self.pace_pipelined(rate, 1)

@@ -3,9 +3,9 @@
 //! served: the backends' own view that the tests check socklb's maps against.
 //!
 //! TCP pods speak enough HTTP/1.1 with keep-alive for wrk and for `socklb-client`: every
-//! request head (ended by an empty line) gets `200 OK` with the pod name as the body, except
-//! `GET /stream`, which gets a server-sent event stream: one event with the pod name every 50
-//! to 100 ms until the client goes. UDP pods answer each datagram with their name.
+//! request head (ended by an empty line) gets `200 OK` with the pod name as the body (padded
+//! to N bytes for `GET /?bytes=N`), except `GET /stream`, which gets a server-sent event
+//! stream: one event with the pod name every 50 to 100 ms until the client goes. UDP pods answer each datagram with their name.
 //!
 //! The listener is created on a short-lived thread that entered the namespace; the socket
 //! stays in that namespace while the serving threads run in the test process as usual.
@@ -169,8 +169,27 @@ fn serve_http(stream: TcpStream, name: &str, stats: &PodStats) -> std::io::Resul
         if request.starts_with("GET /stream ") {
             return stream_events(out, name);
         }
-        out.write_all(response.as_bytes())?;
+        match padded_size(&request) {
+            Some(size) => {
+                let mut body = format!("{name}\n");
+                body.push_str(&".".repeat(size.saturating_sub(body.len())));
+                out.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )?;
+            }
+            None => out.write_all(response.as_bytes())?,
+        }
     }
+}
+
+/// N of a `GET /?bytes=N` request line.
+fn padded_size(request: &str) -> Option<usize> {
+    let rest = request.strip_prefix("GET /?bytes=")?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// A server-sent event stream: an event every 50 to 100 ms until the client goes.

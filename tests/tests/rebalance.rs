@@ -47,9 +47,14 @@ fn evens_out(
 
 /// `conns` pooled connections from two clients (a request every second on each) over
 /// `before` pods, then `after` pods; a second Service, not opted in, sees the same scale-up.
-fn pool_scale_up(prefix: &str, subnet: u8, conns: usize, before: u8, after: u8) {
+/// With `large`, answers are 16 KB over a 1500-byte MTU: many segments per request, as real
+/// HTTP answers are (the test namespace's loopback otherwise has a 64 KB MTU).
+fn pool_scale_up(prefix: &str, subnet: u8, conns: usize, before: u8, after: u8, large: bool) {
     let (mut bed, mut web) =
         Testbed::serving(prefix, subnet, before, |s| s.rebalance = true, &[]).unwrap();
+    if large {
+        bed.netns.ip(&["link", "set", "lo", "mtu", "1500"]).unwrap();
+    }
     let other_pods = pod_ips(subnet + 1, 4);
     bed.add_pods(&other_pods[..2], 8080).unwrap();
     let mut other = ServiceSpec::new(
@@ -66,6 +71,9 @@ fn pool_scale_up(prefix: &str, subnet: u8, conns: usize, before: u8, after: u8) 
 
     let mut clients: Vec<_> = (0..2).map(|_| bed.client().unwrap()).collect();
     for c in &mut clients {
+        if large {
+            c.answers(16_000).unwrap();
+        }
         assert!(
             c.open(web.target(), conns / 2)
                 .unwrap()
@@ -144,21 +152,34 @@ fn pool_scale_up(prefix: &str, subnet: u8, conns: usize, before: u8, after: u8) 
 }
 
 #[test]
-fn a_pool_of_40_over_4_then_8_pods_is_even_within_30_s_and_no_request_fails() {
+fn a_pool_of_40_with_16_kb_answers_over_4_then_8_pods_is_even_within_30_s_and_no_request_fails() {
     require_privileges!();
-    pool_scale_up("rb40", 60, 40, 4, 8);
+    pool_scale_up("rb40", 60, 40, 4, 8, true);
 }
 
 #[test]
 fn a_pool_of_60_over_3_then_6_pods_is_even_within_30_s_and_no_request_fails() {
     require_privileges!();
-    pool_scale_up("rb60", 62, 60, 3, 6);
+    pool_scale_up("rb60", 62, 60, 3, 6, false);
 }
 
 #[test]
 fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
     require_privileges!();
-    let (mut bed, mut web) = Testbed::serving("rbs", 64, 2, |s| s.rebalance = true, &[]).unwrap();
+    // A quiet time of 20 ms, shorter than the streams' gaps between events (50-100 ms): what
+    // keeps them open is that they receive without asking (rules 3 and 4), not that they are
+    // busy.
+    let (mut bed, mut web) = Testbed::serving(
+        "rbs",
+        64,
+        2,
+        |s| {
+            s.rebalance = true;
+            s.rebalance_quiet = Some("20ms");
+        },
+        &[],
+    )
+    .unwrap();
     // On each of the two pods: 4 event streams (an event every 50-100 ms), 2 connections
     // pipelining 3 requests every 20 ms, 6 keep-alive connections with a request every second.
     let mut streams = bed.client().unwrap();
@@ -229,6 +250,74 @@ fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
     let paced = idle.stop_pacing().unwrap();
     assert_eq!(paced.failed, 0, "keep-alive requests: {paced:?}");
     assert!(paced.reconnects >= 6, "idle connections moved: {paced:?}");
+}
+
+#[test]
+fn when_only_streams_are_over_their_share_none_is_cut() {
+    require_privileges!();
+    // Per pod: 4 event streams (an event every 50-100 ms) and 2 keep-alive connections (a
+    // request a second); quiet time 20 ms. After 2 -> 4 pods each old pod is 4 over its share
+    // but has only 2 connections that may move: the streams are the only candidates left, and
+    // only the stream rules (an event long after the request, data without asking) keep
+    // them.
+    let (mut bed, mut web) = Testbed::serving(
+        "rbo",
+        65,
+        2,
+        |s| {
+            s.rebalance = true;
+            s.rebalance_quiet = Some("20ms");
+        },
+        &[],
+    )
+    .unwrap();
+    let mut streams = bed.client().unwrap();
+    streams.streams(web.target(), 8).unwrap();
+    wait_for("the streams to be placed", Duration::from_secs(5), || {
+        Ok((bed.counted_total()? == 8).then_some(()))
+    })
+    .unwrap();
+    let mut idle = bed.client().unwrap();
+    assert!(
+        idle.open_one_by_one(web.target(), 4)
+            .unwrap()
+            .iter()
+            .all(|o| o.ok)
+    );
+    idle.pace(1).unwrap();
+    let ips = pod_ips(65, 4);
+    bed.add_pods(&ips[2..], 8080).unwrap();
+    web.set_pods(&ips);
+    bed.write_service(&web).unwrap();
+    bed.agent().wait_backends("demo/web", &ips).unwrap();
+    wait_for(
+        "the keep-alive connections to move",
+        Duration::from_secs(30),
+        || Ok((bed.pod_at(ips[2]).open() + bed.pod_at(ips[3]).open() == 4).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", bed.agent().log()));
+    // Rounds go on wanting 2 more off each old pod, and find only streams.
+    thread::sleep(Duration::from_secs(6));
+
+    let (events, cut) = streams.stop_streams().unwrap();
+    assert_eq!(
+        cut,
+        0,
+        "a stream was cut: {events:?}\n{}",
+        bed.agent().log()
+    );
+    assert!(
+        !events.contains_key("pod-3") && !events.contains_key("pod-4"),
+        "a stream moved: {events:?}"
+    );
+    let paced = idle.stop_pacing().unwrap();
+    assert_eq!(paced.failed, 0, "keep-alive requests: {paced:?}");
+    assert!(paced.reconnects >= 4, "{paced:?}");
+    let log = bed.agent().log();
+    assert!(
+        log.contains("receiving a stream") || log.contains("receiving without asking"),
+        "the streams were never considered: {log}"
+    );
 }
 
 /// Established server-side connections per pod address on `port` (the pods' kernel view;

@@ -42,6 +42,8 @@
 //! - `{"cmd":"disconnect"}` disconnects every open connected UDP socket (`connect` with
 //!   AF_UNSPEC) and keeps it, now unconnected; `{"cmd":"dgram_ask"}` then also sends from
 //!   these, to the address they were connected to.
+//! - `{"cmd":"answers","bytes":N}` asks for answers of N bytes from then on (`GET /?bytes=N`;
+//!   0: the pod's name alone).
 //! - `{"cmd":"close"}` closes every open connection.
 
 use std::{
@@ -50,7 +52,7 @@ use std::{
     net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
-        Arc, Barrier,
+        Arc, Barrier, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -80,6 +82,8 @@ struct Command {
     v6only: bool,
     #[serde(default)]
     depth: usize,
+    #[serde(default)]
+    bytes: usize,
 }
 
 #[derive(Serialize, Default)]
@@ -119,7 +123,17 @@ struct Pacer {
     threads: Vec<thread::JoinHandle<Paced>>,
 }
 
-const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n";
+/// The HTTP request every connection sends (see `answers`).
+static REQUEST: RwLock<Vec<u8>> = RwLock::new(Vec::new());
+
+fn request_bytes() -> Vec<u8> {
+    let r = REQUEST.read().expect("request lock");
+    if r.is_empty() {
+        b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n".to_vec()
+    } else {
+        r.clone()
+    }
+}
 
 fn main() {
     let mut open: Vec<Conn> = Vec::new();
@@ -248,6 +262,12 @@ fn main() {
                     }
                     json!({ "disconnected": n })
                 }
+                "answers" => {
+                    *REQUEST.write().expect("request lock") =
+                        format!("GET /?bytes={} HTTP/1.1\r\nHost: svc\r\n\r\n", c.bytes)
+                            .into_bytes();
+                    json!({ "bytes": c.bytes })
+                }
                 "close" => {
                     let n = open.len();
                     open.clear();
@@ -303,7 +323,11 @@ impl Conn {
                 Err(_) => (Vec::new(), 1),
             };
         };
-        if stream.get_mut().write_all(&REQUEST.repeat(depth)).is_err() {
+        if stream
+            .get_mut()
+            .write_all(&request_bytes().repeat(depth))
+            .is_err()
+        {
             return (Vec::new(), depth as u64);
         }
         let mut answered = Vec::new();
@@ -480,7 +504,7 @@ fn any_address(target: SocketAddr) -> SocketAddr {
 
 /// One HTTP/1.1 request on a keep-alive connection; returns the body (the pod name).
 fn http_request(s: &mut BufReader<TcpStream>) -> std::io::Result<String> {
-    s.get_mut().write_all(REQUEST)?;
+    s.get_mut().write_all(&request_bytes())?;
     read_answer(s)
 }
 
@@ -502,7 +526,9 @@ fn read_answer(s: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     }
     let mut body = vec![0; length];
     s.read_exact(&mut body)?;
-    Ok(String::from_utf8_lossy(&body).trim().to_owned())
+    // The pod's name is the first line (what follows pads a large answer).
+    let body = String::from_utf8_lossy(&body);
+    Ok(body.lines().next().unwrap_or("").trim().to_owned())
 }
 
 fn udp_request(s: &UdpSocket) -> std::io::Result<String> {

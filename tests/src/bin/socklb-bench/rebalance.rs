@@ -52,7 +52,7 @@ pub fn runs() -> Result<String> {
             grpc,
         ),
         (
-            "8 event streams + 2 pipelining + 12 keep-alive connections, 2 -> 4 pods",
+            "8 event streams + 2 pipelining + 12 keep-alive connections, 2 -> 4 pods, quiet 20 ms",
             streams,
         ),
     ];
@@ -200,7 +200,17 @@ fn grpc(subnet: u8) -> Result<Outcome> {
 }
 
 fn streams(subnet: u8) -> Result<Outcome> {
-    let (mut bed, mut spec) = Testbed::serving("bstream", subnet, 2, |s| s.rebalance = true, &[])?;
+    // Quiet 20 ms, shorter than the gaps between events: the stream rules keep them open.
+    let (mut bed, mut spec) = Testbed::serving(
+        "bstream",
+        subnet,
+        2,
+        |s| {
+            s.rebalance = true;
+            s.rebalance_quiet = Some("20ms");
+        },
+        &[],
+    )?;
     let mut streams = bed.client()?;
     streams.streams(spec.target(), 8)?;
     let mut pipelined = bed.client()?;
