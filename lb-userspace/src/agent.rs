@@ -377,6 +377,8 @@ impl Agent {
         let start = std::time::Instant::now();
         let mut errors: Vec<(&str, String)> = Vec::new();
         let mut changed = BTreeSet::new();
+        // This round's full state, for naming the files of a Service a map error is about.
+        let mut full_state = None;
         if !work.everything && !work.services.is_empty() {
             match self.update(source, &work.services) {
                 Some(keys) => changed = keys,
@@ -391,6 +393,7 @@ impl Agent {
             self.service_errors = !service_errors.is_empty();
             errors.extend(source_errors);
             errors.extend(service_errors.iter().map(|e| ("service", e.to_string())));
+            full_state = Some(state);
         }
         // A drained backend is forgotten (and its id reused) only once its count is zero and
         // no live socket refers to it, which the socket iterator says for those candidates.
@@ -425,7 +428,16 @@ impl Agent {
         for change in &plan.changes {
             info!("{} ({} map writes)", change.what, change.ops.len());
         }
-        errors.extend(plan.errors.iter().map(|e| ("map", e.clone())));
+        errors.extend(plan.errors.iter().map(|(service, message)| {
+            let files = full_state
+                .as_ref()
+                .map(|s| s.files_of(service))
+                .unwrap_or_default();
+            match files.is_empty() {
+                true => ("map", message.clone()),
+                false => ("map", format!("{}: {message}", files.join(", "))),
+            }
+        }));
         errors.extend(applied.errors.iter().map(|e| ("map", e.clone())));
 
         if let (Loaded::Kubernetes(cluster, switch), true) =

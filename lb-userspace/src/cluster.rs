@@ -150,7 +150,7 @@ pub struct ClusterState {
 
 impl ClusterState {
     /// The files a Service and its EndpointSlices came from (none in Kubernetes mode).
-    fn files_of(&self, service: &ServiceRef) -> Vec<String> {
+    pub fn files_of(&self, service: &ServiceRef) -> Vec<String> {
         let mut files: Vec<String> = self
             .service_files
             .get(service)
@@ -199,7 +199,14 @@ pub fn desired(
     let resolver = Resolver::new(state, default_algorithm);
     let mut out = Desired::default();
     let mut errors = Vec::new();
-    for (service_ref, service) in &state.services {
+    // Services that hold frontends first: an address programmed for one Service stays with it,
+    // and a newcomer that wants the same address is the one refused.
+    let holders: BTreeSet<&ServiceRef> = previous.frontends.values().map(|f| &f.service).collect();
+    let (held, new): (Vec<_>, Vec<_>) = state
+        .services
+        .iter()
+        .partition(|(r, _)| holders.contains(r));
+    for (service_ref, service) in held.into_iter().chain(new) {
         let resolved = resolver
             .frontends(service_ref, service)
             .and_then(|frontends| claim(&out, frontends));

@@ -378,7 +378,8 @@ pub fn uninstall(pin_path: &Path) -> Result<Vec<PathBuf>> {
     }
     for name in map_names::ALL.iter().chain([&LAYOUT_FILE]) {
         let p = pin_path.join(name);
-        if p.exists() {
+        // symlink_metadata: LAYOUT is a symlink to nothing.
+        if fs::symlink_metadata(&p).is_ok() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             removed.push(p);
         }

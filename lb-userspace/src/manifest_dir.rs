@@ -4,6 +4,10 @@
 //! not at all: if anything in it is wrong (bad YAML, an unknown kind or field, a missing field),
 //! every error is reported and the file keeps the objects it last had (none if it is new). So a
 //! bad edit changes nothing, whichever object it broke, and fixing it applies the new content.
+//!
+//! An object defined in two files is used from the file it came from before (the first file
+//! by name if it is new); the other copy is reported. Files larger than `MAX_FILE_BYTES` are
+//! refused unread, and entries that cannot be read (a broken or looping symlink) reported.
 
 use std::{
     collections::BTreeMap,
@@ -14,13 +18,19 @@ use std::{
 
 use crate::{
     cluster::{ClusterState, ServiceRef},
-    manifest::{self, Kind, ManifestError, Object},
+    manifest::{self, Kind, ManifestError, Object, ObjectId},
 };
+
+/// The largest manifest file read (a `kind: List` of about 10,000 Services); split larger sets
+/// over several files.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 pub struct ManifestDir {
     dir: PathBuf,
     /// Last good objects of each file.
     files: BTreeMap<PathBuf, Vec<Object>>,
+    /// The file each object was last used from.
+    origins: BTreeMap<ObjectId, PathBuf>,
 }
 
 impl ManifestDir {
@@ -28,6 +38,7 @@ impl ManifestDir {
         ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
+            origins: BTreeMap::new(),
         }
     }
 
@@ -40,11 +51,12 @@ impl ManifestDir {
     pub fn load(&mut self) -> (ClusterState, Vec<ManifestError>) {
         let mut errors = Vec::new();
         match manifest_files(&self.dir) {
-            Ok(paths) => {
+            Ok((paths, unreadable)) => {
+                errors.extend(unreadable);
                 let mut files = BTreeMap::new();
                 for path in paths {
                     let previous = self.files.remove(&path).unwrap_or_default();
-                    let objects = match fs::read_to_string(&path) {
+                    let objects = match read_limited(&path) {
                         Ok(text) => {
                             let parsed = manifest::parse(&path, &text);
                             if parsed.errors.is_empty() {
@@ -77,23 +89,35 @@ impl ManifestDir {
         (state, errors)
     }
 
-    /// The cluster state from all files. The same object in two files is an error; the one in
-    /// the first file (by name) counts.
-    fn state(&self, errors: &mut Vec<ManifestError>) -> ClusterState {
+    /// The cluster state from all files. The same object in two files is an error; the copy
+    /// from the file it was used from before counts (the first file by name for a new one).
+    fn state(&mut self, errors: &mut Vec<ManifestError>) -> ClusterState {
         let mut state = ClusterState::default();
-        let mut seen: BTreeMap<_, &Path> = BTreeMap::new();
+        let mut chosen: BTreeMap<ObjectId, &Path> = BTreeMap::new();
         for (path, objects) in &self.files {
             for object in objects {
                 let id = object.id();
-                if let Some(first) = seen.get(&id) {
+                let was_here = self.origins.get(&id) == Some(path);
+                match chosen.get(&id) {
+                    Some(_) if !was_here => continue,
+                    _ => {
+                        chosen.insert(id, path);
+                    }
+                }
+            }
+        }
+        for (path, objects) in &self.files {
+            for object in objects {
+                let id = object.id();
+                let used = chosen[&id];
+                if used != path.as_path() {
                     errors.push(ManifestError {
                         file: path.display().to_string(),
                         object: Some(id.to_string()),
-                        message: format!("also defined in {}; that one is used", first.display()),
+                        message: format!("also defined in {}; that one is used", used.display()),
                     });
                     continue;
                 }
-                seen.insert(id.clone(), path);
                 let key = ServiceRef {
                     namespace: id.namespace,
                     name: id.name,
@@ -112,12 +136,30 @@ impl ManifestDir {
                 }
             }
         }
+        self.origins = chosen
+            .into_iter()
+            .map(|(id, path)| (id, path.to_path_buf()))
+            .collect();
         state
     }
 }
 
-fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// A file's text, refused unread if it is larger than `MAX_FILE_BYTES`.
+fn read_limited(path: &Path) -> std::io::Result<String> {
+    let size = fs::metadata(path)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{size} bytes, more than the {MAX_FILE_BYTES} a manifest file may have (split it)"
+        )));
+    }
+    fs::read_to_string(path)
+}
+
+/// The manifest files of `dir`, sorted, and an error for each manifest entry that is not a
+/// readable file.
+fn manifest_files(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<ManifestError>)> {
     let mut paths = Vec::new();
+    let mut unreadable = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         let is_manifest = path
@@ -130,12 +172,22 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        if is_manifest && !hidden && path.is_file() {
-            paths.push(path);
+        if !is_manifest || hidden {
+            continue;
+        }
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => paths.push(path),
+            Ok(_) => {} // a directory named like a manifest
+            Err(e) => unreadable.push(ManifestError {
+                file: path.display().to_string(),
+                object: None,
+                message: format!("cannot read: {e}"),
+            }),
         }
     }
     paths.sort();
-    Ok(paths)
+    unreadable.sort_by(|a, b| a.file.cmp(&b.file));
+    Ok((paths, unreadable))
 }
 
 #[cfg(test)]
@@ -231,6 +283,118 @@ mod tests {
                 d.join("web-slices.yaml").display()
             )),
             "{text}"
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_copy_in_a_new_file_never_takes_over_and_unreadable_entries_are_reported() {
+        let d = dir();
+        fs::write(d.join("web.yaml"), SVC).unwrap();
+        let mut m = ManifestDir::new(&d);
+        let (s, e) = m.load();
+        assert!(e.is_empty());
+        // A file that sorts first with another copy: the copy in use stays.
+        fs::write(
+            d.join("00-copy.yaml"),
+            SVC.replace("10.96.0.10", "10.96.0.99"),
+        )
+        .unwrap();
+        // A symlink loop and a file too large to read (sparse: nothing is read).
+        std::os::unix::fs::symlink("loop.yaml", d.join("loop.yaml")).unwrap();
+        fs::File::create(d.join("big.yaml"))
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let (again, e) = m.load();
+        assert_eq!(cluster_ip(&again), cluster_ip(&s));
+        let text: Vec<String> = e.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 3, "{text:?}");
+        assert!(
+            text.iter()
+                .any(|t| t.contains("00-copy.yaml: Service ns/web: also defined in"))
+        );
+        assert!(text.iter().any(|t| t.contains("loop.yaml: cannot read")));
+        assert!(
+            text.iter()
+                .any(|t| t.contains("big.yaml: cannot read") && t.contains("split it"))
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_address_stays_with_the_service_that_holds_it() {
+        let d = dir();
+        fs::write(d.join("web.yaml"), SVC).unwrap();
+        let mut m = ManifestDir::new(&d);
+        let algorithm = lb_common::Algorithm::LeastConn;
+        let (s, _) = m.load();
+        let (held, errors) = crate::cluster::desired(&s, algorithm, &Default::default());
+        assert!(errors.is_empty());
+        // "aaa" sorts before "web" and wants the same address.
+        fs::write(d.join("aaa.yaml"), SVC.replace("name: web", "name: aaa")).unwrap();
+        let (s, _) = m.load();
+        let (now, errors) = crate::cluster::desired(&s, algorithm, &held);
+        assert_eq!(now, held, "the holder keeps its frontends");
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].to_string().starts_with(&format!(
+                "{}: Service ns/aaa: 10.96.0.10:80/TCP is already used by Service ns/web",
+                d.join("aaa.yaml").display()
+            )),
+            "{}",
+            errors[0]
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn every_error_names_its_file() {
+        let d = dir();
+        let bad = [
+            ("no-ip.yaml", SVC.replace("clusterIP: 10.96.0.10, ", "")),
+            ("not-ip.yaml", SVC.replace("10.96.0.10", "ten")),
+            ("port-0.yaml", SVC.replace("port: 80", "port: 0")),
+            ("port-70000.yaml", SVC.replace("port: 80", "port: 70000")),
+        ];
+        for (file, text) in &bad {
+            let text = text.replace(
+                "name: web",
+                &format!("name: {}", file.trim_end_matches(".yaml")),
+            );
+            fs::write(d.join(file), text).unwrap();
+        }
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ok-1, namespace: ns, labels: {kubernetes.io/service-name: ok}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [not-an-ip]}]\n";
+        fs::write(
+            d.join("ok.yaml"),
+            SVC.replace("name: web", "name: ok")
+                .replace("10.96.0.10", "10.96.0.20"),
+        )
+        .unwrap();
+        fs::write(d.join("ok-slice.yaml"), slice).unwrap();
+        let (s, e) = ManifestDir::new(&d).load();
+        let (_, errors) =
+            crate::cluster::desired(&s, lb_common::Algorithm::LeastConn, &Default::default());
+        let text: Vec<String> = e
+            .iter()
+            .map(ToString::to_string)
+            .chain(errors.iter().map(ToString::to_string))
+            .collect();
+        for (file, _) in &bad {
+            assert!(
+                text.iter()
+                    .any(|t| t.starts_with(&d.join(file).display().to_string())),
+                "{file}: {text:#?}"
+            );
+        }
+        assert!(
+            text.iter()
+                .any(|t| t.contains("ok-slice.yaml") && t.contains("not-an-ip")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().all(|t| t.starts_with(&d.display().to_string())),
+            "an error without its file: {text:#?}"
         );
         fs::remove_dir_all(&d).unwrap();
     }

@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    cluster::{Desired, Frontend, FrontendKey, Protocol},
+    cluster::{Desired, Frontend, FrontendKey, Protocol, ServiceRef},
     maglev,
 };
 
@@ -71,8 +71,8 @@ pub struct Change {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Plan {
     pub changes: Vec<Change>,
-    /// Frontends left as they were because a map would overflow.
-    pub errors: Vec<String>,
+    /// Frontends left as they were because a map would overflow: their Service and why.
+    pub errors: Vec<(ServiceRef, String)>,
 }
 
 impl Programmed {
@@ -204,7 +204,10 @@ fn plan_in(
             Ok(None) => {}
             Err(e) => {
                 planner.keep(frontend);
-                plan.errors.push(format!("{frontend}: {e}; left as it was"));
+                plan.errors.push((
+                    frontend.service.clone(),
+                    format!("{frontend}: {e}; left as it was"),
+                ));
             }
         }
     }
@@ -1124,11 +1127,17 @@ mod tests {
         assert!(plan.changes.is_empty());
         assert_eq!(plan.errors.len(), 1);
         assert!(
-            plan.errors[0].contains("map SERVICES is full (65536 entries)"),
-            "{}",
             plan.errors[0]
+                .1
+                .contains("map SERVICES is full (65536 entries)"),
+            "{}",
+            plan.errors[0].1
         );
-        assert!(plan.errors[0].starts_with("Service ns/svc0 port \"http\" (10.97.0.0:80/TCP)"));
+        assert!(
+            plan.errors[0]
+                .1
+                .starts_with("Service ns/svc0 port \"http\" (10.97.0.0:80/TCP)")
+        );
         assert_eq!(p, before);
     }
 
@@ -1153,7 +1162,7 @@ mod tests {
         let plan = super::plan(&desired(more), &p, &none);
         assert!(plan.changes.is_empty());
         assert!(
-            plan.errors[0].contains("map SLOTS is full"),
+            plan.errors[0].1.contains("map SLOTS is full"),
             "{:?}",
             plan.errors
         );

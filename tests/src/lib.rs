@@ -22,6 +22,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod client;
+pub mod container;
 pub mod hostile;
 pub mod kube_proxy;
 pub mod kubebed;

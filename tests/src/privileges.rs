@@ -8,7 +8,13 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
 /// True if the test can go on.
 pub fn check(test: &str) -> bool {
-    let missing = missing();
+    check_also(test, Vec::new())
+}
+
+/// Like `check`, with more that the test needs (`missing`: what is not there).
+pub fn check_also(test: &str, more: Vec<String>) -> bool {
+    let mut missing = missing();
+    missing.extend(more);
     if missing.is_empty() {
         return true;
     }

@@ -91,11 +91,11 @@ fn bad_manifests_are_reported_by_name_and_leave_the_programmed_state() {
                 "ports: [{name: main, port: 8080",
                 "ports: [{name: other, port: 8080",
             ),
-            "Service demo/web: port \"main\" (80/TCP) does not resolve",
+            "web.yaml: Service demo/web: port \"main\" (80/TCP) does not resolve",
         ),
         (
             too_many_backends(&good),
-            "Service demo/web: port \"main\" (10.96.9.10:80/TCP) has 8193 backends, more than the 8192",
+            "web.yaml: Service demo/web: port \"main\" (10.96.9.10:80/TCP) has 8193 backends, more than the 8192",
         ),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {
@@ -112,6 +112,69 @@ fn bad_manifests_are_reported_by_name_and_leave_the_programmed_state() {
         let mut c = bed.client().unwrap();
         assert!(c.open(vip, 2).unwrap().iter().all(|o| o.ok), "case {i}");
     }
+    bed.manifests.write("web.yaml", &good).unwrap();
+
+    // Other files that would take what web holds, or that cannot be read: each is reported by
+    // name, and web keeps its address and backends.
+    let intruder = ServiceSpec::new("intruder", *vip.ip(), 80, 8080, &pods[..1]).yaml();
+    let copy = good.replace("clusterIP: 10.96.9.10", "clusterIP: 10.96.9.99");
+    let dir = bed.manifests.path().to_path_buf();
+    type Make = Box<dyn Fn()>;
+    let others: Vec<(&str, Make, &str)> = vec![
+        (
+            "aaa.yaml",
+            Box::new({
+                let (dir, intruder) = (dir.clone(), intruder.clone());
+                move || std::fs::write(dir.join("aaa.yaml"), &intruder).unwrap()
+            }),
+            "aaa.yaml: Service demo/intruder: 10.96.9.10:80/TCP is already used by Service demo/web",
+        ),
+        (
+            "00-copy.yaml",
+            Box::new({
+                let (dir, copy) = (dir.clone(), copy.clone());
+                move || std::fs::write(dir.join("00-copy.yaml"), &copy).unwrap()
+            }),
+            "00-copy.yaml: Service demo/web: also defined in",
+        ),
+        (
+            "loop.yaml",
+            Box::new({
+                let dir = dir.clone();
+                move || std::os::unix::fs::symlink("loop.yaml", dir.join("loop.yaml")).unwrap()
+            }),
+            "loop.yaml: cannot read",
+        ),
+        (
+            "big.yaml",
+            Box::new({
+                let dir = dir.clone();
+                // Sparse: 40 MB that take no disk, and that the agent must not read.
+                move || {
+                    std::fs::File::create(dir.join("big.yaml"))
+                        .and_then(|f| f.set_len(40 << 20))
+                        .unwrap()
+                }
+            }),
+            "big.yaml: cannot read: 41943040 bytes, more than the 16777216",
+        ),
+    ];
+    for (file, make, expected) in &others {
+        make();
+        bed.agent()
+            .wait_log(expected, 1)
+            .unwrap_or_else(|e| panic!("{file}: {e}\n{}", bed.agent().log()));
+        assert_eq!(
+            bed.agent().backends().unwrap(),
+            programmed,
+            "{file} changed the maps"
+        );
+        let mut c = bed.client().unwrap();
+        let o = c.open(vip, 2).unwrap();
+        assert!(o.iter().all(|o| o.ok), "{file}: {o:?}");
+        std::fs::remove_file(dir.join(file)).unwrap();
+    }
+
     // Fixed: the edit applies.
     bed.manifests
         .write("web.yaml", &good.replace("10.96.9.10", "10.96.9.11"))

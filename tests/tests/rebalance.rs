@@ -346,7 +346,7 @@ fn grpc_channels_even_out_with_no_failed_call() {
     const GRPC: u16 = 50051;
     let mut bed = Testbed::new("rbg").unwrap();
     // Two Services: "web" with 12 channels over 4 then 8 pods, each channel making a unary
-    // call every 50 ms, so never quiet for the default 500 ms: the Service sets a quiet time
+    // call every 100 ms, so never quiet for the default 500 ms: the Service sets a quiet time
     // of 20 ms, right for sequential calls; and "few" with 3 channels over 2 then 4 pods
     // (fewer channels than pods), a call every second, at the default settings.
     let (web_ips, few_ips) = (pod_ips(66, 8), pod_ips(67, 4));
@@ -382,7 +382,7 @@ fn grpc_channels_even_out_with_no_failed_call() {
 
     // Long-lived channels, one per client process (a process's channels to one target share
     // a connection).
-    let clients: Vec<GrpcChannels> = std::iter::repeat_n((web.target(), 50), 12)
+    let clients: Vec<GrpcChannels> = std::iter::repeat_n((web.target(), 100), 12)
         .chain(std::iter::repeat_n((few.target(), 1000), 3))
         .map(|(target, every_ms)| {
             GrpcChannels::start(&bed.netns, bed.cgroup.path(), target, 1, every_ms).unwrap()

@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | build | image | test | demo | bench`.
 //!
 //! Every task but `setup` runs the set-up first, so the two README commands work on a fresh
 //! machine. The set-up is idempotent and takes well under a second once done.
 
 mod bpffs;
+mod image;
 mod setup;
 
 use std::{
@@ -26,9 +27,13 @@ struct Cli {
 enum Task {
     /// Install the pinned toolchains, bpf-linker and the Debian packages the tests use.
     Setup,
-    /// Build the release binaries (socklb-agent, socklbctl, ...) into target/release; needs
-    /// only the toolchains, not the test packages (used by deploy/Dockerfile).
+    /// Build what the agent image holds: static (musl) socklb-agent and socklbctl, into
+    /// target/<arch>-unknown-linux-musl/release; needs only the toolchains and musl-tools (used
+    /// by deploy/Dockerfile's build stage).
     Build,
+    /// Build the agent image offline with podman: those binaries on an empty base, tagged as
+    /// deploy/daemonset.yaml names it.
+    Image,
     /// Lint, build and run every test (unit and privileged end-to-end tests).
     Test {
         /// Only run tests whose name contains this.
@@ -54,8 +59,9 @@ fn main() -> Result<()> {
     let tools = setup::run(&root, packages)?;
     match cli.task {
         Task::Setup => Ok(()),
-        Task::Build => cargo(&tools, &["build", "--release", "--bins"]),
-        Task::Test { filter } => test(&tools, filter.as_deref()),
+        Task::Build => image::build_binaries(&tools),
+        Task::Image => image::build(&tools, &root).map(drop),
+        Task::Test { filter } => test(&tools, &root, filter.as_deref()),
         Task::Demo => {
             cargo(&tools, &["build", "--release", "--bins"])?;
             let _bpffs = bpffs::Bpffs::ensure()?;
@@ -77,13 +83,14 @@ fn main() -> Result<()> {
     }
 }
 
-fn test(tools: &setup::Tools, filter: Option<&str>) -> Result<()> {
+fn test(tools: &setup::Tools, root: &Path, filter: Option<&str>) -> Result<()> {
     let start = Instant::now();
     cargo(tools, &["fmt", "--all", "--check"])?;
     cargo(tools, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
     setup::clippy_bpf(tools)?;
-    // The end-to-end tests run the agent, socklbctl and socklb-client binaries.
+    // The end-to-end tests run the agent, socklbctl and socklb-client binaries, and the image.
     cargo(tools, &["build", "--bins"])?;
+    image::build(tools, root)?;
     let mut args = vec!["test", "--no-fail-fast"];
     if let Some(f) = filter {
         args.extend(["--", f]);

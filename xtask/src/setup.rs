@@ -36,7 +36,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "python3-grpcio",
         "/usr/lib/python3/dist-packages/grpc/__init__.py",
     ),
+    // The agent image: built and run as the DaemonSet runs it (runc: crun refuses this
+    // machine's hybrid cgroup layout).
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
+
+/// What building the image's static binaries needs (the C parts of ring, for musl).
+const BUILD_PACKAGES: &[(&str, &str)] = &[("musl-tools", "musl-gcc")];
 
 /// What the benchmarks run as clients and servers.
 const BENCH_PACKAGES: &[(&str, &str)] = &[
@@ -74,9 +81,12 @@ impl Tools {
 pub fn run(root: &Path, packages: bool) -> Result<Tools> {
     let nightly = pinned_nightly(root)?;
     ensure_toolchain(USERSPACE_TOOLCHAIN, &["clippy", "rustfmt"])?;
+    ensure_target(USERSPACE_TOOLCHAIN, &crate::image::target())?;
     ensure_override(root)?;
     ensure_toolchain(&nightly, &["rust-src", "clippy"])?;
     let bpf_linker_dir = ensure_bpf_linker(&nightly)?;
+    link_bpf_linker(&bpf_linker_dir)?;
+    ensure_packages(BUILD_PACKAGES)?;
     if packages {
         ensure_packages(PACKAGES)?;
     }
@@ -131,6 +141,55 @@ fn ensure_toolchain(toolchain: &str, components: &[&str]) -> Result<()> {
     let mut args = vec!["component", "add", "--toolchain", toolchain];
     args.extend(components);
     output("rustup", &args)?;
+    Ok(())
+}
+
+fn ensure_target(toolchain: &str, target: &str) -> Result<()> {
+    let installed = output(
+        "rustup",
+        &["target", "list", "--toolchain", toolchain, "--installed"],
+    )
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    println!("setup: adding the {target} target to Rust {toolchain}");
+    output(
+        "rustup",
+        &["target", "add", "--toolchain", toolchain, target],
+    )?;
+    Ok(())
+}
+
+/// Puts our bpf-linker where `cargo install bpf-linker` would (~/.cargo/bin, on rustup users'
+/// PATH), so that plain `cargo build` and `cargo test` work in the checkout as aya users
+/// expect. A bpf-linker already there that is not ours is left alone (it may serve other
+/// projects' LLVM); `cargo xtask` puts ours first on PATH anyway.
+fn link_bpf_linker(dir: &Path) -> Result<()> {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let link = home.join("bin/bpf-linker");
+    let ours = dir.join("bin/bpf-linker");
+    let cache = dir.parent().unwrap_or(dir);
+    match fs::read_link(&link) {
+        Ok(target) if target == ours => return Ok(()),
+        Ok(target) if target.starts_with(cache) => fs::remove_file(&link)?, // for another nightly
+        _ if fs::symlink_metadata(&link).is_ok() => {
+            println!(
+                "setup: {} is another bpf-linker; plain cargo will use it (cargo xtask uses {})",
+                link.display(),
+                ours.display()
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
+    fs::create_dir_all(home.join("bin"))?;
+    std::os::unix::fs::symlink(&ours, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
+    println!("setup: linked {} -> {}", link.display(), ours.display());
     Ok(())
 }
 
