@@ -733,24 +733,26 @@ unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
 }
 
 /// Least connections over the Service's slots. With more than `LEAST_CONN_WINDOW` backends it
-/// compares a window of that many consecutive slots from a random start, so the per-connect
-/// cost stays bounded. Ties are broken uniformly at random (reservoir sampling over the tied
-/// slots): with many nodes each deciding on their own counts, a fixed tie-break order would
-/// send every node's next connection to the same pod.
+/// compares that many slots drawn independently at random (the power of d choices, d = 32),
+/// so the per-connect cost stays bounded and every backend is as likely to be looked at: a
+/// window of consecutive slots would mostly miss the block of new backends a scale-up appends.
+/// Ties are broken uniformly at random (reservoir sampling over the tied slots): with many
+/// nodes each deciding on their own counts, a fixed tie-break order would send every node's
+/// next connection to the same pod.
 ///
 /// The scan runs under `bpf_loop` so the verifier checks the body once instead of walking
 /// every path through every iteration.
 #[inline(always)]
 unsafe fn least_conn_slot(service_id: u32, count: u32) -> Option<u32> {
-    let (start, window) = if count <= LEAST_CONN_WINDOW {
+    let (sampled, window) = if count <= LEAST_CONN_WINDOW {
         (0, count)
     } else {
-        (random_below(count), LEAST_CONN_WINDOW)
+        (1, LEAST_CONN_WINDOW)
     };
     let mut scan = LeastConnScan {
         service_id,
         count,
-        start,
+        sampled,
         ties: 0,
         best: u32::MAX,
         _pad: 0,
@@ -767,24 +769,24 @@ unsafe fn least_conn_slot(service_id: u32, count: u32) -> Option<u32> {
 struct LeastConnScan {
     service_id: u32,
     count: u32,
-    start: u32,
+    /// 0: every slot in turn; 1: `count` is over the window, each look is a random slot.
+    sampled: u32,
     ties: u32,
     best: u32,
     _pad: u32,
     best_load: u64,
 }
 
-/// `bpf_loop` body: looks at slot `start + i` (wrapping) and keeps the least loaded.
+/// `bpf_loop` body: looks at slot `i` (or a random one) and keeps the least loaded.
 extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
     const CONTINUE: i64 = 0;
     let scan = ctx.cast::<LeastConnScan>();
     // SAFETY: ctx is the LeastConnScan on least_conn_slot's stack, alive during bpf_loop.
     unsafe {
-        let count = (*scan).count;
-        let mut index = (*scan).start.wrapping_add(i as u32);
-        if index >= count {
-            index = index.wrapping_sub(count);
-        }
+        let index = match (*scan).sampled {
+            0 => i as u32,
+            _ => random_below((*scan).count),
+        };
         let key = SlotKey {
             service_id: (*scan).service_id,
             index,

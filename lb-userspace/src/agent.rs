@@ -133,6 +133,7 @@ pub async fn run(config: Config) -> Result<()> {
         tools,
         published,
         default_quiet: config.rebalance.quiet,
+        deferred: BTreeSet::new(),
     };
     agent.reconcile(&mut source, &mut maps, &mut programmed, Work::everything());
     status.set_ready();
@@ -146,10 +147,11 @@ pub async fn run(config: Config) -> Result<()> {
     let mut next_resync = Instant::now() + RESYNC;
     loop {
         status.beat();
-        let draining = programmed
-            .backends
-            .values()
-            .any(|b| b.state == backend_state::DRAINING);
+        let draining = !agent.deferred.is_empty()
+            || programmed
+                .backends
+                .values()
+                .any(|b| b.state == backend_state::DRAINING);
         let mut wake = next_resync;
         if draining {
             wake = wake.min(Instant::now() + DRAIN_CHECK);
@@ -286,6 +288,8 @@ struct Agent {
     published: Published,
     /// Rebalancing's quiet time for Services that do not set their own.
     default_quiet: Duration,
+    /// Frontends whose slots past a lowered count the next round deletes.
+    deferred: BTreeSet<cluster::FrontendKey>,
 }
 
 impl Agent {
@@ -419,12 +423,14 @@ impl Agent {
             0 => u64::from(held.as_ref().is_none_or(|h| h.contains(&id))),
             n => n,
         };
+        changed.append(&mut self.deferred);
         let plan = if work.everything {
             reconcile::plan(&self.desired, programmed, &connections)
         } else {
             reconcile::plan_for(&self.desired, &changed, programmed, &connections)
         };
         let applied = writer::apply(&plan, maps, programmed);
+        self.deferred = plan.deferred.clone();
         for change in &plan.changes {
             info!("{} ({} map writes)", change.what, change.ops.len());
         }

@@ -197,31 +197,50 @@ pub fn desired(
     previous: &Desired,
 ) -> (Desired, Vec<ServiceError>) {
     let resolver = Resolver::new(state, default_algorithm);
-    let mut out = Desired::default();
-    let mut errors = Vec::new();
-    // Services that hold frontends first: an address programmed for one Service stays with it,
-    // and a newcomer that wants the same address is the one refused.
-    let holders: BTreeSet<&ServiceRef> = previous.frontends.values().map(|f| &f.service).collect();
-    let (held, new): (Vec<_>, Vec<_>) = state
+    let resolved: BTreeMap<&ServiceRef, Result<Vec<Frontend>, String>> = state
         .services
         .iter()
-        .partition(|(r, _)| holders.contains(r));
-    for (service_ref, service) in held.into_iter().chain(new) {
-        let resolved = resolver
-            .frontends(service_ref, service)
+        .map(|(r, service)| (r, resolver.frontends(r, service)))
+        .collect();
+    // An address programmed for a Service stays with it while it still wants it (or is in
+    // error, keeping what it had): another Service that wants the address is the one refused.
+    let holders: BTreeMap<FrontendKey, &ServiceRef> = previous
+        .frontends
+        .values()
+        .filter(|f| match resolved.get(&f.service) {
+            Some(Ok(wanted)) => wanted.iter().any(|w| w.key == f.key),
+            Some(Err(_)) => true,
+            None => false,
+        })
+        .map(|f| (f.key, &f.service))
+        .collect();
+    let mut out = Desired::default();
+    let mut errors = Vec::new();
+    for (service_ref, resolution) in resolved.iter() {
+        let held_elsewhere = |frontends: Vec<Frontend>| {
+            for f in &frontends {
+                if let Some(holder) = holders.get(&f.key).filter(|h| **h != *service_ref) {
+                    return Err(format!("{} is already used by Service {holder}", f.key));
+                }
+            }
+            Ok(frontends)
+        };
+        let wanted = resolution
+            .clone()
+            .and_then(held_elsewhere)
             .and_then(|frontends| claim(&out, frontends));
-        let frontends = match resolved {
+        let frontends = match wanted {
             Ok(frontends) => frontends,
             Err(message) => {
                 errors.push(ServiceError {
-                    service: service_ref.clone(),
+                    service: (*service_ref).clone(),
                     files: state.files_of(service_ref),
                     message,
                 });
                 let kept = previous
                     .frontends
                     .values()
-                    .filter(|f| &f.service == service_ref)
+                    .filter(|f| f.service == **service_ref)
                     .cloned()
                     .collect();
                 claim(&out, kept).unwrap_or_default()

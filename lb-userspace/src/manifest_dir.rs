@@ -51,8 +51,7 @@ impl ManifestDir {
     pub fn load(&mut self) -> (ClusterState, Vec<ManifestError>) {
         let mut errors = Vec::new();
         match manifest_files(&self.dir) {
-            Ok((paths, unreadable)) => {
-                errors.extend(unreadable);
+            Ok(paths) => {
                 let mut files = BTreeMap::new();
                 for path in paths {
                     let previous = self.files.remove(&path).unwrap_or_default();
@@ -144,22 +143,35 @@ impl ManifestDir {
     }
 }
 
-/// A file's text, refused unread if it is larger than `MAX_FILE_BYTES`.
+/// A file's text, refused unread if it is larger than `MAX_FILE_BYTES` or not a regular file.
 fn read_limited(path: &Path) -> std::io::Result<String> {
-    let size = fs::metadata(path)?.len();
-    if size > MAX_FILE_BYTES {
-        return Err(std::io::Error::other(format!(
-            "{size} bytes, more than the {MAX_FILE_BYTES} a manifest file may have (split it)"
-        )));
+    use std::io::Read;
+    let file = fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
     }
-    fs::read_to_string(path)
+    let too_big = || {
+        std::io::Error::other(format!(
+            "more than the {MAX_FILE_BYTES} bytes a manifest file may have (split it)"
+        ))
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    match text.len() as u64 > MAX_FILE_BYTES {
+        true => Err(too_big()), // it grew while being read
+        false => Ok(text),
+    }
 }
 
-/// The manifest files of `dir`, sorted, and an error for each manifest entry that is not a
-/// readable file.
-fn manifest_files(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<ManifestError>)> {
+/// The manifest entries of `dir`, sorted: every entry named like a manifest but directories.
+/// One that cannot be read (a broken link, a loop, a FIFO) is listed too, so that reading it
+/// reports it and its file keeps its last good objects.
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
-    let mut unreadable = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         let is_manifest = path
@@ -175,19 +187,12 @@ fn manifest_files(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<ManifestErro
         if !is_manifest || hidden {
             continue;
         }
-        match fs::metadata(&path) {
-            Ok(m) if m.is_file() => paths.push(path),
-            Ok(_) => {} // a directory named like a manifest
-            Err(e) => unreadable.push(ManifestError {
-                file: path.display().to_string(),
-                object: None,
-                message: format!("cannot read: {e}"),
-            }),
+        if !fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+            paths.push(path);
         }
     }
     paths.sort();
-    unreadable.sort_by(|a, b| a.file.cmp(&b.file));
-    Ok((paths, unreadable))
+    Ok(paths)
 }
 
 #[cfg(test)]
@@ -310,6 +315,16 @@ mod tests {
         assert_eq!(cluster_ip(&again), cluster_ip(&s));
         let text: Vec<String> = e.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 3, "{text:?}");
+        // The file in use turned into a loop: reported, and its Service stays.
+        fs::remove_file(d.join("00-copy.yaml")).unwrap();
+        fs::rename(d.join("web.yaml"), d.join("web.saved")).unwrap();
+        std::os::unix::fs::symlink("web.yaml", d.join("web.yaml")).unwrap();
+        let (kept, e) = m.load();
+        assert_eq!(cluster_ip(&kept), cluster_ip(&s));
+        assert!(
+            e.iter()
+                .any(|e| e.to_string().contains("web.yaml: cannot read"))
+        );
         assert!(
             text.iter()
                 .any(|t| t.contains("00-copy.yaml: Service ns/web: also defined in"))
@@ -341,6 +356,28 @@ mod tests {
             errors[0].to_string().starts_with(&format!(
                 "{}: Service ns/aaa: 10.96.0.10:80/TCP is already used by Service ns/web",
                 d.join("aaa.yaml").display()
+            )),
+            "{}",
+            errors[0]
+        );
+        // Another Service that holds an address of its own is edited to want web's: it is
+        // refused and keeps its own, and web keeps its.
+        fs::remove_file(d.join("aaa.yaml")).unwrap();
+        let api = SVC.replace("name: web", "name: api");
+        fs::write(d.join("api.yaml"), api.replace("10.96.0.10", "10.96.0.20")).unwrap();
+        let (s, _) = m.load();
+        let (both, errors) = crate::cluster::desired(&s, algorithm, &held);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(both.frontends.len(), 2);
+        fs::write(d.join("api.yaml"), &api).unwrap();
+        let (s, _) = m.load();
+        let (now, errors) = crate::cluster::desired(&s, algorithm, &both);
+        assert_eq!(now, both, "each keeps its address");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].to_string().starts_with(&format!(
+                "{}: Service ns/api: 10.96.0.10:80/TCP is already used by Service ns/web",
+                d.join("api.yaml").display()
             )),
             "{}",
             errors[0]

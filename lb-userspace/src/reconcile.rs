@@ -3,8 +3,10 @@
 //!
 //! Order matters because the BPF programs read the maps while they are being written. A connect
 //! must never see a half-written Service, so for each frontend: backends first, then slots, then
-//! the service entry (whose `count` makes new slots visible), then the slots past the new count
-//! are deleted and backends that left are marked draining. Removing a frontend deletes its
+//! the service entry (whose `count` makes new slots visible), and backends that left are marked
+//! draining. Slots past a lowered count stay one more round: a connect that read the old count
+//! a moment before may still look one up (with `random`, `round-robin` and a stale window), and
+//! must find a backend rather than nothing, which would refuse it. The next round deletes them. Removing a frontend deletes its
 //! service entry first. Every intermediate state only points at backends that exist. Maglev
 //! tables are written like slots: after the backends, before the service entry.
 //!
@@ -73,6 +75,9 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Frontends left as they were because a map would overflow: their Service and why.
     pub errors: Vec<(ServiceRef, String)>,
+    /// Frontends whose count went down: their slots past it are deleted by the next round,
+    /// which must take them in.
+    pub deferred: BTreeSet<FrontendKey>,
 }
 
 impl Programmed {
@@ -217,6 +222,7 @@ fn plan_in(
     if let Some(change) = gc(current, &planner, connections) {
         plan.changes.push(change);
     }
+    plan.deferred = planner.deferred;
     plan
 }
 
@@ -235,6 +241,8 @@ struct Planner<'a> {
     backend_ids_free: IdAllocator,
     /// Service ids of removed frontends (their slots are deleted by the removal).
     removed_service_ids: HashSet<u32>,
+    /// Frontends whose slots past a lowered count are left for the next round.
+    deferred: BTreeSet<FrontendKey>,
     /// Service ids of the desired frontends.
     wanted_service_ids: HashSet<u32>,
     /// Backend ids the desired frontends use.
@@ -296,6 +304,7 @@ impl<'a> Planner<'a> {
             service_ids: None,
             backend_ids_free: IdAllocator::new(current.backends.keys().copied(), MAX_BACKENDS),
             removed_service_ids: HashSet::new(),
+            deferred: BTreeSet::new(),
             wanted_service_ids: HashSet::new(),
             wanted_backends: HashSet::new(),
             scope,
@@ -363,7 +372,16 @@ impl<'a> Planner<'a> {
             .unwrap_or_default();
         let old_count = existing.map_or(0, |s| s.count as usize).min(old.len());
         let old_present = old.iter().filter(|id| **id != u32::MAX).count();
-        let slot_total = self.slot_count - old_present + f.backends.len();
+        // Slots a connect may still see (below the old count) past the new count: kept a round.
+        let tail = |index: usize, id: u32| {
+            index >= f.backends.len() && index < old_count && id != u32::MAX
+        };
+        let kept = old
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| tail(*i, **id))
+            .count();
+        let slot_total = self.slot_count - old_present + f.backends.len() + kept;
         if slot_total > MAX_SLOTS as usize {
             return Err(format!("map SLOTS is full ({MAX_SLOTS} entries)"));
         }
@@ -421,7 +439,7 @@ impl<'a> Planner<'a> {
             };
             ids.push(id);
         }
-        let new_slots = assign_slots(&old[..old_count], &ids);
+        let mut new_slots = assign_slots(&old[..old_count], &ids);
         let mut ops = Vec::new();
         let name = service_name(f);
         if self.current.names.get(&service_id) != Some(&name) {
@@ -464,10 +482,19 @@ impl<'a> Planner<'a> {
         if existing != Some(entry) {
             ops.push(Op::PutService(key, entry));
         }
-        for (index, id) in old.iter().enumerate().skip(new_slots.len()) {
-            if *id != u32::MAX {
-                ops.push(Op::DeleteSlot(slot(service_id, index)));
+        let count = new_slots.len();
+        for (index, id) in old.iter().enumerate().skip(count) {
+            if tail(index, *id) {
+                new_slots.push(*id);
+            } else {
+                new_slots.push(u32::MAX);
+                if *id != u32::MAX {
+                    ops.push(Op::DeleteSlot(slot(service_id, index)));
+                }
             }
+        }
+        if kept > 0 {
+            self.deferred.insert(f.key);
         }
         if !uses_maglev {
             for index in old_maglev.keys() {
@@ -858,11 +885,24 @@ mod tests {
         assert!(writer::apply(&plan, p, &mut mirror).errors.is_empty());
     }
 
+    /// `p` programs `d`; slots past a service's count (left for the next round after a scale
+    /// down) point at backends of that service.
     fn assert_programs(d: &Desired, p: &Programmed) {
         assert_eq!(&programmed_frontends(p), d);
+        let mut visible = BTreeSet::new();
         for (key, s) in &p.services {
-            let slots = p.slots.keys().filter(|k| k.service_id == s.id).count();
-            assert_eq!(slots, s.count as usize, "{key:?}: slots beyond count");
+            for index in 0..s.count {
+                assert!(
+                    p.slots.contains_key(&slot(s.id, index as usize)),
+                    "{key:?} {index}"
+                );
+            }
+            for (k, id) in service_range(&p.slots, s.id) {
+                match k.index < s.count {
+                    true => drop(visible.insert(*id)),
+                    false => assert_eq!(p.backends[id].service_id, s.id, "{key:?}: tail {k:?}"),
+                }
+            }
         }
         let maglev_services: BTreeSet<u32> = p.maglev.keys().map(|k| k.service_id).collect();
         for s in p.services.values() {
@@ -874,11 +914,10 @@ mod tests {
                 s.id
             );
         }
-        let in_slots: BTreeSet<u32> = p.slots.values().copied().collect();
         for (id, b) in &p.backends {
             assert_eq!(
                 b.state == backend_state::ACTIVE,
-                in_slots.contains(id),
+                visible.contains(id),
                 "backend {id}"
             );
         }
@@ -1005,19 +1044,22 @@ mod tests {
             .0;
         let d = desired([frontend(1, &[2, 3])]);
         let plan = step(&d, &mut p, &|_| 1);
-        // The last slot moves into the hole; the count drops before the tail slot goes.
-        let o = ops(&plan);
-        let service = o
-            .iter()
-            .position(|op| matches!(op, Op::PutService(..)))
-            .unwrap();
-        let delete = o
-            .iter()
-            .position(|op| matches!(op, Op::DeleteSlot(..)))
-            .unwrap();
-        assert!(service < delete);
+        // The last slot moves into the hole and the count drops; the tail slot stays for a
+        // connect that read the old count, and the next round deletes it.
+        assert!(
+            ops(&plan)
+                .iter()
+                .all(|op| !matches!(op, Op::DeleteSlot(..)))
+        );
+        assert_eq!(plan.deferred, BTreeSet::from([frontend(1, &[]).key]));
         assert_eq!(p.backends[&gone].state, backend_state::DRAINING);
         assert_programs(&d, &p);
+        let tail = slot(p.services.values().next().unwrap().id, 2);
+        assert!(p.slots.contains_key(&tail));
+        let held = |id| u64::from(id == gone);
+        let plan = apply_checked(plan_for(&d, &plan.deferred, &p, &held), &mut p);
+        assert_eq!(ops(&plan), [&Op::DeleteSlot(tail)]);
+        assert!(plan.deferred.is_empty());
 
         // Still one connection: kept. Last one closed: forgotten.
         assert!(
@@ -1454,6 +1496,7 @@ mod tests {
             let mut state = crate::cluster::ClusterState::default();
             let (mut full, mut fast) = (Programmed::default(), Programmed::default());
             let (mut full_desired, mut fast_desired) = (Desired::default(), Desired::default());
+            let mut deferred = BTreeSet::new();
             for e in &events {
                 apply_event(&mut state, e);
                 let (d, _) = crate::cluster::desired(&state, Algorithm::LeastConn, &full_desired);
@@ -1467,8 +1510,10 @@ mod tests {
                     &services,
                     Algorithm::LeastConn,
                 );
-                let keys = keys.expect("no errors or clashes in these events");
-                apply_checked(plan_for(&fast_desired, &keys, &fast, &conns), &mut fast);
+                let mut keys = keys.expect("no errors or clashes in these events");
+                keys.append(&mut deferred); // as the agent does
+                let plan = apply_checked(plan_for(&fast_desired, &keys, &fast, &conns), &mut fast);
+                deferred = plan.deferred;
                 prop_assert_eq!(&fast_desired, &full_desired);
                 prop_assert_eq!(&fast, &full);
             }

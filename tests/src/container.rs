@@ -1,7 +1,7 @@
 //! The agent as the DaemonSet runs it: the container of `deploy/daemonset.yaml` (image,
 //! command and arguments, environment, capabilities, read-only root, seccomp, privilege
-//! escalation, host network and PID namespaces, volume mounts, ports, probes, grace period)
-//! read from the file and run with podman on this machine, so that what is tested is what a
+//! escalation, host network and PID namespaces, volume mounts, ports, probes, grace period,
+//! memory limit) read from the file (a field the test cannot translate stops it) and run with podman on this machine, so that what is tested is what a
 //! cluster would run.
 //!
 //! What a node provides is supplied by the test bed: the node name (the `spec.nodeName` field
@@ -70,6 +70,16 @@ impl PodmanSpec {
             .containers
             .try_into()
             .map_err(|_| anyhow::anyhow!("expected exactly one container"))?;
+        // What the test cannot translate stops it rather than being silently left out.
+        if pod.init_containers.is_some_and(|c| !c.is_empty()) {
+            bail!("initContainers are not run by the test");
+        }
+        if pod
+            .security_context
+            .is_some_and(|s| s != Default::default())
+        {
+            bail!("a pod-level securityContext is not translated by the test");
+        }
         let mut flags = Vec::new();
         if pod.host_network == Some(true) {
             flags.push("--network=host".into());
@@ -88,7 +98,18 @@ impl PodmanSpec {
             };
             flags.push(format!("--env={}={value}", e.name));
         }
+        let limits = c.resources.and_then(|r| r.limits).unwrap_or_default();
+        for (resource, quantity) in limits {
+            match resource.as_str() {
+                "memory" => flags.push(format!("--memory={}", bytes(&quantity.0)?)),
+                "cpu" => {} // a share of CPU time: nothing the test checks
+                other => bail!("resource limit {other} not translated by the test"),
+            }
+        }
         let sc = c.security_context.unwrap_or_default();
+        if sc.run_as_user.is_some() || sc.run_as_group.is_some() {
+            bail!("runAsUser/runAsGroup not translated by the test");
+        }
         if sc.privileged == Some(true) {
             flags.push("--privileged".into());
         }
@@ -109,7 +130,8 @@ impl PodmanSpec {
         match sc.seccomp_profile.map(|p| p.type_) {
             Some(t) if t == "Unconfined" => flags.push("--security-opt=seccomp=unconfined".into()),
             Some(t) if t == "RuntimeDefault" => {}
-            None => {}
+            // A kubelet's default (without --seccomp-default) is Unconfined.
+            None => flags.push("--security-opt=seccomp=unconfined".into()),
             Some(other) => bail!("seccomp profile {other} not supported by the test"),
         }
         let volumes: BTreeMap<String, String> = pod
@@ -201,6 +223,22 @@ fn podman(args: &[&str]) -> std::io::Result<std::process::Output> {
         .args(["--runtime", "runc"])
         .args(args)
         .output()
+}
+
+/// A Kubernetes memory quantity ("512Mi", "1G", "1000000") in bytes.
+fn bytes(quantity: &str) -> Result<u64> {
+    let digits = quantity.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit: u64 = match &quantity[digits.len()..] {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        other => bail!("memory quantity {quantity}: unit {other} not translated by the test"),
+    };
+    Ok(digits.parse::<u64>().context(quantity.to_owned())? * unit)
 }
 
 /// Hard limits of this process, as podman ulimit flags (podman's defaults exceed them here).

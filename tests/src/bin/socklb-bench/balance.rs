@@ -107,7 +107,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             file: "scale-up",
-            title: "Scale-up 3 -> 6 under steady long-lived load: wrk, 24 keep-alive connections (20 requests/s each), nginx pods",
+            title: "Scale-up 3 -> 6 under steady long-lived load: wrk, 24 keep-alive connections (10 requests/s each), nginx pods",
             kind: Kind::Nginx,
             target_port: HTTP_PORT,
             pods: 3,
@@ -116,7 +116,7 @@ fn scenarios() -> Vec<Scenario> {
             load: Workload::Wrk {
                 clients: 1,
                 connections: 24,
-                rate: 20,
+                rate: 10,
             },
         },
         Scenario {
@@ -243,8 +243,9 @@ fn run_one(s: &Scenario, balancer: Balancer) -> Result<Run> {
     });
     spec.rebalance = balancer == Balancer::Rebalance;
     if spec.rebalance {
-        // wrk sends one request at a time per connection, a request every 50 ms: never quiet
-        // for the default 500 ms. A short quiet time is safe for such sequential clients.
+        // wrk sends one request at a time per connection, in the scale-up a request every
+        // 100 ms: never quiet for the default 500 ms. A short quiet time is safe for such
+        // sequential clients.
         spec.rebalance_quiet = Some("20ms");
     }
     let chain = |ips: &[Ipv4Addr]| ChainService {
@@ -286,8 +287,11 @@ fn run_one(s: &Scenario, balancer: Balancer) -> Result<Run> {
         for server in &servers {
             loads.insert(server.ip, server.load(&bed.netns)?);
         }
+        // The last sample under load: clients still running and their connections open (h2load
+        // closes its connections a moment before it exits).
+        let open = loads.values().any(|l| l.connections > 0);
         samples.push((t, loads));
-        if running {
+        if running && open {
             last_loaded = samples.len() - 1;
         }
         if let Some((n, at)) = s.scale_to
