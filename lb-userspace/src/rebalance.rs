@@ -24,7 +24,9 @@
 //!    Python client took 10-30 ms here), and a request it writes before that fails. So a
 //!    connection is closed only early in its pause between requests, as far as the looks
 //!    show it: when a look found it quiet for Q ms and it sent again before the next look, it
-//!    pauses at least Q ms. Past 3/4 of the longest such pause of the last 30 looks, or within
+//!    pauses at least Q ms; when it sent n data segments in the T ms between two looks, about
+//!    T/n ms (a request is one segment or more). Past 3/4 of the longest such pause of the
+//!    last 30 looks, or within
 //!    50 ms of its end, it is left open, unless it has not sent since the last look and has
 //!    been quiet for twice that pause (it stopped asking). One seen sending in no interval
 //!    between looks is idle. So a connection that pauses less than 4/3 of the quiet time (or
@@ -198,8 +200,10 @@ pub fn idle(s: &LiveState, quiet_ms: u32, answer_ms: u32) -> Result<(), &'static
 /// What the looks showed of how a connection paces its requests (rule 5).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pace {
-    /// The longest quiet a look saw before the connection sent again (ms): a lower bound of
-    /// its longest pause between requests. `None` until it was seen sending after a look.
+    /// How long it pauses between requests (ms), at least: the longest of the quiet a look
+    /// saw before the connection sent again, and the average time per data segment sent
+    /// between two looks (a request takes one segment or more). `None` until it was seen
+    /// sending after a look.
     pub pause_ms: Option<u32>,
     /// Looks since `pause_ms` was seen: after `PAUSE_MEMORY` of them the next pause seen
     /// replaces it, so one long stall does not stand for the client's pace for ever.
@@ -212,13 +216,14 @@ pub struct Pace {
 const PAUSE_MEMORY: u32 = 30;
 
 impl Pace {
-    /// The pace after a new look, from the previous look and its pace.
-    fn after(before: Option<(&Activity, Pace)>, now: &Activity) -> Pace {
+    /// The pace after a new look, from the previous look (`since_ms` ago) and its pace.
+    fn after(before: Option<(&Activity, Pace)>, now: &Activity, since_ms: u32) -> Pace {
         let Some((b, pace)) = before else {
             return Pace::default();
         };
-        let sent = now.data_segs_out != b.data_segs_out;
-        let seen = sent.then_some(b.last_sent_ms);
+        let segments = now.data_segs_out.wrapping_sub(b.data_segs_out);
+        let sent = segments != 0;
+        let seen = sent.then(|| b.last_sent_ms.max(since_ms / segments));
         let replaced = seen.is_some() && (seen >= pace.pause_ms || pace.pause_age >= PAUSE_MEMORY);
         Pace {
             pause_ms: if replaced { seen } else { pace.pause_ms },
@@ -528,7 +533,12 @@ impl Rebalancer {
                 if before.is_some_and(|b| streaming(&b.activity, &activity)) {
                     self.streams.insert(d.cookie, now);
                 }
-                let pace = Pace::after(before.as_ref().map(|b| (&b.activity, b.pace)), &activity);
+                let since_ms = before.map_or(0, |b| now.duration_since(b.at).as_millis() as u32);
+                let pace = Pace::after(
+                    before.as_ref().map(|b| (&b.activity, b.pace)),
+                    &activity,
+                    since_ms,
+                );
                 let seen = Seen {
                     activity,
                     looks: before.map_or(1, |b| b.looks + 1),
@@ -862,13 +872,13 @@ mod tests {
             ..Activity::default()
         };
         // A client sending every 200 ms, looked at in three rounds.
-        let first = Pace::after(None, &look(10, 30));
+        let first = Pace::after(None, &look(10, 30), 0);
         assert_eq!(not_due(first, 150), Ok(()), "no pause known yet");
-        let second = Pace::after(Some((&look(10, 30), first)), &look(30, 150));
+        let second = Pace::after(Some((&look(10, 30), first)), &look(30, 150), 0);
         assert_eq!(second.pause_ms, Some(30), "quiet 30 ms, then it sent");
-        let third = Pace::after(Some((&look(30, 150), second)), &look(50, 10));
+        let third = Pace::after(Some((&look(30, 150), second)), &look(50, 10), 0);
         assert_eq!(third.pause_ms, Some(150), "the longest pause");
-        let fourth = Pace::after(Some((&look(50, 10), third)), &look(70, 20));
+        let fourth = Pace::after(Some((&look(50, 10), third)), &look(70, 20), 0);
         assert_eq!(fourth.pause_ms, Some(150), "is kept");
         assert_eq!(not_due(fourth, 100), Ok(()), "well within its pause");
         assert_eq!(not_due(fourth, 113), Err("its next request is due"));
@@ -885,18 +895,22 @@ mod tests {
         assert_eq!(not_due(short, 25), Ok(()));
         assert_eq!(not_due(short, 35), Err("its next request is due"));
         // Then it stops asking: nothing sent since the last look, quiet for 2 s.
-        let idle = Pace::after(Some((&look(70, 20), fourth)), &look(70, 2_000));
+        let idle = Pace::after(Some((&look(70, 20), fourth)), &look(70, 2_000), 0);
         assert!(idle.silent_since_look);
         assert_eq!(not_due(idle, 2_000), Ok(()), "it stopped asking");
         // A stall of 5 s is forgotten after PAUSE_MEMORY looks at a 200 ms pace.
-        let mut pace = Pace::after(Some((&look(70, 5_000), fourth)), &look(71, 20));
+        let mut pace = Pace::after(Some((&look(70, 5_000), fourth)), &look(71, 20), 0);
         assert_eq!(pace.pause_ms, Some(5_000));
         for i in 0..=PAUSE_MEMORY {
-            pace = Pace::after(Some((&look(72 + i, 150), pace)), &look(73 + i, 20));
+            pace = Pace::after(Some((&look(72 + i, 150), pace)), &look(73 + i, 20), 0);
         }
         assert_eq!(pace.pause_ms, Some(150));
+        // 10 segments sent in the second between two looks: it pauses about 100 ms, though
+        // the looks only saw it quiet for 30 ms.
+        let averaged = Pace::after(Some((&look(10, 30), first)), &look(20, 40), 1_000);
+        assert_eq!(averaged.pause_ms, Some(100));
         // A pool connection never seen sending between looks.
-        let pool = Pace::after(Some((&look(7, 900), first)), &look(7, 1_900));
+        let pool = Pace::after(Some((&look(7, 900), first)), &look(7, 1_900), 0);
         assert_eq!(not_due(pool, 1_900), Ok(()));
     }
 
