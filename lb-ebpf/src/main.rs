@@ -652,7 +652,11 @@ unsafe fn pick_backend(ctx: &SockAddrContext, service: &Service) -> Option<(u32,
         })?
     } else {
         let index = if service.algorithm == Algorithm::LeastConn as u8 {
-            unsafe { least_conn_slot(service.id, count) }?
+            // The scan returns the backend it compared, not a slot to look up again (a
+            // rewrite in between could put another backend there).
+            return unsafe { least_conn_backend(service.id, count) }
+                .and_then(|id| Some((id, *(unsafe { BACKENDS.get(&id) })?)))
+                .inspect(|(id, _)| unsafe { remember_affinity(service, client, *id) });
         } else if service.algorithm == Algorithm::RoundRobin as u8 {
             round_robin_slot(service.id, count)
         } else {
@@ -666,6 +670,13 @@ unsafe fn pick_backend(ctx: &SockAddrContext, service: &Service) -> Option<(u32,
         })?
     };
     let backend = *(unsafe { BACKENDS.get(&backend_id) })?;
+    unsafe { remember_affinity(service, client, backend_id) };
+    Some((backend_id, backend))
+}
+
+/// Records the client's choice for session affinity, if the Service has it.
+#[inline(always)]
+unsafe fn remember_affinity(service: &Service, client: u64, backend_id: u32) {
     if service.affinity_timeout != 0 {
         let key = AffinityKey {
             service_id: service.id,
@@ -679,7 +690,6 @@ unsafe fn pick_backend(ctx: &SockAddrContext, service: &Service) -> Option<(u32,
         };
         let _ = AFFINITY.insert(&key, &value, 0);
     }
-    Some((backend_id, backend))
 }
 
 /// The backend this client used within the affinity timeout, if it is still in the Service.
@@ -732,10 +742,13 @@ unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
     }
 }
 
-/// Least connections over the Service's slots. With more than `LEAST_CONN_WINDOW` backends it
-/// compares that many slots drawn independently at random (the power of d choices, d = 32),
-/// so the per-connect cost stays bounded and every backend is as likely to be looked at: a
-/// window of consecutive slots would mostly miss the block of new backends a scale-up appends.
+/// Least connections over the Service's slots: the backend id with the fewest connections.
+/// With more than `LEAST_CONN_WINDOW` backends it compares that many distinct slots from a
+/// random start with a random stride coprime to the count (a prime above the largest count,
+/// modulo it): the power of d choices, d = 32, with a bounded per-connect cost and every
+/// backend as likely to be looked at. A window of consecutive slots would mostly miss the
+/// block of new backends a scale-up appends; independent draws would repeat slots (32 draws
+/// over 33 slots see about 21).
 /// Ties are broken uniformly at random (reservoir sampling over the tied slots): with many
 /// nodes each deciding on their own counts, a fixed tie-break order would send every node's
 /// next connection to the same pod.
@@ -743,19 +756,22 @@ unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
 /// The scan runs under `bpf_loop` so the verifier checks the body once instead of walking
 /// every path through every iteration.
 #[inline(always)]
-unsafe fn least_conn_slot(service_id: u32, count: u32) -> Option<u32> {
-    let (sampled, window) = if count <= LEAST_CONN_WINDOW {
-        (0, count)
+unsafe fn least_conn_backend(service_id: u32, count: u32) -> Option<u32> {
+    // Primes above MAX_BACKENDS_PER_SERVICE: coprime to every count.
+    const PRIMES: [u32; 8] = [8209, 8219, 8221, 8231, 8233, 8237, 8243, 8263];
+    let (start, stride, window) = if count <= LEAST_CONN_WINDOW {
+        (0, 1, count)
     } else {
-        (1, LEAST_CONN_WINDOW)
+        let prime = PRIMES[(random_below(8) & 7) as usize];
+        (random_below(count), prime % count, LEAST_CONN_WINDOW)
     };
     let mut scan = LeastConnScan {
         service_id,
         count,
-        sampled,
+        start,
+        stride,
         ties: 0,
         best: u32::MAX,
-        _pad: 0,
         best_load: u64::MAX,
     };
     let callback = scan_slot as *const () as *mut c_void;
@@ -769,24 +785,29 @@ unsafe fn least_conn_slot(service_id: u32, count: u32) -> Option<u32> {
 struct LeastConnScan {
     service_id: u32,
     count: u32,
-    /// 0: every slot in turn; 1: `count` is over the window, each look is a random slot.
-    sampled: u32,
+    /// Look `i` is at slot `(start + i * stride) % count`.
+    start: u32,
+    stride: u32,
     ties: u32,
+    /// The backend id of the least loaded so far.
     best: u32,
-    _pad: u32,
     best_load: u64,
 }
 
-/// `bpf_loop` body: looks at slot `i` (or a random one) and keeps the least loaded.
+/// `bpf_loop` body: looks at the `i`-th slot of the walk and keeps the least loaded.
 extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
     const CONTINUE: i64 = 0;
     let scan = ctx.cast::<LeastConnScan>();
     // SAFETY: ctx is the LeastConnScan on least_conn_slot's stack, alive during bpf_loop.
     unsafe {
-        let index = match (*scan).sampled {
-            0 => i as u32,
-            _ => random_below((*scan).count),
-        };
+        let count = (*scan).count;
+        if count == 0 {
+            return 1; // stop (never: the caller checks)
+        }
+        let index = (*scan)
+            .start
+            .wrapping_add((i as u32).wrapping_mul((*scan).stride))
+            % count;
         let key = SlotKey {
             service_id: (*scan).service_id,
             index,
@@ -800,12 +821,12 @@ extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
         let load = read_volatile(load);
         if load < (*scan).best_load {
             (*scan).best_load = load;
-            (*scan).best = index;
+            (*scan).best = backend_id;
             (*scan).ties = 1;
         } else if load == (*scan).best_load {
             (*scan).ties += 1;
             if random_below((*scan).ties) == 0 {
-                (*scan).best = index;
+                (*scan).best = backend_id;
             }
         }
     }

@@ -7,7 +7,13 @@
 //! restart, rebalancing, closing UDP sockets of backends that left) runs on the `background`
 //! thread, from a snapshot this loop publishes after each round.
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use lb_common::{Algorithm, IPPROTO_UDP, SlotKey, backend_state, settings};
@@ -111,7 +117,18 @@ pub async fn run(config: Config) -> Result<()> {
                     }
                 })?;
             watcher.watch(dir, RecursiveMode::NonRecursive)?;
-            (Loaded::Manifests(ManifestDir::new(dir)), Some(watcher))
+            let mut pinned: BTreeMap<_, BTreeSet<_>> = BTreeMap::new();
+            for f in reconcile::programmed_frontends(&programmed)
+                .frontends
+                .values()
+            {
+                pinned
+                    .entry(f.service.clone())
+                    .or_default()
+                    .insert(f.key.ip);
+            }
+            let dir = ManifestDir::new(dir).preferring(pinned);
+            (Loaded::Manifests(dir), Some(watcher))
         }
         Source::Kubernetes { kubeconfig, node } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
@@ -402,7 +419,7 @@ impl Agent {
         // A drained backend is forgotten (and its id reused) only once its count is zero and
         // no live socket refers to it, which the socket iterator says for those candidates.
         // One socket of each is enough to know it is held.
-        let drained: std::collections::BTreeMap<u32, u64> = programmed
+        let drained: BTreeMap<u32, u64> = programmed
             .backends
             .iter()
             .filter(|(id, b)| b.state == backend_state::DRAINING && maps.connections(**id) == 0)

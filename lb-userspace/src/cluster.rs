@@ -237,13 +237,14 @@ pub fn desired(
                     files: state.files_of(service_ref),
                     message,
                 });
-                let kept = previous
+                // What it had, address by address: one taken meanwhile (an address it no
+                // longer wanted) does not cost it the others.
+                previous
                     .frontends
                     .values()
-                    .filter(|f| f.service == **service_ref)
+                    .filter(|f| f.service == **service_ref && !out.frontends.contains_key(&f.key))
                     .cloned()
-                    .collect();
-                claim(&out, kept).unwrap_or_default()
+                    .collect()
             }
         };
         for frontend in frontends {

@@ -10,8 +10,9 @@
 //! refused unread, and entries that cannot be read (a broken or looping symlink) reported.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -31,6 +32,10 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, Vec<Object>>,
     /// The file each object was last used from.
     origins: BTreeMap<ObjectId, PathBuf>,
+    /// The ClusterIPs programmed for each Service when the agent started (pinned maps): of
+    /// two copies of a Service not yet used from a file, the one with these addresses wins,
+    /// so a restart does not hand a Service's address to a copy that sorts first.
+    pinned: BTreeMap<ServiceRef, BTreeSet<IpAddr>>,
 }
 
 impl ManifestDir {
@@ -39,7 +44,35 @@ impl ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
             origins: BTreeMap::new(),
+            pinned: BTreeMap::new(),
         }
+    }
+
+    /// Prefers, among copies of a Service, the one with the addresses programmed for it.
+    pub fn preferring(mut self, pinned: BTreeMap<ServiceRef, BTreeSet<IpAddr>>) -> Self {
+        self.pinned = pinned;
+        self
+    }
+
+    /// Whether `object` is a Service whose ClusterIPs are the ones programmed for it.
+    fn is_pinned(&self, id: &ObjectId, object: &Object) -> bool {
+        let Object::Service(service) = object else {
+            return false;
+        };
+        let key = ServiceRef {
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+        };
+        let Some(pinned) = self.pinned.get(&key) else {
+            return false;
+        };
+        let spec = service.spec.as_ref();
+        let ips = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+        let ip = spec.and_then(|s| s.cluster_ip.clone());
+        ips.iter()
+            .chain(&ip)
+            .filter_map(|ip| ip.parse().ok())
+            .any(|ip| pinned.contains(&ip))
     }
 
     pub fn path(&self) -> &Path {
@@ -96,7 +129,10 @@ impl ManifestDir {
         for (path, objects) in &self.files {
             for object in objects {
                 let id = object.id();
-                let was_here = self.origins.get(&id) == Some(path);
+                let was_here = match self.origins.get(&id) {
+                    Some(origin) => origin == path,
+                    None => self.is_pinned(&id, object),
+                };
                 match chosen.get(&id) {
                     Some(_) if !was_here => continue,
                     _ => {
@@ -334,6 +370,30 @@ mod tests {
             text.iter()
                 .any(|t| t.contains("big.yaml: cannot read") && t.contains("split it"))
         );
+        // After a restart the copy with the programmed address still wins over one that
+        // sorts first.
+        fs::remove_file(d.join("web.yaml")).unwrap();
+        fs::rename(d.join("web.saved"), d.join("web.yaml")).unwrap();
+        fs::write(
+            d.join("00-copy.yaml"),
+            SVC.replace("10.96.0.10", "10.96.0.99"),
+        )
+        .unwrap();
+        let pinned = BTreeMap::from([(
+            ServiceRef {
+                namespace: "ns".into(),
+                name: "web".into(),
+            },
+            BTreeSet::from(["10.96.0.10".parse().unwrap()]),
+        )]);
+        let (restarted, _) = ManifestDir::new(&d).preferring(pinned).load();
+        assert_eq!(cluster_ip(&restarted), cluster_ip(&s));
+        let (fresh, _) = ManifestDir::new(&d).load();
+        assert_eq!(
+            cluster_ip(&fresh).as_deref(),
+            Some("10.96.0.99"),
+            "without pins the first file wins"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -381,6 +441,47 @@ mod tests {
             )),
             "{}",
             errors[0]
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_refused_edit_keeps_every_address_still_free() {
+        let d = dir();
+        let two_ports = SVC.replace(
+            "ports: [{port: 80}]",
+            "ports: [{name: a, port: 80}, {name: b, port: 81}]",
+        );
+        fs::write(d.join("web.yaml"), &two_ports).unwrap();
+        let api = SVC.replace("name: web", "name: api");
+        fs::write(d.join("api.yaml"), api.replace("10.96.0.10", "10.96.0.20")).unwrap();
+        let mut m = ManifestDir::new(&d);
+        let algorithm = lb_common::Algorithm::LeastConn;
+        let (s, _) = m.load();
+        let (held, errors) = crate::cluster::desired(&s, algorithm, &Default::default());
+        assert!(errors.is_empty() && held.frontends.len() == 3, "{errors:?}");
+        // web is edited to want api's address (refused), and a new Service that sorts first
+        // takes web's port 81, which web no longer wants: web keeps port 80.
+        fs::write(d.join("web.yaml"), SVC.replace("10.96.0.10", "10.96.0.20")).unwrap();
+        let aaa = SVC
+            .replace("name: web", "name: aaa")
+            .replace("port: 80", "port: 81");
+        fs::write(d.join("aaa.yaml"), aaa).unwrap();
+        let (s, _) = m.load();
+        let (now, errors) = crate::cluster::desired(&s, algorithm, &held);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let owners: Vec<(String, String)> = now
+            .frontends
+            .values()
+            .map(|f| (f.key.to_string(), f.service.name.clone()))
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                ("10.96.0.10:80/TCP".to_owned(), "web".to_owned()),
+                ("10.96.0.10:81/TCP".to_owned(), "aaa".to_owned()),
+                ("10.96.0.20:80/TCP".to_owned(), "api".to_owned()),
+            ]
         );
         fs::remove_dir_all(&d).unwrap();
     }

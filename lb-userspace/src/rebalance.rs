@@ -24,9 +24,9 @@
 //!    Python client took 10-30 ms here), and a request it writes before that fails. So a
 //!    connection is closed only early in its pause between requests, as far as the looks
 //!    show it: when a look found it quiet for Q ms and it sent again before the next look, it
-//!    pauses at least Q ms; when it sent n data segments in the T ms between two looks, about
-//!    T/n ms (a request is one segment or more). Past 3/4 of the longest such pause of the
-//!    last 30 looks, or within
+//!    pauses at least Q ms; when it sent n data segments in the T ms between two looks, at
+//!    least T/(n+1) ms (a request is one segment or more). Past 3/4 of the longest such pause
+//!    (kept for 30 looks), or within
 //!    50 ms of its end, it is left open, unless it has not sent since the last look and has
 //!    been quiet for twice that pause (it stopped asking). One seen sending in no interval
 //!    between looks is idle. So a connection that pauses less than 4/3 of the quiet time (or
@@ -201,12 +201,13 @@ pub fn idle(s: &LiveState, quiet_ms: u32, answer_ms: u32) -> Result<(), &'static
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pace {
     /// How long it pauses between requests (ms), at least: the longest of the quiet a look
-    /// saw before the connection sent again, and the average time per data segment sent
-    /// between two looks (a request takes one segment or more). `None` until it was seen
-    /// sending after a look.
+    /// saw before the connection sent again, and T/(n+1) for n data segments sent in the T ms
+    /// between two looks (a request takes one segment or more, and n sends every P ms fit in
+    /// T only if T < (n+1) P). `None` until it was seen sending after a look.
     pub pause_ms: Option<u32>,
     /// Looks since `pause_ms` was seen: after `PAUSE_MEMORY` of them the next pause seen
-    /// replaces it, so one long stall does not stand for the client's pace for ever.
+    /// replaces it (even if shorter; pauses seen in between are not kept: the estimate only
+    /// errs shorter, which closes less), so one long stall does not stand for ever.
     pub pause_age: u32,
     /// It has sent nothing since the previous look.
     pub silent_since_look: bool,
@@ -223,11 +224,16 @@ impl Pace {
         };
         let segments = now.data_segs_out.wrapping_sub(b.data_segs_out);
         let sent = segments != 0;
-        let seen = sent.then(|| b.last_sent_ms.max(since_ms / segments));
+        // n sends of a client that sends every P ms fit in T ms only if T < (n + 1) P.
+        let seen = sent.then(|| b.last_sent_ms.max(since_ms / (segments + 1)));
         let replaced = seen.is_some() && (seen >= pace.pause_ms || pace.pause_age >= PAUSE_MEMORY);
         Pace {
             pause_ms: if replaced { seen } else { pace.pause_ms },
-            pause_age: if replaced { 0 } else { pace.pause_age + 1 },
+            pause_age: if replaced {
+                0
+            } else {
+                pace.pause_age.saturating_add(1)
+            },
             silent_since_look: !sent,
         }
     }
@@ -905,9 +911,9 @@ mod tests {
             pace = Pace::after(Some((&look(72 + i, 150), pace)), &look(73 + i, 20), 0);
         }
         assert_eq!(pace.pause_ms, Some(150));
-        // 10 segments sent in the second between two looks: it pauses about 100 ms, though
+        // 9 segments sent in the second between two looks: it pauses at least 100 ms, though
         // the looks only saw it quiet for 30 ms.
-        let averaged = Pace::after(Some((&look(10, 30), first)), &look(20, 40), 1_000);
+        let averaged = Pace::after(Some((&look(10, 30), first)), &look(19, 40), 1_000);
         assert_eq!(averaged.pause_ms, Some(100));
         // A pool connection never seen sending between looks.
         let pool = Pace::after(Some((&look(7, 900), first)), &look(7, 1_900), 0);

@@ -854,12 +854,22 @@ mod tests {
         }
     }
 
-    /// Applies op by op, checking what a concurrent connect could see after each.
-    struct Checked<'a>(&'a mut Programmed);
+    /// Applies op by op, checking what a concurrent connect could see after each; also that
+    /// no slot a connect could still look up with the count it read before the plan (the
+    /// second field) is deleted while its service is programmed.
+    struct Checked<'a>(&'a mut Programmed, BTreeMap<u32, u32>);
     impl MapWriter for Checked<'_> {
         fn write(&mut self, op: &Op) -> anyhow::Result<()> {
             self.0.apply(op);
             check_after(self.0, op);
+            if let Op::DeleteSlot(k) = op {
+                let programmed = self.0.services.values().any(|s| s.id == k.service_id);
+                let before = self.1.get(&k.service_id).copied().unwrap_or(0);
+                assert!(
+                    !programmed || k.index >= before,
+                    "{op:?} below the count {before} a connect may have read"
+                );
+            }
             Ok(())
         }
     }
@@ -871,7 +881,8 @@ mod tests {
     /// Applies `plan` op by op, checking after each op that no slot points nowhere.
     fn apply_checked(plan: Plan, p: &mut Programmed) -> Plan {
         let mut mirror = p.clone();
-        let applied = writer::apply(&plan, &mut Checked(p), &mut mirror);
+        let counts = p.services.values().map(|s| (s.id, s.count)).collect();
+        let applied = writer::apply(&plan, &mut Checked(p, counts), &mut mirror);
         assert!(applied.errors.is_empty());
         assert_eq!(&mirror, p);
         plan

@@ -193,6 +193,11 @@ fn the_image_runs_as_the_daemonset_says_and_survives_a_rolling_update() {
         .find(|a| a.starts_with("--pin-path="))
         .cloned()
         .unwrap_or_else(|| "--pin-path=/sys/fs/bpf/socklb".into());
+    let before = attached(bed.cgroup_root.path());
+    assert!(
+        before.contains("connect4"),
+        "bpftool sees no program: {before}"
+    );
     let cleanup = Container::start(
         &spec,
         &unique("cleanup"),
@@ -212,6 +217,21 @@ fn the_image_runs_as_the_daemonset_says_and_survives_a_rolling_update() {
         fs::read_dir(&bpffs.0).map(|d| d.count())
     );
     assert_eq!(a.requests(1).unwrap().values().sum::<u64>(), 12);
+    // And nothing is left attached to the cgroup (the pod's connects fall back to the test
+    // bed's kube-proxy rules).
+    let left = attached(bed.cgroup_root.path());
+    assert!(!left.contains("connect4"), "{left}");
+}
+
+/// The programs attached to a cgroup, as bpftool lists them.
+fn attached(cgroup: &std::path::Path) -> String {
+    let out = std::process::Command::new("bpftool")
+        .arg("cgroup")
+        .arg("show")
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
 /// Removes a file when dropped.
