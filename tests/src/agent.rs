@@ -19,6 +19,7 @@ pub struct Agent {
     log: PathBuf,
     /// Everything but the pin path and status address.
     args: Vec<std::ffi::OsString>,
+    _bpffs: crate::bpffs::Held,
 }
 
 /// A row of `socklbctl -j backend list`.
@@ -72,6 +73,7 @@ impl Agent {
             pin_path: PathBuf::from("/sys/fs/bpf").join(&name),
             log: std::env::temp_dir().join(format!("{name}.log")),
             args,
+            _bpffs: crate::bpffs::hold()?,
         };
         agent.launch()?;
         Ok(agent)

@@ -264,10 +264,13 @@ fn ulimits() -> Vec<String> {
     ]
 }
 
-/// A container, removed (forcibly) when dropped.
+/// A container, removed (forcibly) when dropped, with the cgroups podman made for it: they
+/// live under a parent named like the container (podman's default parent, `libpod_parent`,
+/// would stay behind in every hierarchy).
 pub struct Container {
     pub name: String,
     grace_seconds: i64,
+    _bpffs: crate::bpffs::Held,
 }
 
 impl Container {
@@ -279,12 +282,15 @@ impl Container {
         extra: &[String],
         args: Option<&[String]>,
     ) -> Result<Container> {
+        reap_stale_containers();
+        let _bpffs = crate::bpffs::hold()?;
         let _ = podman(&["rm", "--force", "--ignore", name]);
         let mut run: Vec<String> = vec![
             "run".into(),
             "--detach".into(),
             "--pull=never".into(),
             format!("--name={name}"),
+            format!("--cgroup-parent=/{name}"),
         ];
         run.extend(spec.flags.iter().cloned());
         run.extend(ulimits());
@@ -309,6 +315,7 @@ impl Container {
         Ok(Container {
             name: name.to_owned(),
             grace_seconds: spec.grace_seconds,
+            _bpffs,
         })
     }
 
@@ -371,5 +378,36 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = podman(&["rm", "--force", "--time", "0", &self.name]);
+        remove_cgroup_parent(&self.name);
     }
+}
+
+/// Removes the cgroup parent `name` in every hierarchy (v2 and, on a hybrid machine, v1).
+fn remove_cgroup_parent(name: &str) {
+    for hierarchy in fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = hierarchy.path().join(name);
+        if dir.exists() {
+            crate::cgroup::remove(&dir);
+        }
+    }
+}
+
+/// Removes, once per process, the containers (and their cgroups) of test processes that
+/// died without cleaning up (named by `crate::unique`, so they carry their owner's pid).
+fn reap_stale_containers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(out) = podman(&["ps", "--all", "--format", "{{.Names}}"]) else {
+            return;
+        };
+        let names = String::from_utf8_lossy(&out.stdout);
+        for name in names.lines().filter(|n| crate::leftovers::is_stale(n)) {
+            let _ = podman(&["rm", "--force", "--time", "0", name]);
+            remove_cgroup_parent(name);
+        }
+    });
 }

@@ -21,7 +21,18 @@ pub(crate) fn reap_once() {
 fn reap() {
     let bpf = stale_in(Path::new("/sys/fs/bpf"));
     let netns = stale_in(Path::new("/run/netns"));
-    let cgroups = stale_in(Path::new(CGROUP_ROOT));
+    // The test cgroups, and on a hybrid machine the v1 hierarchies too (podman makes a
+    // container's cgroups in each).
+    let mut cgroups = stale_in(Path::new(CGROUP_ROOT));
+    for hierarchy in fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if hierarchy.path() != Path::new(CGROUP_ROOT) {
+            cgroups.extend(stale_in(&hierarchy.path()));
+        }
+    }
     let temp = stale_in(&std::env::temp_dir());
     let names: Vec<String> = [&bpf, &netns, &cgroups, &temp]
         .into_iter()
@@ -56,13 +67,13 @@ fn stale_in(dir: &Path) -> Vec<PathBuf> {
     let entries = fs::read_dir(dir).into_iter().flatten().flatten();
     entries
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(owner_pid)
-                .is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_stale))
         .collect()
+}
+
+/// Whether `name` was made by `unique` in a process that no longer exists.
+pub(crate) fn is_stale(name: &str) -> bool {
+    owner_pid(name).is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
 }
 
 /// The pid in `sl<what>-<pid>-<n>[.ext]`.

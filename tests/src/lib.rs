@@ -20,6 +20,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod bpffs;
 pub mod cgroup;
 pub mod client;
 pub mod container;

@@ -25,6 +25,9 @@ pub struct Testbed {
     pub manifests: ManifestDir,
     pub cgroup: Cgroup,
     pub netns: Netns,
+    /// Held for the bed's whole life: agents it starts directly (not through `Agent`) find
+    /// bpffs mounted, and leave nothing mounted behind.
+    _bpffs: crate::bpffs::Held,
 }
 
 impl Testbed {
@@ -35,6 +38,7 @@ impl Testbed {
             manifests: ManifestDir::new(prefix)?,
             cgroup: Cgroup::new(prefix)?,
             netns: Netns::new(prefix)?,
+            _bpffs: crate::bpffs::hold()?,
         })
     }
 

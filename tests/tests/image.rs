@@ -52,6 +52,8 @@ fn backends_in(c: &Container) -> BTreeMap<String, u64> {
 #[test]
 fn the_image_runs_as_the_daemonset_says_and_survives_a_rolling_update() {
     require_privileges!();
+    // Declared first, so dropped last: after the directory below is gone.
+    let _mounted = socklb_tests::bpffs::hold().unwrap();
     let bpffs = BpffsDir(PathBuf::from("/sys/fs/bpf").join(unique("image")));
     fs::create_dir(&bpffs.0).unwrap();
     let mut bed = KubeBed::new("img").unwrap();

@@ -3,7 +3,6 @@
 //! Every task but `setup` runs the set-up first, so the two README commands work on a fresh
 //! machine. The set-up is idempotent and takes well under a second once done.
 
-mod bpffs;
 mod image;
 mod setup;
 
@@ -64,7 +63,6 @@ fn main() -> Result<()> {
         Task::Test { filter } => test(&tools, &root, filter.as_deref()),
         Task::Demo => {
             cargo(&tools, &["build", "--release", "--bins"])?;
-            let _bpffs = bpffs::Bpffs::ensure()?;
             step(
                 "demo",
                 Command::new(root.join("target/release/socklb-demo")),
@@ -77,7 +75,6 @@ fn main() -> Result<()> {
             bench
                 .arg(&which)
                 .env("SOCKLB_RESULTS", root.join("results"));
-            let _bpffs = bpffs::Bpffs::ensure()?;
             step(&format!("bench {which}"), bench)
         }
     }
@@ -95,7 +92,6 @@ fn test(tools: &setup::Tools, root: &Path, filter: Option<&str>) -> Result<()> {
     if let Some(f) = filter {
         args.extend(["--", f]);
     }
-    let _bpffs = bpffs::Bpffs::ensure()?;
     cargo(tools, &args)?;
     println!("xtask: all tests passed in {:.0?}", start.elapsed());
     Ok(())
