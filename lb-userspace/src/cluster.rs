@@ -216,24 +216,23 @@ pub fn desired(
         .collect();
     let mut out = Desired::default();
     let mut errors = Vec::new();
-    for (service_ref, resolution) in resolved.iter() {
+    for (service_ref, resolution) in resolved {
         let held_elsewhere = |frontends: Vec<Frontend>| {
             for f in &frontends {
-                if let Some(holder) = holders.get(&f.key).filter(|h| **h != *service_ref) {
+                if let Some(holder) = holders.get(&f.key).filter(|h| **h != service_ref) {
                     return Err(format!("{} is already used by Service {holder}", f.key));
                 }
             }
             Ok(frontends)
         };
         let wanted = resolution
-            .clone()
             .and_then(held_elsewhere)
             .and_then(|frontends| claim(&out, frontends));
         let frontends = match wanted {
             Ok(frontends) => frontends,
             Err(message) => {
                 errors.push(ServiceError {
-                    service: (*service_ref).clone(),
+                    service: service_ref.clone(),
                     files: state.files_of(service_ref),
                     message,
                 });
@@ -242,7 +241,7 @@ pub fn desired(
                 previous
                     .frontends
                     .values()
-                    .filter(|f| f.service == **service_ref && !out.frontends.contains_key(&f.key))
+                    .filter(|f| f.service == *service_ref && !out.frontends.contains_key(&f.key))
                     .cloned()
                     .collect()
             }

@@ -201,16 +201,7 @@ impl PodmanSpec {
 
 /// What keeps the image test from running here, if anything: podman, runc, the image.
 pub fn missing(image: &str) -> Vec<String> {
-    let mut missing = Vec::new();
-    for tool in ["podman", "runc"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            missing.push(format!("{tool} not installed"));
-        }
-    }
+    let mut missing = crate::privileges::missing_tools(&["podman", "runc"]);
     if missing.is_empty() && !podman(&["image", "exists", image]).is_ok_and(|o| o.status.success())
     {
         missing.push(format!("image {image} not built (cargo xtask image)"));

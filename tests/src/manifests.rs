@@ -164,10 +164,7 @@ impl ManifestDir {
 
     /// Writes a file atomically (write then rename), as deploy tools do.
     pub fn write(&self, file: &str, text: &str) -> Result<()> {
-        let tmp = self.path.join(format!(".{file}.tmp"));
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, self.path.join(file))?;
-        Ok(())
+        write_atomically(&self.path, file, text)
     }
 
     pub fn remove(&self, file: &str) -> Result<()> {
@@ -179,6 +176,14 @@ impl Drop for ManifestDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
     }
+}
+
+/// Writes `dir/file` with a rename, so a reader never sees half a file.
+pub(crate) fn write_atomically(dir: &Path, file: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, dir.join(file))?;
+    Ok(())
 }
 
 /// Pod addresses 10.244.<subnet>.1..=n.

@@ -35,26 +35,32 @@ fn missing() -> Vec<String> {
     if !Path::new(CGROUP_ROOT).join("cgroup.procs").exists() {
         missing.push(format!("no cgroup v2 hierarchy at {CGROUP_ROOT}"));
     }
-    for tool in [
+    missing.extend(missing_tools(&[
         "ip",
         "ss",
         "nsenter",
         "iptables-restore",
         "ip6tables-restore",
         "java",
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            missing.push(format!("{tool} not installed"));
-        }
-    }
+    ]));
     if !Path::new("/usr/lib/python3/dist-packages/grpc/__init__.py").exists() {
         missing.push("python3-grpcio not installed".to_owned());
     }
     missing
+}
+
+/// "<tool> not installed" for each of `tools` not on PATH.
+pub fn missing_tools(tools: &[&str]) -> Vec<String> {
+    tools
+        .iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|tool| format!("{tool} not installed"))
+        .collect()
 }
 
 /// Returns from the calling test if it cannot run here (and fails it in CI).

@@ -2,7 +2,13 @@
 //! (once started) an agent. Everything is removed when it is dropped, also when the test fails.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
     time::Duration,
 };
 
@@ -12,7 +18,7 @@ use crate::{
     agent::Agent,
     cgroup::Cgroup,
     client::Client,
-    manifests::{ManifestDir, ServiceSpec, pod_ips},
+    manifests::{ManifestDir, ServiceSpec, pod_ips, write_atomically},
     netns::Netns,
     pod::Pod,
     wait_for,
@@ -87,6 +93,43 @@ impl Testbed {
     pub fn write_service(&self, spec: &ServiceSpec) -> Result<()> {
         self.manifests
             .write(&format!("{}.yaml", spec.name), &spec.yaml())
+    }
+
+    /// Rewrites `spec`'s manifest every `every` with the pods of `sets[0]`, then `sets[1]`,
+    /// in turn (at most `max` times), until the returned flipper is stopped.
+    pub fn flip_pods<A: Into<IpAddr> + Copy + Send + 'static>(
+        &self,
+        spec: &ServiceSpec,
+        sets: [Vec<A>; 2],
+        every: Duration,
+        max: usize,
+    ) -> Flipper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (dir, mut spec) = (self.manifests.path().to_owned(), spec.clone());
+        let stopped = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut flips = 0;
+            while !stopped.load(Ordering::Relaxed) && flips < max {
+                spec.set_pods(&sets[flips % 2]);
+                write_atomically(&dir, &format!("{}.yaml", spec.name), &spec.yaml())
+                    .expect("writing the manifest");
+                flips += 1;
+                thread::sleep(every);
+            }
+            flips
+        });
+        Flipper { stop, thread }
+    }
+
+    /// `processes` client processes, each making `count` connect-request-close cycles to
+    /// `target` in a thread of its own.
+    pub fn churn(&self, processes: usize, target: SocketAddr, count: usize) -> Result<Churn> {
+        let mut threads = Vec::with_capacity(processes);
+        for _ in 0..processes {
+            let mut client = self.client()?;
+            threads.push(thread::spawn(move || client.churn(target, count)));
+        }
+        Ok(Churn(threads))
     }
 
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<&mut Agent> {
@@ -172,5 +215,35 @@ impl Testbed {
             "maps count {counted:?}, pods hold {open:?}"
         );
         Ok(())
+    }
+}
+
+/// A thread rewriting a manifest (`Testbed::flip_pods`).
+pub struct Flipper {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<usize>,
+}
+
+impl Flipper {
+    /// Stops flipping; how many times the manifest was written.
+    pub fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("flipper thread")
+    }
+}
+
+/// Of one churning process: cycles that succeeded, and failures by error.
+pub type Churned = (u64, BTreeMap<String, u64>);
+
+/// Client processes churning connections (`Testbed::churn`).
+pub struct Churn(Vec<JoinHandle<Result<Churned>>>);
+
+impl Churn {
+    /// Per process, what it churned.
+    pub fn join(self) -> Vec<Churned> {
+        self.0
+            .into_iter()
+            .map(|t| t.join().expect("churn thread").expect("churn"))
+            .collect()
     }
 }

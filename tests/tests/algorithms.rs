@@ -1,16 +1,7 @@
 //! round-robin, maglev, session affinity, least-conn over many pods and scale-downs on the
 //! real kernel.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, thread, time::Duration};
 
 use socklb_tests::{
     client::per_pod,
@@ -28,14 +19,7 @@ fn round_robin_gives_each_pod_its_share_within_one_per_cpu() {
     // cursor, so of 600 connections each pod gets 100, give or take one per CPU that ran
     // connects (random choice would be some ten off).
     let before: Vec<u64> = bed.accepted().iter().map(|(_, n)| *n).collect();
-    let workers: Vec<_> = (0..2)
-        .map(|_| {
-            let (mut c, vip) = (bed.client().unwrap(), spec.target());
-            thread::spawn(move || c.churn(vip, 300).unwrap())
-        })
-        .collect();
-    for w in workers {
-        let (ok, errors) = w.join().unwrap();
+    for (ok, errors) in bed.churn(2, spec.target(), 300).unwrap().join() {
         assert_eq!(ok, 300, "{errors:?}");
     }
     let got: Vec<u64> = bed
@@ -69,36 +53,17 @@ fn no_connect_is_refused_while_pods_flip_between_6_and_3_whatever_the_algorithm(
         )
         .unwrap();
         let ips = pod_ips(subnet, 6);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flipper = {
-            let (stop, dir) = (stop.clone(), bed.manifests.path().to_owned());
-            let mut spec = spec.clone();
-            thread::spawn(move || {
-                let mut flips = 0;
-                while !stop.load(Ordering::Relaxed) && flips < 400 {
-                    spec.set_pods(if flips % 2 == 0 { &ips[..3] } else { &ips[..] });
-                    let tmp = dir.join(".web.yaml.tmp");
-                    std::fs::write(&tmp, spec.yaml()).unwrap();
-                    std::fs::rename(&tmp, dir.join("web.yaml")).unwrap();
-                    flips += 1;
-                    thread::sleep(Duration::from_millis(150));
-                }
-                flips
-            })
-        };
+        let flipper = bed.flip_pods(
+            &spec,
+            [ips[..3].to_vec(), ips.clone()],
+            Duration::from_millis(150),
+            400,
+        );
         // A connect storm from two processes while the count goes down and up again.
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                let (mut c, vip) = (bed.client().unwrap(), spec.target());
-                thread::spawn(move || c.churn(vip, 4_000).unwrap())
-            })
-            .collect();
-        for w in workers {
-            let (ok, errors) = w.join().unwrap();
+        for (ok, errors) in bed.churn(2, spec.target(), 4_000).unwrap().join() {
             assert_eq!(ok, 4_000, "{algorithm}: {errors:?}");
         }
-        stop.store(true, Ordering::Relaxed);
-        let flips = flipper.join().unwrap();
+        let flips = flipper.stop();
         assert!(flips >= 6, "{algorithm}: only {flips} flips");
     }
 }

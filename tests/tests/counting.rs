@@ -1,16 +1,7 @@
 //! Live connection counts: exact from the moment of assignment to the close, including
 //! connects that never establish, under concurrency, without drift.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, thread, time::Duration};
 
 use serde_json::json;
 use socklb_tests::{
@@ -102,14 +93,7 @@ fn no_drift_after_thousands_of_concurrent_open_close_cycles() {
 
     // Two processes on two CPUs open, use and close connections as fast as they can.
     let cycles = 1500;
-    let workers: Vec<_> = (0..2)
-        .map(|_| {
-            let mut c = bed.client().unwrap();
-            thread::spawn(move || c.churn(vip, cycles).unwrap())
-        })
-        .collect();
-    for w in workers {
-        let (ok, errors) = w.join().unwrap();
+    for (ok, errors) in bed.churn(2, vip, cycles).unwrap().join() {
         assert_eq!(ok, cycles as u64, "{errors:?}");
     }
     bed.settle_at(5).unwrap();
@@ -203,40 +187,23 @@ fn ten_thousand_cycles_while_backends_flip_and_the_agent_restarts_leave_every_co
     let vip = spec.target();
 
     // The manifest flips between 3 and 6 backends every 100 ms for the whole run.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flipper = {
-        let (stop, dir, mut spec) = (stop.clone(), bed.manifests.path().to_owned(), spec.clone());
-        thread::spawn(move || {
-            let mut flips = 0;
-            while !stop.load(Ordering::Relaxed) && flips < 1_000 {
-                spec.set_pods(if flips % 2 == 0 { &ips[..] } else { &ips[..3] });
-                let tmp = dir.join(".web.yaml.tmp");
-                std::fs::write(&tmp, spec.yaml()).unwrap();
-                std::fs::rename(&tmp, dir.join("web.yaml")).unwrap();
-                flips += 1;
-                thread::sleep(Duration::from_millis(100));
-            }
-            flips
-        })
-    };
+    let flipper = bed.flip_pods(
+        &spec,
+        [ips.clone(), ips[..3].to_vec()],
+        Duration::from_millis(100),
+        1_000,
+    );
     // Four processes, 2,500 connect-request-close cycles each.
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let mut c = bed.client().unwrap();
-            thread::spawn(move || c.churn(vip, 2_500).unwrap())
-        })
-        .collect();
+    let workers = bed.churn(4, vip, 2_500).unwrap();
     // Two agent restarts during the run.
     for _ in 0..2 {
         thread::sleep(Duration::from_millis(1_500));
         bed.agent.as_mut().unwrap().restart().unwrap();
     }
-    for w in workers {
-        let (ok, errors) = w.join().unwrap();
+    for (ok, errors) in workers.join() {
         assert_eq!(ok, 2_500, "{errors:?}");
     }
-    stop.store(true, Ordering::Relaxed);
-    assert!(flipper.join().unwrap() >= 10);
+    assert!(flipper.stop() >= 10);
     wait_for("every count back to zero", Duration::from_secs(10), || {
         let counted = bed.agent().backends()?;
         Ok(counted.iter().all(|b| b.connections == 0).then_some(()))
@@ -258,13 +225,11 @@ fn a_restart_during_a_thousand_open_connections_and_churn_keeps_the_pods_counts(
     for h in &mut holders {
         assert!(h.open(vip, 500).unwrap().iter().all(|o| o.ok));
     }
-    let churn = {
-        let mut c = bed.client().unwrap();
-        thread::spawn(move || c.churn(vip, 3_000).unwrap())
-    };
+    let churn = bed.churn(1, vip, 3_000).unwrap();
     bed.agent.as_mut().unwrap().restart().unwrap();
-    let (ok, errors) = churn.join().unwrap();
-    assert_eq!(ok, 3_000, "{errors:?}");
+    for (ok, errors) in churn.join() {
+        assert_eq!(ok, 3_000, "{errors:?}");
+    }
     bed.settle_at(1_000).unwrap();
     drop(holders);
     bed.settle_at(0).unwrap();

@@ -29,20 +29,45 @@ fn dual_stack(
     subnet: u8,
     configure: impl FnOnce(&mut ServiceSpec),
 ) -> (Testbed, ServiceSpec) {
+    dual_stack_of(prefix, subnet, 3, false, configure)
+}
+
+/// `dual_stack` with `n` pods of each family; for `udp`, UDP pods and Service `demo/dns`
+/// (port 53 to 5353).
+fn dual_stack_of(
+    prefix: &str,
+    subnet: u8,
+    n: u8,
+    udp: bool,
+    configure: impl FnOnce(&mut ServiceSpec),
+) -> (Testbed, ServiceSpec) {
     let mut bed = Testbed::new(prefix).unwrap();
-    let (v4, v6) = (pod_ips(subnet, 3), pod_ips6(subnet, 3));
-    bed.add_pods(&v4, 8080).unwrap();
-    bed.add_pods(&v6, 8080).unwrap();
+    let (v4, v6) = (pod_ips(subnet, n), pod_ips6(subnet, n));
+    let (name, port, target) = if udp {
+        ("dns", 53, 5353)
+    } else {
+        ("web", 80, 8080)
+    };
+    if udp {
+        bed.add_udp_pods(&v4, target).unwrap();
+        bed.add_udp_pods(&v6, target).unwrap();
+    } else {
+        bed.add_pods(&v4, target).unwrap();
+        bed.add_pods(&v6, target).unwrap();
+    }
     let mut pods: Vec<IpAddr> = v4.iter().map(|ip| (*ip).into()).collect();
     pods.extend(v6.iter().map(|ip| IpAddr::from(*ip)));
     let mut spec = ServiceSpec::new(
-        "web",
+        name,
         std::net::Ipv4Addr::new(10, 96, subnet, 10),
-        80,
-        8080,
+        port,
+        target,
         &pods,
     );
     spec.vip2 = Some(vip6(subnet).into());
+    if udp {
+        spec.protocol = "UDP";
+    }
     configure(&mut spec);
     bed.write_service(&spec).unwrap();
     bed.start_agent(&[]).unwrap();
@@ -271,24 +296,7 @@ fn a_v6only_socket_to_a_v4_mapped_vip_fails_as_the_kernel_says() {
 #[test]
 fn udp_over_ipv6_sockets_connected_and_unconnected_answers_come_from_the_vip() {
     require_privileges!();
-    let mut bed = Testbed::new("udp6").unwrap();
-    let (v4, v6) = (pod_ips(44, 3), pod_ips6(44, 3));
-    bed.add_udp_pods(&v4, 5353).unwrap();
-    bed.add_udp_pods(&v6, 5353).unwrap();
-    let mut pods: Vec<IpAddr> = v4.iter().map(|ip| (*ip).into()).collect();
-    pods.extend(v6.iter().map(|ip| IpAddr::from(*ip)));
-    let mut spec = ServiceSpec::new(
-        "dns",
-        std::net::Ipv4Addr::new(10, 96, 44, 10),
-        53,
-        5353,
-        &pods,
-    );
-    spec.vip2 = Some(vip6(44).into());
-    spec.protocol = "UDP";
-    spec.algorithm = Some("random");
-    bed.write_service(&spec).unwrap();
-    bed.start_agent(&[]).unwrap();
+    let (bed, spec) = dual_stack_of("udp6", 44, 3, true, |s| s.algorithm = Some("random"));
     let mut client = bed.client().unwrap();
 
     for (kind, target, ipv6) in kinds(&spec) {
@@ -343,23 +351,7 @@ fn connected_udp_ipv6_sockets_to_a_removed_pod_are_closed_in_both_families() {
     require_privileges!();
     const ECONNABORTED: i32 = 103;
     const EDESTADDRREQ: i32 = 89;
-    let mut bed = Testbed::new("udp6gone").unwrap();
-    let (v4, v6) = (pod_ips(46, 2), pod_ips6(46, 2));
-    bed.add_udp_pods(&v4, 5353).unwrap();
-    bed.add_udp_pods(&v6, 5353).unwrap();
-    let mut pods: Vec<IpAddr> = v4.iter().map(|ip| (*ip).into()).collect();
-    pods.extend(v6.iter().map(|ip| IpAddr::from(*ip)));
-    let mut spec = ServiceSpec::new(
-        "dns",
-        std::net::Ipv4Addr::new(10, 96, 46, 10),
-        53,
-        5353,
-        &pods,
-    );
-    spec.vip2 = Some(vip6(46).into());
-    spec.protocol = "UDP";
-    bed.write_service(&spec).unwrap();
-    bed.start_agent(&[]).unwrap();
+    let (bed, mut spec) = dual_stack_of("udp6gone", 46, 2, true, |_| {});
     let mut client = bed.client().unwrap();
     // AF_INET6 sockets only: two to `::ffff:VIP` (one per IPv4 pod, least-conn) and two to
     // the IPv6 VIP (one per IPv6 pod).
@@ -372,7 +364,10 @@ fn connected_udp_ipv6_sockets_to_a_removed_pod_are_closed_in_both_families() {
 
     // pod-1 and pod6-1 leave the Service: the agent destroys the AF_INET6 sockets connected
     // to `::ffff:pod-1` and to pod6-1, and only those.
-    spec.set_pods(&[IpAddr::from(v4[1]), IpAddr::from(v6[1])]);
+    spec.set_pods(&[
+        IpAddr::from(pod_ips(46, 2)[1]),
+        IpAddr::from(pod_ips6(46, 2)[1]),
+    ]);
     bed.write_service(&spec).unwrap();
     let r = wait_for(
         "the two sockets of the removed pods to be closed",

@@ -12,6 +12,7 @@ use std::{
 use serde_json::Value;
 use socklb_tests::{
     agent::ctl_json,
+    client::Client,
     manifests::{ServiceSpec, pod_ips},
     netns::Netns,
     real_clients::{GrpcChannels, GrpcPod},
@@ -163,15 +164,14 @@ fn a_pool_of_60_over_3_then_6_pods_is_even_within_30_s_and_no_request_fails() {
     pool_scale_up("rb60", 62, 60, 3, 6, false);
 }
 
-#[test]
-fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
-    require_privileges!();
-    // A quiet time of 20 ms, shorter than the streams' gaps between events (50-100 ms): what
-    // keeps them open is that they receive without asking (rules 3 and 4), not that they are
-    // busy.
-    let (mut bed, mut web) = Testbed::serving(
-        "rbs",
-        64,
+/// Two pods behind an opted-in Service with a quiet time of 20 ms, shorter than the streams'
+/// gaps between events (50-100 ms): what keeps the streams open is that they receive without
+/// asking (rules 3 and 4), not that they are busy. And a client holding 8 event streams (an
+/// event every 50-100 ms), 4 on each pod.
+fn streams_over_two_pods(prefix: &str, subnet: u8) -> (Testbed, ServiceSpec, Client) {
+    let (bed, web) = Testbed::serving(
+        prefix,
+        subnet,
         2,
         |s| {
             s.rebalance = true;
@@ -180,15 +180,37 @@ fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
         &[],
     )
     .unwrap();
-    // On each of the two pods: 4 event streams (an event every 50-100 ms), 2 connections
-    // pipelining 3 requests every 20 ms, 6 keep-alive connections with a request every second.
     let mut streams = bed.client().unwrap();
     streams.streams(web.target(), 8).unwrap();
-    let mut pipelined = bed.client().unwrap();
     wait_for("the streams to be placed", Duration::from_secs(5), || {
         Ok((bed.counted_total()? == 8).then_some(()))
     })
     .unwrap();
+    (bed, web, streams)
+}
+
+/// Stops the streams of `streams_over_two_pods`: none was cut, none moved to the new pods.
+fn streams_stayed(streams: &mut Client, bed: &Testbed) {
+    let (events, cut) = streams.stop_streams().unwrap();
+    assert_eq!(
+        cut,
+        0,
+        "a stream was cut: {events:?}\n{}",
+        bed.agent().log()
+    );
+    assert!(
+        !events.contains_key("pod-3") && !events.contains_key("pod-4"),
+        "a stream moved: {events:?}"
+    );
+}
+
+#[test]
+fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
+    require_privileges!();
+    // Per pod, beside the streams: 2 connections pipelining 3 requests every 20 ms, 6
+    // keep-alive connections with a request every second.
+    let (mut bed, mut web, mut streams) = streams_over_two_pods("rbs", 64);
+    let mut pipelined = bed.client().unwrap();
     assert!(
         pipelined
             .open_one_by_one(web.target(), 4)
@@ -229,17 +251,7 @@ fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
     // Let rebalancing run on a while after evening out, streams still flowing.
     thread::sleep(Duration::from_secs(3));
 
-    let (events, cut) = streams.stop_streams().unwrap();
-    assert_eq!(
-        cut,
-        0,
-        "a stream was cut: {events:?}\n{}",
-        bed.agent().log()
-    );
-    assert!(
-        !events.contains_key("pod-3") && !events.contains_key("pod-4"),
-        "a stream moved: {events:?}"
-    );
+    streams_stayed(&mut streams, &bed);
     let paced = pipelined.stop_pacing().unwrap();
     assert_eq!(
         paced.failed,
@@ -255,28 +267,11 @@ fn streams_and_pipelined_requests_are_never_cut_while_idle_connections_move() {
 #[test]
 fn when_only_streams_are_over_their_share_none_is_cut() {
     require_privileges!();
-    // Per pod: 4 event streams (an event every 50-100 ms) and 2 keep-alive connections (a
-    // request a second); quiet time 20 ms. After 2 -> 4 pods each old pod is 4 over its share
-    // but has only 2 connections that may move: the streams are the only candidates left, and
-    // only the stream rules (an event long after the request, data without asking) keep
-    // them.
-    let (mut bed, mut web) = Testbed::serving(
-        "rbo",
-        65,
-        2,
-        |s| {
-            s.rebalance = true;
-            s.rebalance_quiet = Some("20ms");
-        },
-        &[],
-    )
-    .unwrap();
-    let mut streams = bed.client().unwrap();
-    streams.streams(web.target(), 8).unwrap();
-    wait_for("the streams to be placed", Duration::from_secs(5), || {
-        Ok((bed.counted_total()? == 8).then_some(()))
-    })
-    .unwrap();
+    // Per pod, beside the 4 streams: 2 keep-alive connections (a request a second). After
+    // 2 -> 4 pods each old pod is 4 over its share but has only 2 connections that may move:
+    // the streams are the only candidates left, and only the stream rules (an event long after
+    // the request, data without asking) keep them.
+    let (mut bed, mut web, mut streams) = streams_over_two_pods("rbo", 65);
     let mut idle = bed.client().unwrap();
     assert!(
         idle.open_one_by_one(web.target(), 4)
@@ -299,17 +294,7 @@ fn when_only_streams_are_over_their_share_none_is_cut() {
     // Rounds go on wanting 2 more off each old pod, and find only streams.
     thread::sleep(Duration::from_secs(6));
 
-    let (events, cut) = streams.stop_streams().unwrap();
-    assert_eq!(
-        cut,
-        0,
-        "a stream was cut: {events:?}\n{}",
-        bed.agent().log()
-    );
-    assert!(
-        !events.contains_key("pod-3") && !events.contains_key("pod-4"),
-        "a stream moved: {events:?}"
-    );
+    streams_stayed(&mut streams, &bed);
     let paced = idle.stop_pacing().unwrap();
     assert_eq!(paced.failed, 0, "keep-alive requests: {paced:?}");
     assert!(paced.reconnects >= 4, "{paced:?}");
