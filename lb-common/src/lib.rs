@@ -59,7 +59,7 @@ pub mod map_names {
 /// with any change to them. The agent writes it next to the maps it pins (`LAYOUT`) and, when
 /// it finds maps of another layout (an upgrade across such a change), replaces them instead
 /// of failing to load on them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Capacity limits. They size the maps, so changing one needs `socklb-agent cleanup` first
 /// (the loader refuses to reuse a pinned map of another size).
@@ -75,9 +75,9 @@ pub mod limits {
     /// BPF path (least-conn scans a bounded window, see `LEAST_CONN_WINDOW`).
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 8_192;
     /// How many slots least-conn inspects per connect. Services with at most this many
-    /// backends get an exact least-connections choice; larger ones compare a window of this
-    /// many consecutive slots starting at a random slot (a "power of d choices" with d = 32),
-    /// which keeps the per-connect cost bounded while staying close to exact.
+    /// backends get an exact least-connections choice; larger ones compare this many
+    /// distinct slots drawn at random (a "power of d choices" with d = 32), which keeps the
+    /// per-connect cost bounded while staying close to exact.
     pub const LEAST_CONN_WINDOW: u32 = 32;
     /// Entries of one Service's Maglev lookup table: a prime, as the algorithm needs, and
     /// large against the backend count so that adding a backend moves close to 1/n of the
@@ -96,6 +96,8 @@ pub mod limits {
     pub const MAX_UNDERFLOW_RECORDS: u32 = 4_096;
     /// Backend ids one socket walk can be narrowed to (more: the walk lists every socket).
     pub const MAX_ITER_FILTER: u32 = 16_384;
+    /// The longest slow start window (`socklb.io/slow-start`): one hour.
+    pub const MAX_SLOW_START_MS: u32 = 3_600_000;
 }
 
 /// Index of the agent's switches in the `SETTINGS` array, and their bits.
@@ -255,6 +257,10 @@ pub struct Service {
     pub rebalance_quiet_ms: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 means no affinity.
     pub affinity_timeout: u32,
+    /// Slow start window in milliseconds (`socklb.io/slow-start`), 0 for none: a backend that
+    /// joins the Service counts as more loaded than it is until the window has passed (see
+    /// `slow_start_load`).
+    pub slow_start_ms: u32,
 }
 
 /// Bits of `Service.flags`. Only userspace reads them.
@@ -329,6 +335,30 @@ pub struct Backend {
     pub _pad: u8,
     /// Frontend this backend belongs to.
     pub service_id: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it joined its Service's rotation, the start
+    /// of its slow start; 0 for the backends a Service was created with (nothing to ramp up
+    /// against).
+    pub since_ns: u64,
+}
+
+/// The load least-conn compares for a backend with `load` live connections that joined its
+/// Service `age_ms` ago, under a slow start window of `window_ms`, in 1/1024ths of a
+/// connection. Outside the window it is the load itself. Inside, the backend counts as if it
+/// held `(load + 1) / f - 1` connections, `f = age / window`: it wins a connect against a
+/// backend holding `m` only while `load + 1 < f * (m + 1)`, so its count ramps up linearly to
+/// the others' over the window instead of taking every new connection at once (Envoy's slow
+/// start, done on counts). Shared by the BPF scan and the tests' model of it.
+#[inline(always)]
+pub const fn slow_start_load(load: u64, age_ms: u64, window_ms: u64) -> u64 {
+    const ONE: u64 = 1024;
+    // Loads beyond this are no longer ramping in any real case; the cap keeps the product
+    // below 2^64 for any window up to `limits::MAX_SLOW_START_MS`.
+    let load = if load > 1 << 20 { 1 << 20 } else { load };
+    if age_ms >= window_ms {
+        return load * ONE;
+    }
+    let age_ms = if age_ms == 0 { 1 } else { age_ms };
+    (load + 1) * ONE * window_ms / age_ms - ONE
 }
 
 /// Per-frontend counters in `SERVICE_STATS` (indexed by service id), bumped atomically.
@@ -414,6 +444,10 @@ pub struct SockState {
 
 /// The key of `ITER_BACKENDS` that makes the socket iterator list every backend's sockets.
 pub const ITER_ALL: u32 = u32::MAX;
+/// The key of `ITER_BACKENDS` that makes the socket iterator count every backend's sockets
+/// into `ITER_FOUND` instead of listing them: a walk that writes nothing is served in one
+/// read, never resumed part-way (see the agent's `sockets::SocketIterator::count`).
+pub const ITER_COUNT: u32 = u32::MAX - 1;
 
 /// What the socket iterator (`dump_sockets`) writes per assigned socket.
 #[repr(C)]
@@ -507,12 +541,12 @@ mod user {
     const _: () = {
         assert!(size_of::<Addr>() == 16);
         assert!(size_of::<ServiceKey>() == 20);
-        assert!(size_of::<Service>() == 16);
+        assert!(size_of::<Service>() == 20);
         assert!(size_of::<AffinityKey>() == 16);
         assert!(size_of::<Affinity>() == 16);
         assert!(size_of::<RebalanceStats>() == 40);
         assert!(size_of::<SlotKey>() == 8);
-        assert!(size_of::<Backend>() == 24);
+        assert!(size_of::<Backend>() == 32);
         assert!(size_of::<ServiceStats>() == 16);
         assert!(size_of::<ServiceName>() == 144);
         assert!(size_of::<UdpPeer>() == 40);
@@ -528,6 +562,38 @@ mod tests {
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
+
+    /// Least-conn between a ramping backend and a steady one holding `m`: how many
+    /// connections the ramping one takes before the steady one wins a tie or better.
+    fn ramped_fill(m: u64, age_ms: u64, window_ms: u64) -> u64 {
+        (0..=m)
+            .find(|n| slow_start_load(*n, age_ms, window_ms) >= m * 1024)
+            .unwrap_or(m)
+    }
+
+    #[test]
+    fn slow_start_ramps_a_new_backend_up_linearly_to_the_others_load() {
+        assert_eq!(
+            slow_start_load(7, 30_000, 30_000),
+            7 * 1024,
+            "after the window"
+        );
+        assert_eq!(slow_start_load(7, 0, 0), 7 * 1024, "no window");
+        // Against a backend holding 99, a new one is filled to f * 100 - 1 at time f.
+        for (age, want) in [(0, 0), (3_000, 9), (15_000, 49), (27_000, 89), (30_000, 99)] {
+            assert_eq!(ramped_fill(99, age, 30_000), want, "at {age} ms");
+        }
+        // Monotonic in age and in load: a ramping backend never looks lighter later on.
+        let mut last = u64::MAX;
+        for age in (0..=30_000).step_by(500) {
+            let l = slow_start_load(5, age, 30_000);
+            assert!(l <= last && l >= slow_start_load(4, age, 30_000));
+            last = l;
+        }
+        // No overflow at the longest window and absurd loads.
+        let w = u64::from(limits::MAX_SLOW_START_MS);
+        assert!(slow_start_load(u64::MAX, 1, w) > slow_start_load(1 << 19, 1, w));
+    }
 
     #[test]
     fn ipv4_is_stored_v4_mapped_as_connect6_sees_it() {

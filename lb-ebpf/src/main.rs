@@ -71,14 +71,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, Affinity, AffinityKey, Algorithm, Backend, CountAdjustment, IPPROTO_UDP, ITER_ALL,
-    RebalanceStats, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState,
+    ITER_COUNT, RebalanceStats, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState,
     SocketRecord, UdpPeer, UdpPeers, adjust_result, backend_state, client_hash,
     limits::{
         LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS,
         MAX_ITER_FILTER, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, MAX_UNDERFLOW_RECORDS,
         UDP_PEERS_PER_SOCKET,
     },
-    settings,
+    settings, slow_start_load,
 };
 
 const AF_INET: u32 = 2;
@@ -126,6 +126,11 @@ static UDP_PEERS: SkStorage<UdpPeers> = SkStorage::new();
 /// pages written, not the sockets walked, are what costs.
 #[btf_map]
 static ITER_BACKENDS: HashMap<u32, u64, { MAX_ITER_FILTER as usize }, NO_PREALLOC> = HashMap::new();
+
+/// Backend id -> live sockets found by a counting walk (`ITER_COUNT`). Not pinned, like
+/// `ITER_BACKENDS`.
+#[btf_map]
+static ITER_FOUND: HashMap<u32, u64, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Backend id -> times its count was caught about to go below zero (and left at zero).
 /// Nothing should ever be here; the agent reports whatever is.
@@ -335,6 +340,10 @@ pub extern "C" fn dump_sockets(ctx: *mut c_void) -> i32 {
     unsafe {
         let (sk, value) = ((*ctx).sk, (*ctx).value);
         if sk.is_null() || value.is_null() || read_volatile(&raw const (*value).live) == 0 {
+            return 0;
+        }
+        if ITER_BACKENDS.get(&ITER_COUNT).is_some() {
+            bump_key(&ITER_FOUND, (*value).backend_id);
             return 0;
         }
         if ITER_BACKENDS.get(&ITER_ALL).is_none() {
@@ -654,7 +663,7 @@ unsafe fn pick_backend(ctx: &SockAddrContext, service: &Service) -> Option<(u32,
         let index = if service.algorithm == Algorithm::LeastConn as u8 {
             // The scan returns the backend it compared, not a slot to look up again (a
             // rewrite in between could put another backend there).
-            return unsafe { least_conn_backend(service.id, count) }
+            return unsafe { least_conn_backend(service, count) }
                 .and_then(|id| Some((id, *(unsafe { BACKENDS.get(&id) })?)))
                 .inspect(|(id, _)| unsafe { remember_affinity(service, client, *id) });
         } else if service.algorithm == Algorithm::RoundRobin as u8 {
@@ -753,10 +762,14 @@ unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
 /// nodes each deciding on their own counts, a fixed tie-break order would send every node's
 /// next connection to the same pod.
 ///
+/// With a slow start window (`Service.slow_start_ms`), a backend that joined within it is
+/// compared by `slow_start_load` (its load inflated as the ramp says), which costs a
+/// `BACKENDS` lookup per slot: only Services that opted in pay it.
+///
 /// The scan runs under `bpf_loop` so the verifier checks the body once instead of walking
 /// every path through every iteration.
 #[inline(always)]
-unsafe fn least_conn_backend(service_id: u32, count: u32) -> Option<u32> {
+unsafe fn least_conn_backend(service: &Service, count: u32) -> Option<u32> {
     // Primes above MAX_BACKENDS_PER_SERVICE: coprime to every count.
     const PRIMES: [u32; 8] = [8209, 8219, 8221, 8231, 8233, 8237, 8243, 8263];
     let (start, stride, window) = if count <= LEAST_CONN_WINDOW {
@@ -765,14 +778,20 @@ unsafe fn least_conn_backend(service_id: u32, count: u32) -> Option<u32> {
         let prime = PRIMES[(random_below(8) & 7) as usize];
         (random_below(count), prime % count, LEAST_CONN_WINDOW)
     };
+    let window_ms = u64::from(service.slow_start_ms);
     let mut scan = LeastConnScan {
-        service_id,
+        service_id: service.id,
         count,
         start,
         stride,
         ties: 0,
         best: u32::MAX,
         best_load: u64::MAX,
+        window_ms,
+        now_ns: match window_ms {
+            0 => 0,
+            _ => unsafe { bpf_ktime_get_ns() },
+        },
     };
     let callback = scan_slot as *const () as *mut c_void;
     unsafe { bpf_loop(window, callback, (&raw mut scan).cast(), 0) };
@@ -792,6 +811,9 @@ struct LeastConnScan {
     /// The backend id of the least loaded so far.
     best: u32,
     best_load: u64,
+    /// The Service's slow start window (0: none) and the time of this connect.
+    window_ms: u64,
+    now_ns: u64,
 }
 
 /// `bpf_loop` body: looks at the `i`-th slot of the walk and keeps the least loaded.
@@ -818,7 +840,19 @@ extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
         let Some(load) = CONN_COUNTS.get_ptr(backend_id) else {
             return CONTINUE;
         };
-        let load = read_volatile(load);
+        let mut load = read_volatile(load);
+        let window_ms = (*scan).window_ms;
+        if window_ms != 0 {
+            let since = match BACKENDS.get(&backend_id) {
+                Some(b) => b.since_ns,
+                None => 0,
+            };
+            let age_ms = match since {
+                0 => window_ms,
+                _ => (*scan).now_ns.saturating_sub(since) / 1_000_000,
+            };
+            load = slow_start_load(load, age_ms, window_ms);
+        }
         if load < (*scan).best_load {
             (*scan).best_load = load;
             (*scan).best = backend_id;
@@ -1008,18 +1042,23 @@ unsafe fn uncount(backend_id: u32) {
 /// Counts a refused decrement against `backend_id` in `COUNT_UNDERFLOWS`.
 #[inline(always)]
 unsafe fn record_underflow(backend_id: u32) {
-    let map = ptr::from_ref(&COUNT_UNDERFLOWS).cast_mut().cast();
+    unsafe { bump_key(&COUNT_UNDERFLOWS, backend_id) };
+}
+
+/// `map[key] += 1`, creating the entry at 0 if it is not there (losing a race to create it
+/// is fine: the other creator's entry is added to).
+#[inline(always)]
+unsafe fn bump_key<const N: usize>(map: &HashMap<u32, u64, N, NO_PREALLOC>, key: u32) {
     let zero = 0u64;
-    // Create the entry if it is not there (losing a race to create it is fine), then add.
     unsafe {
         bpf_map_update_elem(
-            map,
-            (&raw const backend_id).cast(),
+            ptr::from_ref(map).cast_mut().cast(),
+            (&raw const key).cast(),
             (&raw const zero).cast(),
             u64::from(BPF_NOEXIST),
         )
     };
-    if let Some(n) = COUNT_UNDERFLOWS.get_ptr_mut(&backend_id) {
+    if let Some(n) = map.get_ptr_mut(&key) {
         unsafe { add(n, 1) };
     }
 }

@@ -27,6 +27,7 @@ use tokio::{
 
 use crate::{
     background::{self, Published, Snapshot},
+    bpf_sys::monotonic_ns,
     cluster::{self, ClusterState, Desired, ServiceRef},
     datapath::{self, LinkAction, Maps, Tools},
     kube_watch::{Changed, KubeCluster},
@@ -326,7 +327,7 @@ impl Agent {
             if !frontend.rebalance {
                 continue;
             }
-            let backends = (0..service.count)
+            let backends: Vec<u32> = (0..service.count)
                 .filter_map(|index| {
                     programmed.slots.get(&SlotKey {
                         service_id: service.id,
@@ -350,11 +351,22 @@ impl Agent {
                         name_str(&n.port_name)
                     )
                 });
+            let slow_start_ends_ns = match service.slow_start_ms {
+                0 => 0,
+                ms => backends
+                    .iter()
+                    .filter_map(|id| programmed.backends.get(id))
+                    .map(|b| b.since_ns)
+                    .filter(|since| *since != 0)
+                    .max()
+                    .map_or(0, |since| since + u64::from(ms) * 1_000_000),
+            };
             snapshot.targets.push(rebalance::Target {
                 service_id: service.id,
                 name: format!("{name} ({})", frontend.key),
                 backends,
                 quiet,
+                slow_start_ends_ns,
             });
         }
         snapshot.udp_gone = programmed
@@ -442,9 +454,10 @@ impl Agent {
         };
         changed.append(&mut self.deferred);
         let plan = if work.everything {
-            reconcile::plan(&self.desired, programmed, &connections)
+            reconcile::plan(&self.desired, programmed, &connections, monotonic_ns())
         } else {
-            reconcile::plan_for(&self.desired, &changed, programmed, &connections)
+            let now = monotonic_ns();
+            reconcile::plan_for(&self.desired, &changed, programmed, &connections, now)
         };
         let applied = writer::apply(&plan, maps, programmed);
         self.deferred = plan.deferred.clone();

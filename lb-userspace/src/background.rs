@@ -121,8 +121,8 @@ fn check_counts(maps: &Maps, tools: &Tools) {
     match recount::verify(maps, tools) {
         Ok(r) => {
             info!(
-                "connection counts checked against {} live sockets in {} network namespaces",
-                r.sockets, r.namespaces
+                "connection counts checked against {} live sockets",
+                r.sockets
             );
             for (id, was, now) in &r.corrected {
                 warn!("backend {id}: count was {was}, {now} live sockets found; corrected");

@@ -3,7 +3,7 @@
 //! links pinned by an older build, so no connect goes unbalanced during the swap); a map
 //! iterator (aya's iterator links take no map); a cgroup link for the setsockopt hook, and
 //! pinning it (aya 0.16 cannot turn that link into a pinnable one); and a test run of a
-//! program (how the agent repairs a count in the kernel).
+//! program (how the agent repairs a count in the kernel). Also the clock the programs read.
 
 use std::{
     ffi::CString,
@@ -22,6 +22,17 @@ const BPF_ITER_CREATE: libc::c_long = 33;
 const BPF_TRACE_ITER: u64 = 28;
 /// `enum bpf_attach_type`: BPF_CGROUP_SETSOCKOPT.
 pub const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+
+/// CLOCK_MONOTONIC in nanoseconds: what `bpf_ktime_get_ns()` returns in the programs.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zeroed, 128-byte bpf_attr big enough for the commands used here.

@@ -18,7 +18,10 @@ use k8s_openapi::api::{
     core::v1::{Service, ServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
 };
-use lb_common::{Algorithm, limits::MAX_BACKENDS_PER_SERVICE};
+use lb_common::{
+    Algorithm,
+    limits::{MAX_BACKENDS_PER_SERVICE, MAX_SLOW_START_MS},
+};
 
 use crate::manifest::SERVICE_NAME_LABEL;
 
@@ -31,6 +34,8 @@ pub const REBALANCE_QUIET_ANNOTATION: &str = "socklb.io/rebalance-quiet";
 /// Service annotation: ports (names or numbers, comma-separated) never rebalanced, e.g. the
 /// streaming ones.
 pub const REBALANCE_EXCLUDE_ANNOTATION: &str = "socklb.io/rebalance-exclude-ports";
+/// Service annotation: slow start window for pods that join (`"30s"`, `"500ms"`, `"2m"`).
+pub const SLOW_START_ANNOTATION: &str = "socklb.io/slow-start";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 const DEFAULT_AFFINITY_TIMEOUT: i32 = 10_800;
 const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -113,6 +118,8 @@ pub struct Frontend {
     pub rebalance_quiet_ms: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds, 0 for none.
     pub affinity_timeout: u32,
+    /// Slow start window for pods that join, in ms (0: none).
+    pub slow_start_ms: u32,
     /// Sorted and deduplicated; all of the family of `key.ip`.
     pub backends: Vec<SocketAddr>,
 }
@@ -415,9 +422,26 @@ fn resolve_service(
     };
     let rebalance_quiet_ms = match annotation(REBALANCE_QUIET_ANNOTATION) {
         None => 0,
-        Some(text) => quiet_ms(text).ok_or_else(|| {
+        Some(text) => duration_ms(text, 60_000)
+            .and_then(|ms| u16::try_from(ms).ok())
+            .ok_or_else(|| {
+                format!(
+                    "annotation {REBALANCE_QUIET_ANNOTATION}: {text:?} is not a duration like \"250ms\" or \"2s\" (1ms to 60s)"
+                )
+            })?,
+    };
+    let slow_start_ms = match annotation(SLOW_START_ANNOTATION) {
+        None => 0,
+        Some(_) if algorithm != Algorithm::LeastConn => {
+            return Err(format!(
+                "annotation {SLOW_START_ANNOTATION} needs the least-conn algorithm (it ramps up \
+                 the load a new pod is compared with), not {}",
+                algorithm.name()
+            ));
+        }
+        Some(text) => duration_ms(text, MAX_SLOW_START_MS).ok_or_else(|| {
             format!(
-                "annotation {REBALANCE_QUIET_ANNOTATION}: {text:?} is not a duration like \"250ms\" or \"2s\" (1ms to 60s)"
+                "annotation {SLOW_START_ANNOTATION}: {text:?} is not a duration like \"30s\", \"500ms\" or \"2m\" (1ms to 1h)"
             )
         })?,
     };
@@ -492,6 +516,7 @@ fn resolve_service(
                     0
                 },
                 affinity_timeout,
+                slow_start_ms,
                 backends,
             });
         }
@@ -571,19 +596,17 @@ fn family_name(ip: IpAddr) -> &'static str {
 }
 
 /// "250ms", "2s" -> milliseconds, 1 ms to 60 s.
-fn quiet_ms(text: &str) -> Option<u16> {
-    let ms = match text.strip_suffix("ms") {
-        Some(ms) => ms.trim().parse::<u32>().ok()?,
-        None => text
-            .strip_suffix('s')?
-            .trim()
-            .parse::<u32>()
-            .ok()?
-            .checked_mul(1000)?,
+/// `"250ms"`, `"2s"` or `"3m"` in milliseconds, if within 1 ms..=`max_ms`.
+fn duration_ms(text: &str, max_ms: u32) -> Option<u32> {
+    let (number, unit) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1000)
+    } else {
+        (text.strip_suffix('m')?, 60_000)
     };
-    u16::try_from(ms)
-        .ok()
-        .filter(|ms| (1..=60_000).contains(ms))
+    let ms = number.trim().parse::<u32>().ok()?.checked_mul(unit)?;
+    (1..=max_ms).contains(&ms).then_some(ms)
 }
 
 /// "least-conn, random, round-robin, maglev" for error messages.
@@ -948,7 +971,42 @@ mod tests {
                 "{bad}: {errors:?}"
             );
         }
-        assert_eq!(quiet_ms("2s"), Some(2000));
+        assert_eq!(duration_ms("2s", 60_000), Some(2000));
+    }
+
+    #[test]
+    fn slow_start_takes_a_duration_and_least_conn() {
+        let with = |annotations: &str| {
+            let s = state(&service("web", "10.96.0.10", annotations));
+            desired(&s, Algorithm::LeastConn, &Desired::default())
+        };
+        let (d, errors) = with(", annotations: {socklb.io/slow-start: 30s}");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(d.frontends.values().all(|f| f.slow_start_ms == 30_000));
+        let (d, _) = with("");
+        assert!(
+            d.frontends.values().all(|f| f.slow_start_ms == 0),
+            "off by default"
+        );
+        assert_eq!(duration_ms("2m", MAX_SLOW_START_MS), Some(120_000));
+        for bad in ["0s", "61m", "soon", "-3s"] {
+            let (d, errors) = with(&format!(
+                ", annotations: {{socklb.io/slow-start: \"{bad}\"}}"
+            ));
+            assert!(d.frontends.is_empty(), "{bad}");
+            assert!(
+                errors[0].message.contains("slow-start"),
+                "{bad}: {errors:?}"
+            );
+        }
+        let (d, errors) =
+            with(", annotations: {socklb.io/slow-start: 30s, socklb.io/algorithm: round-robin}");
+        assert!(d.frontends.is_empty());
+        assert!(
+            errors[0].message.contains("needs the least-conn algorithm"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]

@@ -157,9 +157,21 @@ pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
         .iter()
         .filter_map(|(k, s)| Some((s.id, frontend_key(k)?.to_string())))
         .collect();
+    let windows: std::collections::BTreeMap<u32, u64> = p
+        .services
+        .values()
+        .map(|s| (s.id, u64::from(s.slow_start_ms) * 1_000_000))
+        .collect();
+    let now_ns = crate::bpf_sys::monotonic_ns();
     let underflows = maps.underflows();
     let mut rows = Vec::new();
     for (id, b) in &p.backends {
+        // Time left in its slow start, if it is ramping up.
+        let window_ns = windows.get(&b.service_id).copied().unwrap_or(0);
+        let ends_ns = b.since_ns + window_ns;
+        let slow_start_left_ms =
+            (b.since_ns != 0 && b.state == backend_state::ACTIVE && ends_ns > now_ns)
+                .then(|| (ends_ns - now_ns) / 1_000_000);
         let (name, port_name) = service_label(p.names.get(&b.service_id));
         let addr = backend_addr(b);
         let state = if b.state == backend_state::ACTIVE {
@@ -175,6 +187,7 @@ pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
             ("port", json!(addr.port())),
             ("state", json!(state)),
             ("connections", json!(maps.connections(*id))),
+            ("slow_start_left_ms", json!(slow_start_left_ms)),
             // Decrements the programs refused because the count was already zero: a count
             // that went wrong somewhere (never expected).
             (

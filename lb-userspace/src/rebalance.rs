@@ -85,6 +85,7 @@ use anyhow::Result;
 use lb_common::{IPPROTO_TCP, RebalanceStats, SocketRecord};
 
 use crate::{
+    bpf_sys::monotonic_ns,
     close::{LiveState, Outcome, Owners},
     datapath::Maps,
     netns,
@@ -128,6 +129,10 @@ pub struct Target {
     /// Its active backends.
     pub backends: Vec<u32>,
     pub quiet: Duration,
+    /// When the slow start of its newest backend ends (CLOCK_MONOTONIC ns; 0: none).
+    /// Until then nothing is moved: least-conn's ramp decides how fast the new pods fill, and
+    /// moving connections onto them would defeat it.
+    pub slow_start_ends_ns: u64,
 }
 
 /// What a Service port needs to be even.
@@ -437,7 +442,8 @@ impl Rebalancer {
 
         // Plans, from the counts alone: no socket is looked at for an even Service.
         let mut work: BTreeMap<u32, Work> = BTreeMap::new();
-        for t in targets {
+        let now_ns = monotonic_ns();
+        for t in targets.iter().filter(|t| t.slow_start_ends_ns <= now_ns) {
             let counts: Vec<(u32, u64)> = t
                 .backends
                 .iter()

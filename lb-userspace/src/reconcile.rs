@@ -141,9 +141,15 @@ pub fn name_str(field: &[u8]) -> String {
 }
 
 /// Computes the plan. `connections(backend_id)` is the live count, used to tell when a
-/// draining backend can go.
-pub fn plan(desired: &Desired, current: &Programmed, connections: &dyn Fn(u32) -> u64) -> Plan {
-    plan_in(desired, None, current, connections)
+/// draining backend can go; `now_ns` (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`) starts the slow
+/// start of the pods that join a Service.
+pub fn plan(
+    desired: &Desired,
+    current: &Programmed,
+    connections: &dyn Fn(u32) -> u64,
+    now_ns: u64,
+) -> Plan {
+    plan_in(desired, None, current, connections, now_ns)
 }
 
 /// Like `plan`, for the frontends at `keys` only (those whose desired state changed); every
@@ -157,8 +163,9 @@ pub fn plan_for(
     keys: &BTreeSet<FrontendKey>,
     current: &Programmed,
     connections: &dyn Fn(u32) -> u64,
+    now_ns: u64,
 ) -> Plan {
-    plan_in(desired, Some(keys), current, connections)
+    plan_in(desired, Some(keys), current, connections, now_ns)
 }
 
 fn plan_in(
@@ -166,6 +173,7 @@ fn plan_in(
     keys: Option<&BTreeSet<FrontendKey>>,
     current: &Programmed,
     connections: &dyn Fn(u32) -> u64,
+    now_ns: u64,
 ) -> Plan {
     let scope = keys.map(|keys| {
         keys.iter()
@@ -173,7 +181,7 @@ fn plan_in(
             .map(|s| s.id)
             .collect()
     });
-    let mut planner = Planner::new(current, scope);
+    let mut planner = Planner::new(current, scope, now_ns);
     let mut plan = Plan::default();
 
     let programmed: Vec<(ServiceKey, Service)> = match keys {
@@ -250,6 +258,7 @@ struct Planner<'a> {
     services: usize,
     slot_count: usize,
     maglev_count: usize,
+    now_ns: u64,
 }
 
 /// The Maglev entries of one service id, by table index.
@@ -273,7 +282,7 @@ fn service_range(
 }
 
 impl<'a> Planner<'a> {
-    fn new(current: &'a Programmed, scope: Option<HashSet<u32>>) -> Self {
+    fn new(current: &'a Programmed, scope: Option<HashSet<u32>>, now_ns: u64) -> Self {
         let in_scope = |id: &u32| scope.as_ref().is_none_or(|s| s.contains(id));
         let mut slots: HashMap<u32, Vec<u32>> = HashMap::new();
         let mut add_slot = |k: &SlotKey, id: u32| {
@@ -311,6 +320,7 @@ impl<'a> Planner<'a> {
             services: current.services.len(),
             slot_count: current.slots.len(),
             maglev_count: current.maglev.len(),
+            now_ns,
         }
     }
 
@@ -418,6 +428,12 @@ impl<'a> Planner<'a> {
             Some(s) => s.id,
             None => self.service_ids().take(),
         };
+        // A pod that joins a Service already in service starts its slow start now; the pods a
+        // Service starts with have nothing to ramp up against.
+        let since_ns = match f.slow_start_ms != 0 && old_count > 0 {
+            true => self.now_ns,
+            false => 0,
+        };
         // A pod already known to this frontend keeps its backend id, and so its count.
         let mut backend_ops = Vec::new();
         let mut ids = Vec::with_capacity(f.backends.len());
@@ -426,14 +442,15 @@ impl<'a> Planner<'a> {
                 Some(&id) => {
                     let known = self.current.backends.get(&id);
                     if known.is_none_or(|b| b.state != backend_state::ACTIVE) {
-                        backend_ops.push(Op::PutBackend(id, backend(*addr, service_id)));
+                        let b = backend(*addr, service_id, since_ns);
+                        backend_ops.push(Op::PutBackend(id, b));
                     }
                     id
                 }
                 None => {
                     let id = self.backend_ids_free.take();
                     backend_ops.push(Op::ResetCount(id));
-                    backend_ops.push(Op::PutBackend(id, backend(*addr, service_id)));
+                    backend_ops.push(Op::PutBackend(id, backend(*addr, service_id, since_ns)));
                     id
                 }
             };
@@ -478,6 +495,7 @@ impl<'a> Planner<'a> {
             },
             rebalance_quiet_ms: f.rebalance_quiet_ms,
             affinity_timeout: f.affinity_timeout,
+            slow_start_ms: f.slow_start_ms,
         };
         if existing != Some(entry) {
             ops.push(Op::PutService(key, entry));
@@ -671,13 +689,14 @@ fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-fn backend(addr: SocketAddr, service_id: u32) -> Backend {
+fn backend(addr: SocketAddr, service_id: u32, since_ns: u64) -> Backend {
     Backend {
         addr: Addr::from(addr.ip()),
         port: addr.port().to_be(),
         state: backend_state::ACTIVE,
         _pad: 0,
         service_id,
+        since_ns,
     }
 }
 
@@ -728,6 +747,7 @@ pub fn programmed_frontends(p: &Programmed) -> Desired {
             rebalance: service.flags & service_flags::REBALANCE != 0,
             rebalance_quiet_ms: service.rebalance_quiet_ms,
             affinity_timeout: service.affinity_timeout,
+            slow_start_ms: service.slow_start_ms,
             backends,
         };
         desired.frontends.insert(key, frontend);
@@ -746,6 +766,9 @@ mod tests {
         cluster::ServiceRef,
         writer::{self, MapWriter},
     };
+
+    /// The clock the tests plan at.
+    const NOW: u64 = 1_000_000_000;
 
     fn frontend(vip: u8, backends: &[u8]) -> Frontend {
         let mut backends: Vec<SocketAddr> = backends
@@ -769,6 +792,7 @@ mod tests {
             rebalance: false,
             rebalance_quiet_ms: 0,
             affinity_timeout: 0,
+            slow_start_ms: 0,
             backends,
         }
     }
@@ -875,7 +899,7 @@ mod tests {
     }
 
     fn step(d: &Desired, p: &mut Programmed, conns: &dyn Fn(u32) -> u64) -> Plan {
-        apply_checked(super::plan(d, p, conns), p)
+        apply_checked(super::plan(d, p, conns, NOW), p)
     }
 
     /// Applies `plan` op by op, checking after each op that no slot points nowhere.
@@ -890,7 +914,7 @@ mod tests {
 
     /// `step` without the per-op check, for the map-size tests.
     fn fill(d: &Desired, p: &mut Programmed) {
-        let plan = super::plan(d, p, &none);
+        let plan = super::plan(d, p, &none, NOW);
         assert!(plan.errors.is_empty());
         let mut mirror = p.clone();
         assert!(writer::apply(&plan, p, &mut mirror).errors.is_empty());
@@ -968,7 +992,7 @@ mod tests {
         );
         assert_programs(&d, &p);
         assert!(
-            super::plan(&d, &p, &none).changes.is_empty(),
+            super::plan(&d, &p, &none, NOW).changes.is_empty(),
             "a second plan has nothing to do"
         );
     }
@@ -1023,6 +1047,44 @@ mod tests {
     }
 
     #[test]
+    fn pods_that_join_a_slow_started_service_start_their_ramp_when_planned() {
+        let slow = |backends: &[u8]| Frontend {
+            slow_start_ms: 30_000,
+            ..frontend(1, backends)
+        };
+        let since = |p: &Programmed| -> BTreeMap<String, u64> {
+            p.backends
+                .values()
+                .filter(|b| b.state == backend_state::ACTIVE)
+                .map(|b| (backend_addr(b).to_string(), b.since_ns))
+                .collect()
+        };
+        let mut p = Programmed::default();
+        step(&desired([slow(&[1, 2])]), &mut p, &none);
+        assert!(
+            since(&p).values().all(|s| *s == 0),
+            "the first pods: no ramp"
+        );
+        step(&desired([slow(&[1, 2, 3])]), &mut p, &none);
+        assert_eq!(since(&p)["10.244.0.3:8080"], NOW, "a pod that joins ramps");
+        assert_eq!(since(&p)["10.244.0.1:8080"], 0, "the others keep theirs");
+        // A pod that left and comes back (not ready for a while) ramps again.
+        step(&desired([slow(&[2, 3])]), &mut p, &|_| 1);
+        let plan = apply_checked(
+            super::plan(&desired([slow(&[1, 2, 3])]), &p, &none, NOW + 7),
+            &mut p,
+        );
+        assert!(!plan.changes.is_empty());
+        assert_eq!(since(&p)["10.244.0.1:8080"], NOW + 7);
+        assert_eq!(since(&p)["10.244.0.3:8080"], NOW, "kept while it stays");
+        // Without the annotation nobody ramps.
+        let mut p = Programmed::default();
+        step(&desired([frontend(1, &[1])]), &mut p, &none);
+        step(&desired([frontend(1, &[1, 2])]), &mut p, &none);
+        assert!(since(&p).values().all(|s| *s == 0));
+    }
+
+    #[test]
     fn scale_up_keeps_slots_and_ids_of_the_pods_already_there() {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
@@ -1068,7 +1130,7 @@ mod tests {
         let tail = slot(p.services.values().next().unwrap().id, 2);
         assert!(p.slots.contains_key(&tail));
         let held = |id| u64::from(id == gone);
-        let plan = apply_checked(plan_for(&d, &plan.deferred, &p, &held), &mut p);
+        let plan = apply_checked(plan_for(&d, &plan.deferred, &p, &held, NOW), &mut p);
         assert_eq!(ops(&plan), [&Op::DeleteSlot(tail)]);
         assert!(plan.deferred.is_empty());
 
@@ -1176,7 +1238,7 @@ mod tests {
         };
         fill(&desired(many(MAX_SERVICES)), &mut p);
         let before = p.clone();
-        let plan = super::plan(&desired(many(MAX_SERVICES + 1)), &p, &none);
+        let plan = super::plan(&desired(many(MAX_SERVICES + 1)), &p, &none, NOW);
         assert!(plan.changes.is_empty());
         assert_eq!(plan.errors.len(), 1);
         assert!(
@@ -1212,7 +1274,7 @@ mod tests {
         assert_eq!(p.slots.len(), MAX_SLOTS as usize);
         let mut more = full;
         more.push(frontend(250, &[1]));
-        let plan = super::plan(&desired(more), &p, &none);
+        let plan = super::plan(&desired(more), &p, &none, NOW);
         assert!(plan.changes.is_empty());
         assert!(
             plan.errors[0].1.contains("map SLOTS is full"),
@@ -1240,7 +1302,7 @@ mod tests {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
         let d = desired([frontend(1, &[4, 5, 6])]);
-        let the_plan = super::plan(&d, &p, &none);
+        let the_plan = super::plan(&d, &p, &none, NOW);
         for fail_at in 0..ops(&the_plan).len() {
             let mut mirror = p.clone();
             let mut maps = FailAfter(fail_at, p.clone());
@@ -1276,7 +1338,7 @@ mod tests {
         );
         p.backends.insert(
             42,
-            backend(SocketAddr::from((Ipv4Addr::new(10, 244, 0, 9), 80)), 9),
+            backend(SocketAddr::from((Ipv4Addr::new(10, 244, 0, 9), 80)), 9, 0),
         );
         step(&d, &mut p, &none);
         step(&d, &mut p, &none);
@@ -1523,7 +1585,7 @@ mod tests {
                 );
                 let mut keys = keys.expect("no errors or clashes in these events");
                 keys.append(&mut deferred); // as the agent does
-                let plan = apply_checked(plan_for(&fast_desired, &keys, &fast, &conns), &mut fast);
+                let plan = apply_checked(plan_for(&fast_desired, &keys, &fast, &conns, NOW), &mut fast);
                 deferred = plan.deferred;
                 prop_assert_eq!(&fast_desired, &full_desired);
                 prop_assert_eq!(&fast, &full);

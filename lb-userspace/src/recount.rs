@@ -4,7 +4,9 @@
 //! this makes sure instead of trusting them.
 //!
 //! The live sockets come from the socket iterator, which sees every socket socklb assigned in
-//! every network namespace (also those of processes that left the cgroup). A look is only
+//! every network namespace (also those of processes that left the cgroup), counted per backend
+//! in the kernel in one pass (`SocketIterator::count`: a listing read a buffer at a time can
+//! skip a live socket when a closed one is freed meanwhile). A look is only
 //! trusted when no change to an assignment was under way as it began and none began while it
 //! was taken (the programs' per-CPU `EVENTS` counters, see `datapath::Events`): then the
 //! sockets listed and the counts read are one snapshot, and a count that differs is really
@@ -21,9 +23,8 @@ use crate::datapath::{Maps, Tools};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recount {
-    /// Live sockets socklb assigned, and the network namespaces they are in.
+    /// Live sockets socklb assigned.
     pub sockets: usize,
-    pub namespaces: usize,
     /// (backend id, count in the map, sockets found) for counts repaired.
     pub corrected: Vec<(u32, u64, u64)>,
     /// Backends whose count disagreed in the last look, when no look was a snapshot, or
@@ -40,22 +41,15 @@ pub fn verify(maps: &Maps, tools: &Tools) -> Result<Recount> {
     for look in 0..LOOKS {
         let before = maps.events()?;
         let quiet_start = before.started == before.finished;
-        let records = tools.sockets.list()?;
-        let mut found: BTreeMap<u32, u64> = BTreeMap::new();
-        for r in &records {
-            *found.entry(r.state.backend_id).or_default() += 1;
-        }
+        let found = tools.sockets.count()?;
         let mut counted: BTreeMap<u32, u64> = BTreeMap::new();
         for id in maps.backends.keys().chain(found.keys().copied().map(Ok)) {
             let id = id?;
             counted.insert(id, maps.connections(id));
         }
         let snapshot = quiet_start && maps.events()?.started == before.started;
-        let namespaces: std::collections::BTreeSet<u64> =
-            records.iter().map(|r| r.state.netns).collect();
         report = Recount {
-            sockets: records.len(),
-            namespaces: namespaces.len(),
+            sockets: found.values().sum::<u64>() as usize,
             ..Recount::default()
         };
         let wrong = counted.into_iter().filter_map(|(id, counted)| {

@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{Iter, ProgramFd},
 };
-use lb_common::{ITER_ALL, SockState, SocketRecord, limits::MAX_ITER_FILTER};
+use lb_common::{ITER_ALL, ITER_COUNT, SockState, SocketRecord, limits::MAX_ITER_FILTER};
 
 use crate::bpf_sys;
 
@@ -27,6 +27,9 @@ pub struct SocketIterator {
     /// Which backends a walk lists and how many sockets of each (`ITER_BACKENDS`, this
     /// loader's own copy), and what was put in it last; one walk at a time.
     filter: Mutex<(HashMap<MapData, u32, u64>, Vec<u32>)>,
+    /// What a counting walk found per backend (`ITER_FOUND`, this loader's own); taken
+    /// after `filter`.
+    found: Mutex<HashMap<MapData, u32, u64>>,
 }
 
 impl SocketIterator {
@@ -47,10 +50,54 @@ impl SocketIterator {
             .take_map("ITER_BACKENDS")
             .context("map ITER_BACKENDS missing from the BPF object")?
             .try_into()?;
+        let found = ebpf
+            .take_map("ITER_FOUND")
+            .context("map ITER_FOUND missing from the BPF object")?
+            .try_into()?;
         Ok(SocketIterator {
             link,
             filter: Mutex::new((filter, Vec::new())),
+            found: Mutex::new(found),
         })
+    }
+
+    /// Live assignments per backend id, counted in the kernel in one pass.
+    ///
+    /// Exact for every socket assigned during the whole walk, which a listing cannot promise:
+    /// the kernel serves a listing a buffer at a time and resumes each by skipping as many
+    /// entries of a hash bucket as it gave before, so an entry freed meanwhile ahead of that
+    /// point (a closed socket's storage goes when the kernel destroys the socket, with no
+    /// program run to tell) makes it skip a live one. A walk that writes nothing is never
+    /// resumed: the kernel stops only at the end, or with EAGAIN past a million sockets.
+    pub fn count(&self) -> Result<BTreeMap<u32, u64>> {
+        let mut guard = self
+            .filter
+            .lock()
+            .map_err(|_| anyhow::anyhow!("socket iterator lock poisoned"))?;
+        let (filter, set) = &mut *guard;
+        for id in set.drain(..) {
+            let _ = filter.remove(&id);
+        }
+        filter.insert(&ITER_COUNT, &0, 0)?;
+        set.push(ITER_COUNT);
+        let mut found = self
+            .found
+            .lock()
+            .map_err(|_| anyhow::anyhow!("socket iterator lock poisoned"))?;
+        let stale: Vec<u32> = found.keys().filter_map(Result::ok).collect();
+        for id in stale {
+            let _ = found.remove(&id);
+        }
+        let mut file = bpf_sys::iter_create(&self.link).context("starting the socket iterator")?;
+        let mut rest = Vec::new();
+        file.read_to_end(&mut rest)
+            .context("counting with the socket iterator")?;
+        anyhow::ensure!(
+            rest.is_empty(),
+            "a counting walk wrote {} bytes",
+            rest.len()
+        );
+        Ok(found.iter().filter_map(Result::ok).collect())
     }
 
     /// Every socket with a live assignment, as the kernel sees it now.

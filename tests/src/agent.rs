@@ -30,6 +30,8 @@ pub struct BackendRow {
     pub port: u16,
     pub state: String,
     pub connections: u64,
+    /// Time left in its slow start (None: not ramping).
+    pub slow_start_left_ms: Option<u64>,
 }
 
 impl Agent {

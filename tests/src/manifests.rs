@@ -27,6 +27,8 @@ pub struct ServiceSpec {
     pub rebalance: bool,
     /// `socklb.io/rebalance-quiet`, if set (e.g. "20ms").
     pub rebalance_quiet: Option<&'static str>,
+    /// `socklb.io/slow-start`, if set (e.g. "6s").
+    pub slow_start: Option<&'static str>,
     /// `sessionAffinity: ClientIP` with this timeout (seconds).
     pub affinity_timeout: Option<u32>,
     /// Pods of either family: each family's go into an EndpointSlice of that `addressType`.
@@ -52,6 +54,7 @@ impl ServiceSpec {
             algorithm: None,
             rebalance: false,
             rebalance_quiet: None,
+            slow_start: None,
             affinity_timeout: None,
             pods: pods.iter().map(|p| (*p).into()).collect(),
         }
@@ -86,6 +89,9 @@ impl ServiceSpec {
         }
         if let Some(q) = self.rebalance_quiet {
             annotations.push(format!("socklb.io/rebalance-quiet: \"{q}\""));
+        }
+        if let Some(w) = self.slow_start {
+            annotations.push(format!("socklb.io/slow-start: \"{w}\""));
         }
         let annotations = match annotations.is_empty() {
             true => String::new(),

@@ -239,6 +239,11 @@ pub type Churned = (u64, BTreeMap<String, u64>);
 pub struct Churn(Vec<JoinHandle<Result<Churned>>>);
 
 impl Churn {
+    /// Whether every process is done.
+    pub fn finished(&self) -> bool {
+        self.0.iter().all(JoinHandle::is_finished)
+    }
+
     /// Per process, what it churned.
     pub fn join(self) -> Vec<Churned> {
         self.0

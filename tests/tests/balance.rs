@@ -6,6 +6,7 @@ use std::{
     thread,
 };
 
+use lb_common::slow_start_load;
 use socklb_tests::{
     client::per_pod,
     manifests::{ServiceSpec, pod_ips},
@@ -176,4 +177,102 @@ fn the_cluster_wide_spread_stays_within_one_per_node() {
         spreads.iter().all(|s| *s <= NODES as u64),
         "spreads {spreads:?}"
     );
+}
+
+/// `socklb.io/slow-start`: pods that join take new connections at the pace of a linear ramp
+/// over the window (judged connect by connect against the ramp's rule), not all at once, and
+/// the Service is even once it has passed.
+#[test]
+fn slow_start_ramps_joining_pods_up_over_the_window_then_evens_out() {
+    require_privileges!();
+    const WINDOW_MS: u64 = 6_000;
+    let mut bed = Testbed::new("ss").unwrap();
+    let first = pod_ips(9, 4);
+    bed.add_pods(&first, 8080).unwrap();
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 9, 10), 80);
+    let mut spec = ServiceSpec::new("web", *vip.ip(), 80, 8080, &first);
+    spec.slow_start = Some("6s");
+    bed.write_service(&spec).unwrap();
+    bed.start_agent(&[]).unwrap();
+    let mut held = bed.client().unwrap();
+    assert!(held.open(vip, 32).unwrap().iter().all(|o| o.ok));
+
+    let all = pod_ips(9, 8);
+    bed.add_pods(&all[4..], 8080).unwrap();
+    let new: Vec<String> = all[4..]
+        .iter()
+        .map(|ip| bed.pod_at(*ip).name.clone())
+        .collect();
+    spec.set_pods(&all);
+    bed.write_service(&spec).unwrap();
+    bed.agent().wait_backends("demo/web", &spec.pods).unwrap();
+
+    // The new pods' age in their window, as the maps say (they joined in one change).
+    let age_ms = || -> u64 {
+        let rows = bed.agent().backends().unwrap();
+        let left = rows.iter().filter_map(|b| b.slow_start_left_ms).max();
+        WINDOW_MS - left.unwrap_or(0).min(WINDOW_MS)
+    };
+    let load = |n: u64, pod: &str, age: u64| match new.iter().any(|p| p == pod) {
+        true => slow_start_load(n, age, WINDOW_MS),
+        false => n * 1024,
+    };
+    let mut c = bed.client().unwrap();
+    let mut checkpoints = Vec::new();
+    let mut connects = 0;
+    loop {
+        let before = age_ms();
+        if before >= WINDOW_MS {
+            break;
+        }
+        let open: BTreeMap<String, u64> = bed.accepted().into_iter().collect();
+        let o = c.open(vip, 1).unwrap().remove(0);
+        assert!(o.ok, "{o:?}");
+        let after = age_ms();
+        connects += 1;
+        // Least-conn picked the lowest ramped load at some moment between the two looks. A
+        // ramped load only falls with age, so the chosen pod at its lowest possible load (the
+        // later look) must be no heavier than every other pod at its highest (the earlier).
+        let pod = o.pod.unwrap();
+        let chosen = load(open[&pod], &pod, after);
+        for (other, n) in &open {
+            assert!(
+                chosen <= load(*n, other, before),
+                "connect {connects} at {before}..{after} ms went to {pod} ({} open) though \
+                 {other} ({n} open) was lighter under the ramp: {open:?}",
+                open[&pod]
+            );
+        }
+        if checkpoints.len() < 3 && after >= (checkpoints.len() as u64 + 1) * WINDOW_MS / 4 {
+            checkpoints.push((after, bed.accepted()));
+        }
+        assert!(connects < 400, "the window never ended: {} ms", after);
+        thread::sleep(std::time::Duration::from_millis(60));
+    }
+    // The new pods' mean count followed the ramp: f * (old mean + 1) - 1, within one.
+    for (age, counts) in &checkpoints {
+        let (mut old, mut fresh) = (Vec::new(), Vec::new());
+        for (pod, n) in counts {
+            match new.contains(pod) {
+                true => fresh.push(*n as f64),
+                false => old.push(*n as f64),
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let ramp = *age as f64 / WINDOW_MS as f64 * (mean(&old) + 1.0) - 1.0;
+        assert!(
+            (mean(&fresh) - ramp.max(0.0)).abs() <= 1.0,
+            "at {age} ms the new pods held {fresh:?} on average {}, the ramp says {ramp:.1} \
+             (old pods {old:?})",
+            mean(&fresh)
+        );
+    }
+    assert_eq!(checkpoints.len(), 3, "{connects} connects in the window");
+    // After the window it is plain least-conn: a few more connections make it even.
+    for _ in 0..8 {
+        assert!(c.open(vip, 1).unwrap()[0].ok);
+    }
+    let counts: Vec<u64> = bed.accepted().into_iter().map(|(_, n)| n).collect();
+    let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+    assert!(spread <= 1, "spread {spread} after the window: {counts:?}");
 }
