@@ -258,8 +258,8 @@ pub struct Service {
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 means no affinity.
     pub affinity_timeout: u32,
     /// Slow start window in milliseconds (`socklb.io/slow-start`), 0 for none: a backend that
-    /// joins the Service counts as more loaded than it is until the window has passed (see
-    /// `slow_start_load`).
+    /// joins the Service takes part in a growing fraction of its connects until the window
+    /// has passed (see `slow_start_load`).
     pub slow_start_ms: u32,
 }
 
@@ -336,29 +336,34 @@ pub struct Backend {
     /// Frontend this backend belongs to.
     pub service_id: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it joined its Service's rotation, the start
-    /// of its slow start; 0 for the backends a Service was created with (nothing to ramp up
-    /// against).
+    /// of its slow start; 0 for a backend that does not ramp up: one a Service was created or
+    /// scaled up from zero with (nothing to ramp up against), or one that joined while the
+    /// Service had no slow start.
     pub since_ns: u64,
 }
 
+/// Added to the load of a backend left out of a connect by its slow start: it still wins
+/// if every backend compared is left out (a connect is never refused for it).
+pub const SLOW_START_OUT: u64 = 1 << 48;
+
 /// The load least-conn compares for a backend with `load` live connections that joined its
-/// Service `age_ms` ago, under a slow start window of `window_ms`, in 1/1024ths of a
-/// connection. Outside the window it is the load itself. Inside, the backend counts as if it
-/// held `(load + 1) / f - 1` connections, `f = age / window`: it wins a connect against a
-/// backend holding `m` only while `load + 1 < f * (m + 1)`, so its count ramps up linearly to
-/// the others' over the window instead of taking every new connection at once (Envoy's slow
-/// start, done on counts). Shared by the BPF scan and the tests' model of it.
+/// Service `age_ms` ago, under a slow start window of `window_ms`. `draw` is one uniform draw
+/// in `0..window_ms` per connect, shared by every backend it compares. A backend still in
+/// its window takes part in the connect only if `draw < age_ms`, that is with probability
+/// `f = age / window`; otherwise it counts as `SLOW_START_OUT` more. Backends that joined
+/// together are in or out together, so the share of new connections they get is `f` times
+/// what least-conn alone would give them: it ramps up linearly from 0 to their full share at
+/// the end of the window, whether connections are long-lived (where least-conn alone would
+/// send them every new connection until they caught up) or short (where it would give them
+/// their 1/n at once). Envoy's `slow_start_config` scales weights by the same factor.
+/// Shared by the BPF scan and the tests.
 #[inline(always)]
-pub const fn slow_start_load(load: u64, age_ms: u64, window_ms: u64) -> u64 {
-    const ONE: u64 = 1024;
-    // Loads beyond this are no longer ramping in any real case; the cap keeps the product
-    // below 2^64 for any window up to `limits::MAX_SLOW_START_MS`.
-    let load = if load > 1 << 20 { 1 << 20 } else { load };
-    if age_ms >= window_ms {
-        return load * ONE;
+pub const fn slow_start_load(load: u64, age_ms: u64, window_ms: u64, draw: u64) -> u64 {
+    if age_ms >= window_ms || draw < age_ms {
+        load
+    } else {
+        load + SLOW_START_OUT
     }
-    let age_ms = if age_ms == 0 { 1 } else { age_ms };
-    (load + 1) * ONE * window_ms / age_ms - ONE
 }
 
 /// Per-frontend counters in `SERVICE_STATS` (indexed by service id), bumped atomically.
@@ -563,36 +568,21 @@ mod tests {
 
     use super::*;
 
-    /// Least-conn between a ramping backend and a steady one holding `m`: how many
-    /// connections the ramping one takes before the steady one wins a tie or better.
-    fn ramped_fill(m: u64, age_ms: u64, window_ms: u64) -> u64 {
-        (0..=m)
-            .find(|n| slow_start_load(*n, age_ms, window_ms) >= m * 1024)
-            .unwrap_or(m)
-    }
-
     #[test]
-    fn slow_start_ramps_a_new_backend_up_linearly_to_the_others_load() {
-        assert_eq!(
-            slow_start_load(7, 30_000, 30_000),
-            7 * 1024,
-            "after the window"
-        );
-        assert_eq!(slow_start_load(7, 0, 0), 7 * 1024, "no window");
-        // Against a backend holding 99, a new one is filled to f * 100 - 1 at time f.
-        for (age, want) in [(0, 0), (3_000, 9), (15_000, 49), (27_000, 89), (30_000, 99)] {
-            assert_eq!(ramped_fill(99, age, 30_000), want, "at {age} ms");
+    fn slow_start_lets_a_backend_in_with_the_probability_of_its_age() {
+        let w = 30_000;
+        assert_eq!(slow_start_load(7, w, w, 0), 7, "after the window");
+        assert_eq!(slow_start_load(7, 0, 0, 0), 7, "no window");
+        // Over every draw, a backend 1/4 into its window takes part in 1/4 of the connects.
+        for age in [0, 7_500, 15_000, 29_999] {
+            let taking_part = (0..w)
+                .filter(|draw| slow_start_load(3, age, w, *draw) == 3)
+                .count() as u64;
+            assert_eq!(taking_part, age);
         }
-        // Monotonic in age and in load: a ramping backend never looks lighter later on.
-        let mut last = u64::MAX;
-        for age in (0..=30_000).step_by(500) {
-            let l = slow_start_load(5, age, 30_000);
-            assert!(l <= last && l >= slow_start_load(4, age, 30_000));
-            last = l;
-        }
-        // No overflow at the longest window and absurd loads.
-        let w = u64::from(limits::MAX_SLOW_START_MS);
-        assert!(slow_start_load(u64::MAX, 1, w) > slow_start_load(1 << 19, 1, w));
+        // Left out, it still beats nothing: more than any real load, far from overflow.
+        assert!(slow_start_load(0, 0, w, w - 1) > 1 << 40);
+        assert!(slow_start_load(1 << 40, 0, w, w - 1) < u64::MAX / 2);
     }
 
     #[test]

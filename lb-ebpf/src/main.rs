@@ -132,6 +132,10 @@ static ITER_BACKENDS: HashMap<u32, u64, { MAX_ITER_FILTER as usize }, NO_PREALLO
 #[btf_map]
 static ITER_FOUND: HashMap<u32, u64, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 
+/// Sockets a counting walk could not add to `ITER_FOUND` (an entry it could not allocate).
+#[btf_map]
+static ITER_MISSED: Array<u64, 1> = Array::new();
+
 /// Backend id -> times its count was caught about to go below zero (and left at zero).
 /// Nothing should ever be here; the agent reports whatever is.
 #[btf_map(pin_by_name)]
@@ -343,7 +347,11 @@ pub extern "C" fn dump_sockets(ctx: *mut c_void) -> i32 {
             return 0;
         }
         if ITER_BACKENDS.get(&ITER_COUNT).is_some() {
-            bump_key(&ITER_FOUND, (*value).backend_id);
+            if !bump_key(&ITER_FOUND, (*value).backend_id)
+                && let Some(missed) = ITER_MISSED.get_ptr_mut(0)
+            {
+                add(missed, 1); // the walk is not to be trusted
+            }
             return 0;
         }
         if ITER_BACKENDS.get(&ITER_ALL).is_none() {
@@ -762,9 +770,9 @@ unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
 /// nodes each deciding on their own counts, a fixed tie-break order would send every node's
 /// next connection to the same pod.
 ///
-/// With a slow start window (`Service.slow_start_ms`), a backend that joined within it is
-/// compared by `slow_start_load` (its load inflated as the ramp says), which costs a
-/// `BACKENDS` lookup per slot: only Services that opted in pay it.
+/// With a slow start window (`Service.slow_start_ms`), a backend that joined within it takes
+/// part with the probability of its age (`slow_start_load`, one draw per connect), which
+/// costs a `BACKENDS` lookup per slot: only Services that opted in pay it.
 ///
 /// The scan runs under `bpf_loop` so the verifier checks the body once instead of walking
 /// every path through every iteration.
@@ -792,6 +800,7 @@ unsafe fn least_conn_backend(service: &Service, count: u32) -> Option<u32> {
             0 => 0,
             _ => unsafe { bpf_ktime_get_ns() },
         },
+        draw: u64::from(random_below(service.slow_start_ms)),
     };
     let callback = scan_slot as *const () as *mut c_void;
     unsafe { bpf_loop(window, callback, (&raw mut scan).cast(), 0) };
@@ -811,9 +820,10 @@ struct LeastConnScan {
     /// The backend id of the least loaded so far.
     best: u32,
     best_load: u64,
-    /// The Service's slow start window (0: none) and the time of this connect.
+    /// The Service's slow start window (0: none), the time of this connect and its draw.
     window_ms: u64,
     now_ns: u64,
+    draw: u64,
 }
 
 /// `bpf_loop` body: looks at the `i`-th slot of the walk and keeps the least loaded.
@@ -851,7 +861,7 @@ extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
                 0 => window_ms,
                 _ => (*scan).now_ns.saturating_sub(since) / 1_000_000,
             };
-            load = slow_start_load(load, age_ms, window_ms);
+            load = slow_start_load(load, age_ms, window_ms, (*scan).draw);
         }
         if load < (*scan).best_load {
             (*scan).best_load = load;
@@ -1042,13 +1052,14 @@ unsafe fn uncount(backend_id: u32) {
 /// Counts a refused decrement against `backend_id` in `COUNT_UNDERFLOWS`.
 #[inline(always)]
 unsafe fn record_underflow(backend_id: u32) {
-    unsafe { bump_key(&COUNT_UNDERFLOWS, backend_id) };
+    let _ = unsafe { bump_key(&COUNT_UNDERFLOWS, backend_id) };
 }
 
 /// `map[key] += 1`, creating the entry at 0 if it is not there (losing a race to create it
-/// is fine: the other creator's entry is added to).
+/// is fine: the other creator's entry is added to). False if there is no entry to add to
+/// (the map is full or out of memory).
 #[inline(always)]
-unsafe fn bump_key<const N: usize>(map: &HashMap<u32, u64, N, NO_PREALLOC>, key: u32) {
+unsafe fn bump_key<const N: usize>(map: &HashMap<u32, u64, N, NO_PREALLOC>, key: u32) -> bool {
     let zero = 0u64;
     unsafe {
         bpf_map_update_elem(
@@ -1058,8 +1069,12 @@ unsafe fn bump_key<const N: usize>(map: &HashMap<u32, u64, N, NO_PREALLOC>, key:
             u64::from(BPF_NOEXIST),
         )
     };
-    if let Some(n) = map.get_ptr_mut(&key) {
-        unsafe { add(n, 1) };
+    match map.get_ptr_mut(&key) {
+        Some(n) => {
+            unsafe { add(n, 1) };
+            true
+        }
+        None => false,
     }
 }
 

@@ -595,7 +595,6 @@ fn family_name(ip: IpAddr) -> &'static str {
     if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
-/// "250ms", "2s" -> milliseconds, 1 ms to 60 s.
 /// `"250ms"`, `"2s"` or `"3m"` in milliseconds, if within 1 ms..=`max_ms`.
 fn duration_ms(text: &str, max_ms: u32) -> Option<u32> {
     let (number, unit) = if let Some(ms) = text.strip_suffix("ms") {

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Btf, Ebpf,
-    maps::{HashMap, MapData},
+    maps::{Array, HashMap, MapData},
     programs::{Iter, ProgramFd},
 };
 use lb_common::{ITER_ALL, ITER_COUNT, SockState, SocketRecord, limits::MAX_ITER_FILTER};
@@ -27,9 +27,15 @@ pub struct SocketIterator {
     /// Which backends a walk lists and how many sockets of each (`ITER_BACKENDS`, this
     /// loader's own copy), and what was put in it last; one walk at a time.
     filter: Mutex<(HashMap<MapData, u32, u64>, Vec<u32>)>,
-    /// What a counting walk found per backend (`ITER_FOUND`, this loader's own); taken
-    /// after `filter`.
-    found: Mutex<HashMap<MapData, u32, u64>>,
+    /// What a counting walk found per backend (`ITER_FOUND`, this loader's own) and how many
+    /// sockets it could not count (`ITER_MISSED`); taken after `filter`.
+    found: Mutex<Counting>,
+}
+
+/// A counting walk's results: `ITER_FOUND` and `ITER_MISSED`.
+struct Counting {
+    found: HashMap<MapData, u32, u64>,
+    missed: Array<MapData, u64>,
 }
 
 impl SocketIterator {
@@ -54,10 +60,14 @@ impl SocketIterator {
             .take_map("ITER_FOUND")
             .context("map ITER_FOUND missing from the BPF object")?
             .try_into()?;
+        let missed = ebpf
+            .take_map("ITER_MISSED")
+            .context("map ITER_MISSED missing from the BPF object")?
+            .try_into()?;
         Ok(SocketIterator {
             link,
             filter: Mutex::new((filter, Vec::new())),
-            found: Mutex::new(found),
+            found: Mutex::new(Counting { found, missed }),
         })
     }
 
@@ -67,8 +77,9 @@ impl SocketIterator {
     /// the kernel serves a listing a buffer at a time and resumes each by skipping as many
     /// entries of a hash bucket as it gave before, so an entry freed meanwhile ahead of that
     /// point (a closed socket's storage goes when the kernel destroys the socket, with no
-    /// program run to tell) makes it skip a live one. A walk that writes nothing is never
-    /// resumed: the kernel stops only at the end, or with EAGAIN past a million sockets.
+    /// program run to tell) makes it skip or repeat a live one. A walk that writes nothing is
+    /// never resumed: the kernel stops only at the end, or with EAGAIN past a million socket
+    /// storage entries (an error here: the recount then leaves the counts alone).
     pub fn count(&self) -> Result<BTreeMap<u32, u64>> {
         let mut guard = self
             .filter
@@ -80,14 +91,16 @@ impl SocketIterator {
         }
         filter.insert(&ITER_COUNT, &0, 0)?;
         set.push(ITER_COUNT);
-        let mut found = self
+        let mut guard = self
             .found
             .lock()
             .map_err(|_| anyhow::anyhow!("socket iterator lock poisoned"))?;
+        let Counting { found, missed } = &mut *guard;
         let stale: Vec<u32> = found.keys().filter_map(Result::ok).collect();
         for id in stale {
             let _ = found.remove(&id);
         }
+        missed.set(0, &0, 0)?;
         let mut file = bpf_sys::iter_create(&self.link).context("starting the socket iterator")?;
         let mut rest = Vec::new();
         file.read_to_end(&mut rest)

@@ -4,9 +4,9 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     thread,
+    time::{Duration, Instant},
 };
 
-use lb_common::slow_start_load;
 use socklb_tests::{
     client::per_pod,
     manifests::{ServiceSpec, pod_ips},
@@ -179,13 +179,13 @@ fn the_cluster_wide_spread_stays_within_one_per_node() {
     );
 }
 
-/// `socklb.io/slow-start`: pods that join take new connections at the pace of a linear ramp
-/// over the window (judged connect by connect against the ramp's rule), not all at once, and
-/// the Service is even once it has passed.
+/// `socklb.io/slow-start`: pods that join get a share of the new connections that ramps up
+/// linearly over the window (`f` times what least-conn alone gives them, judged per quarter of
+/// the window), and least-conn evens the Service out once it has passed.
 #[test]
-fn slow_start_ramps_joining_pods_up_over_the_window_then_evens_out() {
+fn slow_start_ramps_joining_pods_share_up_over_the_window_then_evens_out() {
     require_privileges!();
-    const WINDOW_MS: u64 = 6_000;
+    const WINDOW_MS: f64 = 6_000.0;
     let mut bed = Testbed::new("ss").unwrap();
     let first = pod_ips(9, 4);
     bed.add_pods(&first, 8080).unwrap();
@@ -194,8 +194,10 @@ fn slow_start_ramps_joining_pods_up_over_the_window_then_evens_out() {
     spec.slow_start = Some("6s");
     bed.write_service(&spec).unwrap();
     bed.start_agent(&[]).unwrap();
+    // The old pods hold 150 each: more than the new ones reach in the window, so least-conn
+    // alone would send the new ones every new connection throughout.
     let mut held = bed.client().unwrap();
-    assert!(held.open(vip, 32).unwrap().iter().all(|o| o.ok));
+    assert!(held.open(vip, 600).unwrap().iter().all(|o| o.ok));
 
     let all = pod_ips(9, 8);
     bed.add_pods(&all[4..], 8080).unwrap();
@@ -206,71 +208,68 @@ fn slow_start_ramps_joining_pods_up_over_the_window_then_evens_out() {
     spec.set_pods(&all);
     bed.write_service(&spec).unwrap();
     bed.agent().wait_backends("demo/web", &spec.pods).unwrap();
+    // Where the new pods are in their window, as the maps say (they joined in one change).
+    let left = bed.agent().backends().unwrap();
+    let left = left.iter().filter_map(|b| b.slow_start_left_ms).max();
+    let age_at_start = WINDOW_MS - left.expect("the new pods ramp") as f64;
+    let start = Instant::now();
+    let age = || age_at_start + start.elapsed().as_secs_f64() * 1_000.0;
 
-    // The new pods' age in their window, as the maps say (they joined in one change).
-    let age_ms = || -> u64 {
-        let rows = bed.agent().backends().unwrap();
-        let left = rows.iter().filter_map(|b| b.slow_start_left_ms).max();
-        WINDOW_MS - left.unwrap_or(0).min(WINDOW_MS)
-    };
-    let load = |n: u64, pod: &str, age: u64| match new.iter().any(|p| p == pod) {
-        true => slow_start_load(n, age, WINDOW_MS),
-        false => n * 1024,
-    };
+    // (fraction of the window gone, went to a new pod) per connect.
     let mut c = bed.client().unwrap();
-    let mut checkpoints = Vec::new();
-    let mut connects = 0;
-    loop {
-        let before = age_ms();
-        if before >= WINDOW_MS {
-            break;
-        }
-        let open: BTreeMap<String, u64> = bed.accepted().into_iter().collect();
+    let mut connects: Vec<(f64, bool)> = Vec::new();
+    while age() < WINDOW_MS && connects.len() < 5_000 {
+        let before = age();
         let o = c.open(vip, 1).unwrap().remove(0);
         assert!(o.ok, "{o:?}");
-        let after = age_ms();
-        connects += 1;
-        // Least-conn picked the lowest ramped load at some moment between the two looks. A
-        // ramped load only falls with age, so the chosen pod at its lowest possible load (the
-        // later look) must be no heavier than every other pod at its highest (the earlier).
-        let pod = o.pod.unwrap();
-        let chosen = load(open[&pod], &pod, after);
-        for (other, n) in &open {
-            assert!(
-                chosen <= load(*n, other, before),
-                "connect {connects} at {before}..{after} ms went to {pod} ({} open) though \
-                 {other} ({n} open) was lighter under the ramp: {open:?}",
-                open[&pod]
-            );
-        }
-        if checkpoints.len() < 3 && after >= (checkpoints.len() as u64 + 1) * WINDOW_MS / 4 {
-            checkpoints.push((after, bed.accepted()));
-        }
-        assert!(connects < 400, "the window never ended: {} ms", after);
-        thread::sleep(std::time::Duration::from_millis(60));
+        let f = ((before + age()) / 2.0 / WINDOW_MS).min(1.0);
+        connects.push((f, new.contains(&o.pod.unwrap())));
+        thread::sleep(Duration::from_millis(4));
     }
-    // The new pods' mean count followed the ramp: f * (old mean + 1) - 1, within one.
-    for (age, counts) in &checkpoints {
-        let (mut old, mut fresh) = (Vec::new(), Vec::new());
-        for (pod, n) in counts {
-            match new.contains(pod) {
-                true => fresh.push(*n as f64),
-                false => old.push(*n as f64),
-            }
-        }
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let ramp = *age as f64 / WINDOW_MS as f64 * (mean(&old) + 1.0) - 1.0;
+    let counts: BTreeMap<String, u64> = bed.accepted().into_iter().collect();
+    let busiest_new = new.iter().map(|p| counts[p]).max().unwrap();
+    let idlest_old = counts.iter().filter(|(p, _)| !new.contains(p));
+    let idlest_old = idlest_old.map(|(_, n)| *n).min().unwrap();
+    assert!(
+        busiest_new < idlest_old,
+        "the new pods caught up within the window, so least-conn's own share fell: {counts:?}"
+    );
+    // Per quarter: the new pods took each connect with probability f; four standard
+    // deviations (plus two for the ends of the quarter) is the tolerance.
+    for q in 0..4 {
+        let (lo, hi) = (q as f64 / 4.0, (q + 1) as f64 / 4.0);
+        let quarter: Vec<&(f64, bool)> = connects
+            .iter()
+            .filter(|(f, _)| *f >= lo && *f < hi)
+            .collect();
         assert!(
-            (mean(&fresh) - ramp.max(0.0)).abs() <= 1.0,
-            "at {age} ms the new pods held {fresh:?} on average {}, the ramp says {ramp:.1} \
-             (old pods {old:?})",
-            mean(&fresh)
+            quarter.len() >= 50,
+            "quarter {q}: {} connects",
+            quarter.len()
+        );
+        let expected: f64 = quarter.iter().map(|(f, _)| f).sum();
+        let sd = quarter
+            .iter()
+            .map(|(f, _)| f * (1.0 - f))
+            .sum::<f64>()
+            .sqrt();
+        let got = quarter.iter().filter(|(_, to_new)| *to_new).count() as f64;
+        assert!(
+            (got - expected).abs() <= 4.0 * sd + 2.0,
+            "quarter {q} of the window: the new pods got {got} of {} connects, the ramp says \
+             {expected:.0} ± {:.0}",
+            quarter.len(),
+            4.0 * sd + 2.0
         );
     }
-    assert_eq!(checkpoints.len(), 3, "{connects} connects in the window");
-    // After the window it is plain least-conn: a few more connections make it even.
-    for _ in 0..8 {
-        assert!(c.open(vip, 1).unwrap()[0].ok);
+    // After the window it is plain least-conn: the new pods take every connection until the
+    // Service is even.
+    let needed: u64 = counts.values().map(|n| idlest_old.max(*n) - n).sum();
+    for o in c.open(vip, needed as usize).unwrap() {
+        assert!(
+            new.contains(o.pod.as_ref().unwrap()),
+            "{o:?} after the window"
+        );
     }
     let counts: Vec<u64> = bed.accepted().into_iter().map(|(_, n)| n).collect();
     let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
