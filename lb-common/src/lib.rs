@@ -79,12 +79,15 @@ pub mod limits {
     /// distinct slots drawn at random (a "power of d choices" with d = 32), which keeps the
     /// per-connect cost bounded while staying close to exact.
     pub const LEAST_CONN_WINDOW: u32 = 32;
-    /// Entries of one Service's Maglev lookup table: a prime, as the algorithm needs, and
-    /// large against the backend count so that adding a backend moves close to 1/n of the
-    /// clients (measured: 10.4% for 10 -> 11 backends, ideal 9.1%; 1021 entries gave 12.6%).
-    pub const MAGLEV_TABLE_SIZE: u32 = 4_093;
-    /// Maglev entries over all Services: room for 64 Service ports using maglev.
-    pub const MAX_MAGLEV_ENTRIES: u32 = 64 * MAGLEV_TABLE_SIZE;
+    /// Sizes a Service's Maglev lookup table may have: primes, as the algorithm needs. A
+    /// Service gets the smallest that is at least 100 times its backends (so each backend
+    /// owns about 100 entries or more and the shares differ by a few percent), and keeps it
+    /// while its backends come and go within a factor of four (a new size reshuffles the
+    /// clients: see `maglev::table_size` in the agent). The largest caps a table at 512 KiB of
+    /// entries; beyond 1,310 backends a Service has fewer than 100 entries per backend.
+    pub const MAGLEV_TABLE_SIZES: [u32; 4] = [4_093, 16_381, 65_521, 131_071];
+    /// Maglev entries over all Services: eight of the largest tables, or 256 of the smallest.
+    pub const MAX_MAGLEV_ENTRIES: u32 = 1_048_576;
     /// Session affinity entries (Service, client) in an LRU map: losing an old entry only
     /// loses that client's stickiness, never a connection.
     pub const MAX_AFFINITY: u32 = 65_536;
@@ -257,6 +260,9 @@ pub struct Service {
     pub rebalance_quiet_ms: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 means no affinity.
     pub affinity_timeout: u32,
+    /// Entries of its Maglev table (`MAGLEV`, indexes `0..maglev_size`); 0 unless the
+    /// algorithm is maglev and there are backends.
+    pub maglev_size: u32,
     /// Slow start window in milliseconds (`socklb.io/slow-start`), 0 for none: a backend that
     /// joins the Service takes part in a growing fraction of its connects until the window
     /// has passed (see `slow_start_load`).
@@ -546,7 +552,7 @@ mod user {
     const _: () = {
         assert!(size_of::<Addr>() == 16);
         assert!(size_of::<ServiceKey>() == 20);
-        assert!(size_of::<Service>() == 20);
+        assert!(size_of::<Service>() == 24);
         assert!(size_of::<AffinityKey>() == 16);
         assert!(size_of::<Affinity>() == 16);
         assert!(size_of::<RebalanceStats>() == 40);

@@ -74,9 +74,8 @@ use lb_common::{
     ITER_COUNT, RebalanceStats, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState,
     SocketRecord, UdpPeer, UdpPeers, adjust_result, backend_state, client_hash,
     limits::{
-        LEAST_CONN_WINDOW, MAGLEV_TABLE_SIZE, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS,
-        MAX_ITER_FILTER, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, MAX_UNDERFLOW_RECORDS,
-        UDP_PEERS_PER_SOCKET,
+        LEAST_CONN_WINDOW, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS, MAX_ITER_FILTER,
+        MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, MAX_UNDERFLOW_RECORDS, UDP_PEERS_PER_SOCKET,
     },
     settings, slow_start_load,
 };
@@ -159,7 +158,7 @@ static V6ONLY: SkStorage<u32> = SkStorage::new();
 #[btf_map(pin_by_name)]
 static RR_CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
-/// Maglev lookup tables: (service id, index < MAGLEV_TABLE_SIZE) -> backend id.
+/// Maglev lookup tables: (service id, index < its `Service.maglev_size`) -> backend id.
 #[btf_map(pin_by_name)]
 static MAGLEV: HashMap<SlotKey, u32, { MAX_MAGLEV_ENTRIES as usize }, NO_PREALLOC> = HashMap::new();
 
@@ -660,7 +659,10 @@ unsafe fn pick_backend(ctx: &SockAddrContext, service: &Service) -> Option<(u32,
         return Some(hit);
     }
     let backend_id = if service.algorithm == Algorithm::Maglev as u8 {
-        let index = client_hash(client, unsafe { bound_port(ctx) }) % MAGLEV_TABLE_SIZE;
+        if service.maglev_size == 0 {
+            return None; // never with backends (the agent sizes the table with them)
+        }
+        let index = client_hash(client, unsafe { bound_port(ctx) }) % service.maglev_size;
         *(unsafe {
             MAGLEV.get(&SlotKey {
                 service_id: service.id,

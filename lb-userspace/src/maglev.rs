@@ -11,6 +11,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use lb_common::limits::MAGLEV_TABLE_SIZES;
 use siphasher::sip::SipHasher13;
 
 /// Fixed keys: the table must be the same on every node and across restarts.
@@ -25,6 +26,28 @@ fn hash(key: (u64, u64), backend: &SocketAddr) -> u64 {
     }
     h.write(&backend.port().to_be_bytes());
     h.finish()
+}
+
+/// The table size for a Service with `backends` backends whose table has `current` entries
+/// now (0: none): the smallest of `MAGLEV_TABLE_SIZES` with at least 100 entries per backend
+/// (the largest if none has). A table keeps its size while that still gives 100 entries per
+/// backend and the Service has more than a quarter of the backends that made it grow to it:
+/// a table of another size puts most clients on other pods, so a Service scaling back and
+/// forth around a threshold keeps its size.
+pub fn table_size(backends: usize, current: u32) -> u32 {
+    let wanted = 100 * backends as u64;
+    let fitting = MAGLEV_TABLE_SIZES
+        .into_iter()
+        .find(|m| u64::from(*m) >= wanted)
+        .unwrap_or(MAGLEV_TABLE_SIZES[MAGLEV_TABLE_SIZES.len() - 1]);
+    let keep = match MAGLEV_TABLE_SIZES.iter().position(|m| *m == current) {
+        Some(i) => {
+            u64::from(current) >= wanted
+                && (i == 0 || 4 * wanted > u64::from(MAGLEV_TABLE_SIZES[i - 1]))
+        }
+        None => false,
+    };
+    if keep { current } else { fitting }
 }
 
 /// The lookup table of size `m` (a prime): entry i holds an index into `backends`.
@@ -66,9 +89,10 @@ pub fn table(backends: &[SocketAddr], m: u32) -> Vec<u32> {
 mod tests {
     use std::net::Ipv4Addr;
 
-    use lb_common::limits::MAGLEV_TABLE_SIZE as M;
-
     use super::*;
+
+    /// The smallest table, as a Service with up to 40 backends has.
+    const M: u32 = MAGLEV_TABLE_SIZES[0];
 
     fn pods(n: u8) -> Vec<SocketAddr> {
         (1..=n)
@@ -143,6 +167,48 @@ mod tests {
             moved(&b, &a) < 0.05,
             "{:.3} of the other clients moved",
             moved(&b, &a)
+        );
+    }
+
+    #[test]
+    fn tables_grow_with_the_backends_and_keep_their_size_within_a_factor_of_four() {
+        assert_eq!(table_size(3, 0), 4_093);
+        assert_eq!(table_size(40, 0), 4_093);
+        assert_eq!(table_size(41, 0), 16_381);
+        assert_eq!(table_size(1_000, 0), 131_071);
+        assert_eq!(
+            table_size(8_192, 0),
+            131_071,
+            "the largest, beyond 1,310 backends"
+        );
+        // 41 -> 40 -> 41 -> ... keeps 16,381; far fewer backends shrink it.
+        assert_eq!(table_size(40, 16_381), 16_381);
+        assert_eq!(table_size(11, 16_381), 16_381);
+        assert_eq!(table_size(10, 16_381), 4_093);
+        assert_eq!(
+            table_size(41, 4_093),
+            16_381,
+            "too few entries per backend: grows"
+        );
+        assert_eq!(table_size(5, 12_345), 4_093, "not one of the sizes");
+    }
+
+    #[test]
+    fn a_thousand_backends_get_shares_within_a_few_percent() {
+        // The case: 1,000 backends over 4,093 entries differed by about ±25%.
+        let backends: Vec<SocketAddr> = (0..1_000u32)
+            .map(|i| SocketAddr::from((Ipv4Addr::from(0x0af4_0000 + i), 8080)))
+            .collect();
+        let m = table_size(backends.len(), 0);
+        let mut share = vec![0u32; backends.len()];
+        for i in table(&backends, m) {
+            share[i as usize] += 1;
+        }
+        let ideal = f64::from(m) / backends.len() as f64;
+        let (lo, hi) = (share.iter().min().unwrap(), share.iter().max().unwrap());
+        assert!(
+            f64::from(*hi) / ideal < 1.02 && f64::from(*lo) / ideal > 0.98,
+            "{m} entries: shares {lo}..{hi}, ideal {ideal:.1}"
         );
     }
 

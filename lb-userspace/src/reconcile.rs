@@ -21,7 +21,7 @@ use std::{
 
 use lb_common::{
     Addr, Algorithm, Backend, Service, ServiceKey, ServiceName, SlotKey, backend_state,
-    limits::{MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS},
+    limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS},
     service_flags,
 };
 
@@ -410,16 +410,21 @@ impl<'a> Planner<'a> {
             .map(|s| maglev_entries(self.current, s.id))
             .unwrap_or_default();
         let uses_maglev = f.algorithm == Algorithm::Maglev && !f.backends.is_empty();
-        let maglev_total = self.maglev_count - old_maglev.len()
-            + if uses_maglev {
-                MAGLEV_TABLE_SIZE as usize
-            } else {
-                0
-            };
+        // The table size a connect may have read, and the new one. Entries in between stay a
+        // round, like tail slots: a connect that read the old size may still look one up.
+        let old_size = existing.map_or(0, |s| s.maglev_size);
+        let maglev_size = match uses_maglev {
+            true => maglev::table_size(f.backends.len(), old_size),
+            false => 0,
+        };
+        let maglev_tail = |index: u32| index >= maglev_size && index < old_size;
+        let maglev_kept = old_maglev.keys().filter(|i| maglev_tail(**i)).count();
+        let maglev_total =
+            self.maglev_count - old_maglev.len() + maglev_size as usize + maglev_kept;
         if maglev_total > MAX_MAGLEV_ENTRIES as usize {
             return Err(format!(
-                "map MAGLEV is full ({} Service ports use maglev)",
-                MAX_MAGLEV_ENTRIES / MAGLEV_TABLE_SIZE
+                "map MAGLEV is full ({MAX_MAGLEV_ENTRIES} entries; this Service port's table \
+                 needs {maglev_size})"
             ));
         }
 
@@ -474,10 +479,7 @@ impl<'a> Planner<'a> {
         if uses_maglev {
             // The table is computed from the addresses in `f.backends` order (sorted), so
             // every node writes the same table.
-            for (index, owner) in maglev::table(&f.backends, MAGLEV_TABLE_SIZE)
-                .iter()
-                .enumerate()
-            {
+            for (index, owner) in maglev::table(&f.backends, maglev_size).iter().enumerate() {
                 let id = ids[*owner as usize];
                 if old_maglev.get(&(index as u32)) != Some(&id) {
                     ops.push(Op::PutMaglev(slot(service_id, index), id));
@@ -495,6 +497,7 @@ impl<'a> Planner<'a> {
             },
             rebalance_quiet_ms: f.rebalance_quiet_ms,
             affinity_timeout: f.affinity_timeout,
+            maglev_size,
             slow_start_ms: f.slow_start_ms,
         };
         if existing != Some(entry) {
@@ -511,13 +514,13 @@ impl<'a> Planner<'a> {
                 }
             }
         }
-        if kept > 0 {
-            self.deferred.insert(f.key);
-        }
-        if !uses_maglev {
-            for index in old_maglev.keys() {
+        for index in old_maglev.keys().filter(|i| **i >= maglev_size) {
+            if !maglev_tail(*index) {
                 ops.push(Op::DeleteMaglev(slot(service_id, *index as usize)));
             }
+        }
+        if kept > 0 || maglev_kept > 0 {
+            self.deferred.insert(f.key);
         }
 
         self.wanted_service_ids.insert(service_id);
@@ -808,7 +811,8 @@ mod tests {
     fn check_visible(p: &Programmed) {
         for (key, s) in &p.services {
             if s.algorithm == Algorithm::Maglev as u8 && s.count > 0 {
-                for index in 0..MAGLEV_TABLE_SIZE {
+                assert!(s.maglev_size > 0, "{key:?}: maglev without a table");
+                for index in 0..s.maglev_size {
                     let id = p.maglev.get(&SlotKey {
                         service_id: s.id,
                         index,
@@ -843,7 +847,7 @@ mod tests {
                 s.id == k.service_id
                     && s.count > 0
                     && if maglev {
-                        s.algorithm == Algorithm::Maglev as u8
+                        k.index < s.maglev_size
                     } else {
                         k.index < s.count
                     }
@@ -879,21 +883,24 @@ mod tests {
     }
 
     /// Applies op by op, checking what a concurrent connect could see after each; also that
-    /// no slot a connect could still look up with the count it read before the plan (the
-    /// second field) is deleted while its service is programmed.
-    struct Checked<'a>(&'a mut Programmed, BTreeMap<u32, u32>);
+    /// no slot or Maglev entry a connect could still look up with the count and table size
+    /// it read before the plan (the second field) is deleted while its service is programmed.
+    struct Checked<'a>(&'a mut Programmed, BTreeMap<u32, (u32, u32)>);
     impl MapWriter for Checked<'_> {
         fn write(&mut self, op: &Op) -> anyhow::Result<()> {
             self.0.apply(op);
             check_after(self.0, op);
-            if let Op::DeleteSlot(k) = op {
-                let programmed = self.0.services.values().any(|s| s.id == k.service_id);
-                let before = self.1.get(&k.service_id).copied().unwrap_or(0);
-                assert!(
-                    !programmed || k.index >= before,
-                    "{op:?} below the count {before} a connect may have read"
-                );
-            }
+            let (k, which) = match op {
+                Op::DeleteSlot(k) => (k, 0),
+                Op::DeleteMaglev(k) => (k, 1),
+                _ => return Ok(()),
+            };
+            let programmed = self.0.services.values().any(|s| s.id == k.service_id);
+            let before = self.1.get(&k.service_id).map_or(0, |b| [b.0, b.1][which]);
+            assert!(
+                !programmed || k.index >= before,
+                "{op:?} below the count or size {before} a connect may have read"
+            );
             Ok(())
         }
     }
@@ -905,7 +912,11 @@ mod tests {
     /// Applies `plan` op by op, checking after each op that no slot points nowhere.
     fn apply_checked(plan: Plan, p: &mut Programmed) -> Plan {
         let mut mirror = p.clone();
-        let counts = p.services.values().map(|s| (s.id, s.count)).collect();
+        let counts = p
+            .services
+            .values()
+            .map(|s| (s.id, (s.count, s.maglev_size)))
+            .collect();
         let applied = writer::apply(&plan, &mut Checked(p, counts), &mut mirror);
         assert!(applied.errors.is_empty());
         assert_eq!(&mirror, p);
@@ -939,12 +950,12 @@ mod tests {
                 }
             }
         }
+        // A table that is no longer used may stay a round (a connect may have read it).
         let maglev_services: BTreeSet<u32> = p.maglev.keys().map(|k| k.service_id).collect();
         for s in p.services.values() {
             let wants = s.algorithm == Algorithm::Maglev as u8 && s.count > 0;
-            assert_eq!(
-                maglev_services.contains(&s.id),
-                wants,
+            assert!(
+                !wants || maglev_services.contains(&s.id),
                 "maglev table of service {}",
                 s.id
             );
@@ -1205,7 +1216,7 @@ mod tests {
             .position(|op| matches!(op, Op::PutService(..)))
             .unwrap();
         assert!(last_table < service, "table before the entry that uses it");
-        assert_eq!(p.maglev.len(), MAGLEV_TABLE_SIZE as usize);
+        assert_eq!(p.maglev.len(), 4_093);
         assert_programs(&d, &p);
 
         // One more backend rewrites only the entries it takes over: about 1/4 of them.
@@ -1215,13 +1226,32 @@ mod tests {
             .iter()
             .filter(|op| matches!(op, Op::PutMaglev(..)))
             .count();
-        let share = rewritten as f64 / f64::from(MAGLEV_TABLE_SIZE);
+        let share = rewritten as f64 / 4_093.0;
         assert!((0.2..0.3).contains(&share), "{rewritten} entries rewritten");
         assert_programs(&d, &p);
 
-        // Back to least-conn: the table goes, after the entry stops using it.
-        let d = desired([frontend(1, &[1, 2, 3, 4])]);
+        // 41 backends need a table four times as large: written in place, the entry last.
+        let many: Vec<u8> = (1..=41).collect();
+        let d = desired([with(frontend(1, &many), Algorithm::Maglev)]);
         step(&d, &mut p, &none);
+        assert_eq!(p.maglev.len(), 16_381);
+        assert_programs(&d, &p);
+        // Back to 4: the entries past 4,093 stay a round (a connect may have read the size),
+        // then go.
+        let d = desired([with(frontend(1, &[1, 2, 3, 4]), Algorithm::Maglev)]);
+        let plan = step(&d, &mut p, &none);
+        assert_eq!(p.maglev.len(), 16_381);
+        assert!(!plan.deferred.is_empty());
+        let plan = apply_checked(plan_for(&d, &plan.deferred, &p, &none, NOW), &mut p);
+        assert!(plan.deferred.is_empty());
+        assert_eq!(p.maglev.len(), 4_093);
+        assert_programs(&d, &p);
+
+        // Back to least-conn: the table goes a round after the entry stops using it.
+        let d = desired([frontend(1, &[1, 2, 3, 4])]);
+        let plan = step(&d, &mut p, &none);
+        assert_eq!(p.maglev.len(), 4_093, "kept for connects that read maglev");
+        apply_checked(plan_for(&d, &plan.deferred, &p, &none, NOW), &mut p);
         assert!(p.maglev.is_empty());
         assert_programs(&d, &p);
     }
@@ -1378,6 +1408,8 @@ mod tests {
                 assert_programs(&d, &p);
                 prop_assert_eq!(p.backends.len(), p.slots.len());
                 prop_assert_eq!(p.names.len(), p.services.len());
+                let tables: u32 = p.services.values().map(|s| s.maglev_size).sum();
+                prop_assert_eq!(p.maglev.len(), tables as usize, "no table left behind");
             }
         }
     }
