@@ -8,7 +8,9 @@
 //! a moment before may still look one up (with `random`, `round-robin` and a stale window), and
 //! must find a backend rather than nothing, which would refuse it. The next round deletes them. Removing a frontend deletes its
 //! service entry first. Every intermediate state only points at backends that exist. Maglev
-//! tables are written like slots: after the backends, before the service entry.
+//! tables are written like slots: after the backends, before the service entry (whose
+//! `maglev_size` makes them visible), and entries past a smaller size, or a whole table the
+//! Service stops using, stay a round like tail slots.
 //!
 //! Ids are stable: a frontend keeps its service id and a pod keeps its backend id (and so its
 //! connection count) for as long as they are programmed, and a draining backend's id is only
