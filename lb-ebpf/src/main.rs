@@ -71,8 +71,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, Affinity, AffinityKey, Algorithm, Backend, CountAdjustment, IPPROTO_UDP, ITER_ALL,
-    ITER_COUNT, RebalanceStats, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, SockState,
-    SocketRecord, UdpPeer, UdpPeers, adjust_result, backend_state, client_hash,
+    ITER_COUNT, RebalanceStats, SLOW_START_OUT, Service, ServiceKey, ServiceName, ServiceStats,
+    SlotKey, SockState, SocketRecord, UdpPeer, UdpPeers, adjust_result, backend_state, client_hash,
     limits::{
         LEAST_CONN_WINDOW, MAX_AFFINITY, MAX_BACKENDS, MAX_ENABLED_NETNS, MAX_ITER_FILTER,
         MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS, MAX_UNDERFLOW_RECORDS, UDP_PEERS_PER_SOCKET,
@@ -774,7 +774,9 @@ unsafe fn bound_port(ctx: &SockAddrContext) -> u16 {
 ///
 /// With a slow start window (`Service.slow_start_ms`), a backend that joined within it takes
 /// part with the probability of its age (`slow_start_load`, one draw per connect), which
-/// costs a `BACKENDS` lookup per slot: only Services that opted in pay it.
+/// costs a `BACKENDS` lookup per slot: only Services that opted in pay it. If every slot
+/// compared sat the connect out, the walk goes on (at most once round the slots) to the
+/// first backend that takes part.
 ///
 /// The scan runs under `bpf_loop` so the verifier checks the body once instead of walking
 /// every path through every iteration.
@@ -803,9 +805,16 @@ unsafe fn least_conn_backend(service: &Service, count: u32) -> Option<u32> {
             _ => unsafe { bpf_ktime_get_ns() },
         },
         draw: u64::from(random_below(service.slow_start_ms)),
+        window,
+    };
+    // Under slow start the walk may go on past the window (see `scan_slot`), at most once
+    // round the slots.
+    let walk = match window_ms != 0 && count > window {
+        true => count,
+        false => window,
     };
     let callback = scan_slot as *const () as *mut c_void;
-    unsafe { bpf_loop(window, callback, (&raw mut scan).cast(), 0) };
+    unsafe { bpf_loop(walk, callback, (&raw mut scan).cast(), 0) };
     (scan.best != u32::MAX).then_some(scan.best)
 }
 
@@ -826,17 +835,26 @@ struct LeastConnScan {
     window_ms: u64,
     now_ns: u64,
     draw: u64,
+    /// How many slots to compare (the walk may be longer, see `scan_slot`).
+    window: u32,
 }
 
 /// `bpf_loop` body: looks at the `i`-th slot of the walk and keeps the least loaded.
 extern "C" fn scan_slot(i: u64, ctx: *mut c_void) -> i64 {
     const CONTINUE: i64 = 0;
+    const STOP: i64 = 1;
     let scan = ctx.cast::<LeastConnScan>();
     // SAFETY: ctx is the LeastConnScan on least_conn_slot's stack, alive during bpf_loop.
     unsafe {
+        // Past the window only while every backend compared sat this connect out (slow
+        // start): with many pods joining at once, 32 slots may all be new ones, and the
+        // ramp must not leak to them. The walk goes on to the first backend taking part.
+        if i >= u64::from((*scan).window) && (*scan).best_load < SLOW_START_OUT {
+            return STOP;
+        }
         let count = (*scan).count;
         if count == 0 {
-            return 1; // stop (never: the caller checks)
+            return STOP; // never: the caller checks
         }
         let index = (*scan)
             .start

@@ -435,7 +435,7 @@ fn resolve_service(
         Some(_) if algorithm != Algorithm::LeastConn => {
             return Err(format!(
                 "annotation {SLOW_START_ANNOTATION} needs the least-conn algorithm (it ramps up \
-                 the load a new pod is compared with), not {}",
+                 how often a new pod takes part in least-conn's choice), not {}",
                 algorithm.name()
             ));
         }
@@ -595,14 +595,16 @@ fn family_name(ip: IpAddr) -> &'static str {
     if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
-/// `"250ms"`, `"2s"` or `"3m"` in milliseconds, if within 1 ms..=`max_ms`.
+/// `"250ms"`, `"2s"`, `"3m"` or `"1h"` in milliseconds, if within 1 ms..=`max_ms`.
 fn duration_ms(text: &str, max_ms: u32) -> Option<u32> {
     let (number, unit) = if let Some(ms) = text.strip_suffix("ms") {
         (ms, 1)
     } else if let Some(s) = text.strip_suffix('s') {
         (s, 1000)
+    } else if let Some(m) = text.strip_suffix('m') {
+        (m, 60_000)
     } else {
-        (text.strip_suffix('m')?, 60_000)
+        (text.strip_suffix('h')?, 3_600_000)
     };
     let ms = number.trim().parse::<u32>().ok()?.checked_mul(unit)?;
     (1..=max_ms).contains(&ms).then_some(ms)
@@ -988,7 +990,8 @@ mod tests {
             "off by default"
         );
         assert_eq!(duration_ms("2m", MAX_SLOW_START_MS), Some(120_000));
-        for bad in ["0s", "61m", "soon", "-3s"] {
+        assert_eq!(duration_ms("1h", MAX_SLOW_START_MS), Some(3_600_000));
+        for bad in ["0s", "61m", "2h", "soon", "-3s"] {
             let (d, errors) = with(&format!(
                 ", annotations: {{socklb.io/slow-start: \"{bad}\"}}"
             ));

@@ -130,8 +130,8 @@ pub struct Target {
     pub backends: Vec<u32>,
     pub quiet: Duration,
     /// When the slow start of its newest backend ends (CLOCK_MONOTONIC ns; 0: none).
-    /// Until then nothing is moved: least-conn's ramp decides how fast the new pods fill, and
-    /// moving connections onto them would defeat it.
+    /// Until then nothing is moved: the ramp decides how fast the new pods get connections,
+    /// and moving connections onto them would defeat it.
     pub slow_start_ends_ns: u64,
 }
 

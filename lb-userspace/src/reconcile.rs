@@ -635,12 +635,20 @@ fn gc(
     planner: &Planner<'_>,
     connections: &dyn Fn(u32) -> u64,
 ) -> Option<Change> {
-    // A backend is only ever in the slots and table of its own service id.
-    let in_slots = |id: &u32, service_id: u32| {
-        service_range(&current.slots, service_id)
-            .chain(service_range(&current.maglev, service_id))
-            .any(|(_, b)| b == id)
-    };
+    // A backend is only ever in the slots and table of its own service id: the ids the
+    // Services with draining backends still refer to, each range read once (a Maglev table
+    // has up to 131,071 entries).
+    let draining_services: BTreeSet<u32> = current
+        .backends
+        .values()
+        .filter(|b| b.state == backend_state::DRAINING)
+        .map(|b| b.service_id)
+        .collect();
+    let referenced: HashSet<u32> = draining_services
+        .iter()
+        .flat_map(|s| service_range(&current.slots, *s).chain(service_range(&current.maglev, *s)))
+        .map(|(_, id)| *id)
+        .collect();
     let mut ops = Vec::new();
     // A name goes with the last frontend and backend of its service id.
     let live: HashSet<u32> = current
@@ -659,7 +667,7 @@ fn gc(
     for (id, b) in &current.backends {
         let unused = b.state == backend_state::DRAINING
             && !planner.wanted_backends.contains(id)
-            && !in_slots(id, b.service_id);
+            && !referenced.contains(id);
         if unused && connections(*id) == 0 {
             ops.push(Op::DeleteBackend(*id));
         } else {

@@ -110,6 +110,8 @@ impl SocketIterator {
             "a counting walk wrote {} bytes",
             rest.len()
         );
+        let lost = missed.get(&0, 0)?;
+        anyhow::ensure!(lost == 0, "a counting walk could not count {lost} sockets");
         Ok(found.iter().filter_map(Result::ok).collect())
     }
 

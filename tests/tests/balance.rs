@@ -275,3 +275,29 @@ fn slow_start_ramps_joining_pods_share_up_over_the_window_then_evens_out() {
     let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
     assert!(spread <= 1, "spread {spread} after the window: {counts:?}");
 }
+
+/// Slow start over more than 32 backends, where least-conn compares 32 slots at random: a
+/// scale-up from 2 to 100 pods puts mostly new pods in those 32, and when every one of them
+/// sits the connect out the walk goes on to a pod that takes part (without that, about half
+/// the connects went to new pods at the very start of the window).
+#[test]
+fn slow_start_holds_back_a_large_scale_up_beyond_the_compared_slots() {
+    require_privileges!();
+    let all = pod_ips(31, 100);
+    let mut bed = Testbed::new("ssl").unwrap();
+    bed.add_pods(&all, 8080).unwrap();
+    let mut spec = ServiceSpec::new("web", Ipv4Addr::new(10, 96, 31, 10), 80, 8080, &all[..2]);
+    spec.slow_start = Some("1h");
+    bed.write_service(&spec).unwrap();
+    bed.start_agent(&[]).unwrap();
+    spec.set_pods(&all);
+    bed.write_service(&spec).unwrap();
+    bed.agent().wait_backends("demo/web", &all).unwrap();
+    // Within the first seconds of a one-hour window a new pod takes part in well under 1%
+    // of the connects: of 200, the 98 new pods may get a few, not half.
+    let mut c = bed.client().unwrap();
+    let opened = c.open(spec.target(), 200).unwrap();
+    assert!(opened.iter().all(|o| o.ok));
+    let new: u64 = all[2..].iter().map(|ip| bed.pod_at(*ip).open()).sum();
+    assert!(new <= 5, "the new pods got {new} of 200 connects");
+}
