@@ -8,7 +8,7 @@ use std::{
     io::Read as _,
     net::{IpAddr, SocketAddr},
     os::fd::OwnedFd,
-    sync::Mutex,
+    sync::{Mutex, MutexGuard},
 };
 
 use anyhow::{Context as _, Result};
@@ -26,11 +26,14 @@ pub struct SocketIterator {
     link: OwnedFd,
     /// Which backends a walk lists and how many sockets of each (`ITER_BACKENDS`, this
     /// loader's own copy), and what was put in it last; one walk at a time.
-    filter: Mutex<(HashMap<MapData, u32, u64>, Vec<u32>)>,
+    filter: Mutex<Filter>,
     /// What a counting walk found per backend (`ITER_FOUND`, this loader's own) and how many
     /// sockets it could not count (`ITER_MISSED`); taken after `filter`.
     found: Mutex<Counting>,
 }
+
+/// `ITER_BACKENDS` and the keys put in it last.
+type Filter = (HashMap<MapData, u32, u64>, Vec<u32>);
 
 /// A counting walk's results: `ITER_FOUND` and `ITER_MISSED`.
 struct Counting {
@@ -81,16 +84,7 @@ impl SocketIterator {
     /// never resumed: the kernel stops only at the end, or with EAGAIN past a million socket
     /// storage entries (an error here: the recount then leaves the counts alone).
     pub fn count(&self) -> Result<BTreeMap<u32, u64>> {
-        let mut guard = self
-            .filter
-            .lock()
-            .map_err(|_| anyhow::anyhow!("socket iterator lock poisoned"))?;
-        let (filter, set) = &mut *guard;
-        for id in set.drain(..) {
-            let _ = filter.remove(&id);
-        }
-        filter.insert(&ITER_COUNT, &0, 0)?;
-        set.push(ITER_COUNT);
+        let _walk = self.narrow(&[(ITER_COUNT, 0)])?;
         let mut guard = self
             .found
             .lock()
@@ -127,24 +121,13 @@ impl SocketIterator {
     }
 
     fn walk(&self, backends: Option<&BTreeMap<u32, u64>>) -> Result<Vec<SocketRecord>> {
-        let mut guard = self
-            .filter
-            .lock()
-            .map_err(|_| anyhow::anyhow!("socket iterator lock poisoned"))?;
-        let (filter, set) = &mut *guard;
-        for id in set.drain(..) {
-            let _ = filter.remove(&id);
-        }
         let wanted: Vec<(u32, u64)> = match backends {
             Some(b) if b.len() < MAX_ITER_FILTER as usize => {
                 b.iter().map(|(id, n)| (*id, *n)).collect()
             }
             _ => vec![(ITER_ALL, u64::MAX)],
         };
-        for (id, n) in wanted {
-            filter.insert(&id, &n, 0)?;
-            set.push(id);
-        }
+        let _walk = self.narrow(&wanted)?;
         let mut file = bpf_sys::iter_create(&self.link).context("starting the socket iterator")?;
         // Each read() the kernel serves from the start of a hash bucket again (skipping what
         // it gave before), and a socket storage map has as few buckets as CPUs: reads as large
@@ -170,6 +153,26 @@ impl SocketIterator {
             .filter(|r| backends.is_none_or(|b| b.contains_key(&r.state.backend_id)))
             .collect();
         Ok(records)
+    }
+}
+
+impl SocketIterator {
+    /// Sets `ITER_BACKENDS` to exactly `wanted` for the next walk, and holds it (one walk at a
+    /// time) until the returned guard drops.
+    fn narrow(&self, wanted: &[(u32, u64)]) -> Result<MutexGuard<'_, Filter>> {
+        let mut guard = self
+            .filter
+            .lock()
+            .map_err(|_| anyhow::anyhow!("socket iterator lock poisoned"))?;
+        let (filter, set) = &mut *guard;
+        for id in set.drain(..) {
+            let _ = filter.remove(&id);
+        }
+        for (id, n) in wanted {
+            filter.insert(id, n, 0)?;
+            set.push(*id);
+        }
+        Ok(guard)
     }
 }
 
