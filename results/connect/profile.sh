@@ -1,7 +1,8 @@
 #!/bin/bash
 # One-off profile of the connect hook behind results/connect/profile.md. Run as root from the
 # repository root after `cargo build --bins`; needs perf, bpftool and python3. Makes the netns
-# and cgroup "plf" and the pin path /sys/fs/bpf/plf, and removes them on exit.
+# and cgroup "plf" and the pin path /sys/fs/bpf/plf (mounting bpffs if needed), and removes
+# them on exit.
 # Usage: bash results/connect/profile.sh service|pass   (a connect to a Service, or to the pod)
 set -u
 MODE=${1:-service}
@@ -10,6 +11,8 @@ DIR=$(mktemp -d)
 mkdir -p "$DIR/m"
 cp $HERE/profile-svc.yaml "$DIR/m/svc.yaml"
 SRV= AG=
+# The agent mounts bpffs if the machine has none; then it is unmounted again at the end.
+BPFFS_BEFORE=$(mount | grep -c " /sys/fs/bpf ")
 cleanup() {
   [ -n "$SRV" ] && kill "$SRV" 2>/dev/null
   [ -n "$AG" ] && kill "$AG" 2>/dev/null
@@ -18,6 +21,7 @@ cleanup() {
   rmdir /sys/fs/cgroup/unified/plf 2>/dev/null
   ip netns del plf 2>/dev/null
   sysctl -qw kernel.bpf_stats_enabled=0
+  [ "$BPFFS_BEFORE" = 0 ] && umount /sys/fs/bpf 2>/dev/null
   rm -rf "$DIR"
 }
 trap cleanup EXIT
