@@ -1,6 +1,6 @@
 //! The agent loop: source (a manifest directory, or the API server) -> cluster model ->
 //! reconciler -> map writer -> BPF. It reconciles everything at start, after a re-list and
-//! every few seconds regardless; a change to one Service (or its EndpointSlices) redoes only
+//! every `Config::resync` regardless; a change to one Service (or its EndpointSlices) redoes only
 //! that Service, so its cost does not grow with the cluster. Every second while backends
 //! are draining it forgets those whose last connection closed. In Kubernetes mode it also
 //! keeps the per-pod switch (`pod_switch`) current. Work on sockets (the count check after a
@@ -30,7 +30,7 @@ use crate::{
     bpf_sys::monotonic_ns,
     cluster::{self, ClusterState, Desired, ServiceRef},
     datapath::{self, LinkAction, Maps, Tools},
-    kube_watch::{Changed, KubeCluster},
+    kube_watch::{self, Changed, KubeCluster},
     manifest_dir::ManifestDir,
     pod_switch::{self, PodSwitch},
     rebalance,
@@ -57,13 +57,13 @@ pub struct Config {
     pub cgroup: PathBuf,
     pub pin_path: PathBuf,
     pub default_algorithm: Algorithm,
+    /// Recompute everything this often even without change events.
+    pub resync: Duration,
     pub rebalance: rebalance::Policy,
     /// Where /healthz, /readyz and /metrics are served, if anywhere.
     pub status_address: Option<SocketAddr>,
 }
 
-/// Re-read everything this often even without change events.
-const RESYNC: Duration = Duration::from_secs(10);
 /// While backends drain: check this often whether their last connection closed.
 const DRAIN_CHECK: Duration = Duration::from_secs(1);
 /// While pods to switch on have no process (so no network namespace) yet: look this often, so
@@ -133,8 +133,20 @@ pub async fn run(config: Config) -> Result<()> {
         }
         Source::Kubernetes { kubeconfig, node } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
-            let cluster = KubeCluster::start(client, node, tx.clone());
-            info!("watching the API server as node {node}");
+            let zone = match kube_watch::node_zone(client.clone(), node).await {
+                Ok(zone) => zone,
+                Err(e) => {
+                    warn!(
+                        "reading Node {node}: {e}; topology hints and trafficDistribution are ignored"
+                    );
+                    None
+                }
+            };
+            let cluster = KubeCluster::start(client, node, zone.clone(), tx.clone());
+            info!(
+                "watching the API server as node {node} in zone {}",
+                zone.as_deref().unwrap_or("(none)")
+            );
             cluster.wait_synced().await;
             let switch = PodSwitch::new(&config.cgroup, &maps)?;
             (Loaded::Kubernetes(cluster, switch), None)
@@ -144,7 +156,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut agent = Agent {
         default_algorithm: config.default_algorithm,
         desired: reconcile::programmed_frontends(&programmed),
-        service_errors: false,
+        in_error: BTreeSet::new(),
         last_errors: Vec::new(),
         status: status.clone(),
         pods_pending: false,
@@ -162,7 +174,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut next_resync = Instant::now() + RESYNC;
+    let mut next_resync = Instant::now() + config.resync;
     loop {
         status.beat();
         let draining = !agent.deferred.is_empty()
@@ -179,8 +191,9 @@ pub async fn run(config: Config) -> Result<()> {
         }
         let mut work = tokio::select! {
             Some(first) = changes.recv() => {
-                // Let a burst of changes (an editor's write-rename, a rollout) arrive first.
-                tokio::time::sleep(source.settle()).await;
+                if let Some(settle) = source.settle() {
+                    tokio::time::sleep(settle).await;
+                }
                 let mut work = Work::default();
                 work.add(first);
                 while let Ok(more) = changes.try_recv() {
@@ -196,7 +209,7 @@ pub async fn run(config: Config) -> Result<()> {
             _ = sigint.recv() => break,
         };
         if Instant::now() >= next_resync {
-            next_resync = Instant::now() + RESYNC;
+            next_resync = Instant::now() + config.resync;
             work = Work::everything();
         }
         agent.reconcile(&mut source, &mut maps, &mut programmed, work);
@@ -230,11 +243,13 @@ enum Loaded {
 }
 
 impl Loaded {
-    fn settle(&self) -> Duration {
+    /// How long to let a burst of changes arrive before a round.
+    fn settle(&self) -> Option<Duration> {
         match self {
             // An editor's write-rename-chmod sequence is read once.
-            Loaded::Manifests(_) => Duration::from_millis(100),
-            Loaded::Kubernetes(..) => Duration::from_millis(5),
+            Loaded::Manifests(_) => Some(Duration::from_millis(100)),
+            // None: what queued up during the previous round is batched into the next one.
+            Loaded::Kubernetes(..) => None,
         }
     }
 
@@ -293,10 +308,10 @@ struct Agent {
     default_algorithm: Algorithm,
     /// Last desired state: what a Service in error keeps.
     desired: Desired,
-    /// Whether the last full round found Services in error (then every change is a full
-    /// round, as fixing one may free an address another wants).
-    service_errors: bool,
-    /// Errors of the previous round, so each is logged once.
+    /// Services in error: a change that frees an address is then a full round, as one of
+    /// them may want it.
+    in_error: BTreeSet<ServiceRef>,
+    /// Errors logged since the last full round, so each is logged once.
     last_errors: Vec<String>,
     status: Arc<Status>,
     /// Pods to switch on whose network namespace is not there yet.
@@ -385,17 +400,18 @@ impl Agent {
     }
 
     /// Applies the change to `services` alone, if that gives what a full round would.
-    /// Returns the frontends that changed.
+    /// Returns the frontends that changed and the Services in error among `services`.
     fn update(
         &mut self,
         source: &Loaded,
         services: &BTreeSet<ServiceRef>,
-    ) -> Option<BTreeSet<cluster::FrontendKey>> {
-        if self.service_errors {
-            return None;
-        }
+    ) -> Option<cluster::Updated> {
         let state = source.load_services(services)?;
-        cluster::update(&mut self.desired, &state, services, self.default_algorithm)
+        let updated = cluster::update(&mut self.desired, &state, services, self.default_algorithm)?;
+        self.in_error.retain(|s| !services.contains(s));
+        self.in_error
+            .extend(updated.errors.iter().map(|e| e.service.clone()));
+        (!updated.released || self.in_error.is_empty()).then_some(updated)
     }
 
     /// One round: re-read what `work` says (nothing: only forget drained backends), plan,
@@ -414,7 +430,10 @@ impl Agent {
         let mut full_state = None;
         if !work.everything && !work.services.is_empty() {
             match self.update(source, &work.services) {
-                Some(keys) => changed = keys,
+                Some(updated) => {
+                    changed = updated.changed;
+                    errors.extend(updated.errors.iter().map(|e| ("service", e.to_string())));
+                }
                 None => work = Work::everything(),
             }
         }
@@ -423,7 +442,7 @@ impl Agent {
             let (desired, service_errors) =
                 cluster::desired(&state, self.default_algorithm, &self.desired);
             self.desired = desired;
-            self.service_errors = !service_errors.is_empty();
+            self.in_error = service_errors.iter().map(|e| e.service.clone()).collect();
             errors.extend(source_errors);
             errors.extend(service_errors.iter().map(|e| ("service", e.to_string())));
             full_state = Some(state);
@@ -499,16 +518,21 @@ impl Agent {
             .reconcile_seconds
             .observe(start.elapsed().as_secs_f64());
 
-        if !work.everything && errors.is_empty() {
-            return; // keep the errors of the last full round for de-duplication
-        }
-        let messages: Vec<String> = errors.iter().map(|(_, m)| m.clone()).collect();
-        for (kind, message) in &errors {
-            if !self.last_errors.contains(message) {
+        // A full round sees every error there is: those it no longer finds are forgotten (and
+        // logged again if they come back); a partial round only adds to them.
+        let mut logged = match work.everything {
+            true => Vec::new(),
+            false => std::mem::take(&mut self.last_errors),
+        };
+        for (kind, message) in errors {
+            if !self.last_errors.contains(&message) && !logged.contains(&message) {
                 error!("{message}");
                 self.status.error(kind);
             }
+            if !logged.contains(&message) {
+                logged.push(message);
+            }
         }
-        self.last_errors = messages;
+        self.last_errors = logged;
     }
 }

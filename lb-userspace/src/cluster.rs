@@ -2,10 +2,10 @@
 //!
 //! The rules are kube-proxy's, because users rely on them: a ClusterIP Service gets one
 //! frontend per ClusterIP (one per IP family: `spec.clusterIPs`) and port; its backends are
-//! the endpoints of that port in the EndpointSlices of the same family (`addressType`) that
-//! are ready, or, only if none is ready, those that are serving and terminating, so an IPv6
-//! ClusterIP never gets an IPv4 pod. Headless, ExternalName and other proxies' Services
-//! (`service.kubernetes.io/service-proxy-name`) are left alone.
+//! the endpoints of that port in the EndpointSlices of the same family (`addressType`), so an
+//! IPv6 ClusterIP never gets an IPv4 pod, chosen as kube-proxy chooses them (`endpoints`:
+//! readiness, `internalTrafficPolicy`, topology). Headless, ExternalName and other proxies'
+//! Services (`service.kubernetes.io/service-proxy-name`) are left alone.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -16,14 +16,17 @@ use std::{
 
 use k8s_openapi::api::{
     core::v1::{Service, ServiceSpec},
-    discovery::v1::{Endpoint, EndpointSlice},
+    discovery::v1::EndpointSlice,
 };
 use lb_common::{
     Algorithm,
     limits::{MAX_BACKENDS_PER_SERVICE, MAX_SLOW_START_MS},
 };
 
-use crate::manifest::SERVICE_NAME_LABEL;
+use crate::{
+    endpoints::{self, Distribution, Here, Policy},
+    manifest::SERVICE_NAME_LABEL,
+};
 
 /// Service annotation choosing the algorithm (`least-conn`, `random`, `round-robin`, `maglev`).
 pub const ALGORITHM_ANNOTATION: &str = "socklb.io/algorithm";
@@ -146,9 +149,11 @@ pub struct Desired {
 pub struct ClusterState {
     pub services: BTreeMap<ServiceRef, Arc<Service>>,
     pub slices: BTreeMap<ServiceRef, Arc<EndpointSlice>>,
-    /// The node the agent runs on, for `internalTrafficPolicy: Local` (unknown in standalone
-    /// mode, where Local Services use all their endpoints).
+    /// The node the agent runs on, for `internalTrafficPolicy: Local` and topology (unknown in
+    /// standalone mode, where Local Services use all their endpoints).
     pub node: Option<String>,
+    /// That node's `topology.kubernetes.io/zone`, for topology.
+    pub zone: Option<String>,
     /// The manifest file of each Service and EndpointSlice (standalone mode; empty for objects
     /// from the API server), for errors.
     pub service_files: BTreeMap<ServiceRef, String>,
@@ -260,24 +265,48 @@ pub fn desired(
     (out, errors)
 }
 
+/// What `update` did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Updated {
+    /// The frontend addresses whose desired state changed.
+    pub changed: BTreeSet<FrontendKey>,
+    /// Whether the Services gave up an address: a Service in error may have wanted it, so
+    /// the caller computes everything if any is.
+    pub released: bool,
+    /// The Services of the change that are in error; each keeps the frontends it had.
+    pub errors: Vec<ServiceError>,
+}
+
 /// Recomputes the frontends of `services` alone (after a change to them or their slices;
-/// `state` needs to hold only those and their slices), keeping every other Service's. Returns
-/// the frontend addresses whose desired state changed, or None where the outcome could depend
-/// on other Services (one of `services` is in error, or wants an address another Service
-/// holds): the caller then computes everything with `desired`.
+/// `state` needs to hold only those and their slices), keeping every other Service's. None
+/// where the outcome depends on other Services (one of `services` wants an address another
+/// Service holds): the caller then computes everything with `desired`. A Service in error
+/// keeps what it had, as in `desired`, so it never costs the others a full round.
 pub fn update(
     desired: &mut Desired,
     state: &ClusterState,
     services: &BTreeSet<ServiceRef>,
     default_algorithm: Algorithm,
-) -> Option<BTreeSet<FrontendKey>> {
+) -> Option<Updated> {
     let resolver = Resolver::new(state, default_algorithm);
     let mut new: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+    let mut errors = Vec::new();
     for service_ref in services {
         let Some(service) = state.services.get(service_ref) else {
             continue; // deleted
         };
-        let frontends = resolver.frontends(service_ref, service).ok()?;
+        let frontends = match resolver.frontends(service_ref, service) {
+            Ok(frontends) => frontends,
+            Err(message) => {
+                errors.push(ServiceError {
+                    service: service_ref.clone(),
+                    files: state.files_of(service_ref),
+                    message,
+                });
+                let had = desired.frontends.values();
+                had.filter(|f| f.service == *service_ref).cloned().collect()
+            }
+        };
         for f in frontends {
             let held_by_other = desired
                 .frontends
@@ -305,15 +334,20 @@ pub fn update(
         .filter(|k| old.get(k) != new.get(k))
         .copied()
         .collect();
+    let released = old.keys().any(|k| !new.contains_key(k));
     desired.frontends.extend(new);
-    Some(changed)
+    Some(Updated {
+        changed,
+        released,
+        errors,
+    })
 }
 
 /// Resolves Services of one cluster state, each with its EndpointSlices (found by their
 /// `kubernetes.io/service-name` label).
 struct Resolver<'a> {
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
-    node: Option<&'a str>,
+    here: Here<'a>,
     default_algorithm: Algorithm,
 }
 
@@ -331,7 +365,10 @@ impl<'a> Resolver<'a> {
         }
         Resolver {
             slices,
-            node: state.node.as_deref(),
+            here: Here {
+                node: state.node.as_deref(),
+                zone: state.zone.as_deref(),
+            },
             default_algorithm,
         }
     }
@@ -348,7 +385,7 @@ impl<'a> Resolver<'a> {
             service,
             slices,
             self.default_algorithm,
-            self.node,
+            self.here,
         )
     }
 }
@@ -373,7 +410,7 @@ fn resolve_service(
     service: &Service,
     slices: &[&EndpointSlice],
     default_algorithm: Algorithm,
-    node: Option<&str>,
+    here: Here<'_>,
 ) -> Result<Vec<Frontend>, String> {
     let labels = service.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(PROXY_NAME_LABEL)) {
@@ -472,8 +509,11 @@ fn resolve_service(
         Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),
     };
 
-    // internalTrafficPolicy: Local keeps traffic on the node: only endpoints on this node.
-    let local_to = node.filter(|_| spec.internal_traffic_policy.as_deref() == Some("Local"));
+    let policy = Policy {
+        here,
+        local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        distribution: Distribution::parse(spec.traffic_distribution.as_deref())?,
+    };
 
     let mut frontends = Vec::new();
     for ip in ips {
@@ -494,7 +534,7 @@ fn resolve_service(
                 port: number,
                 protocol,
             };
-            let backends = backends_for_port(&key, &port_name, slices, local_to)?;
+            let backends = endpoints::backends_for_port(&key, &port_name, slices, policy)?;
             if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
                 return Err(format!(
                     "port {port_name:?} ({key}) has {} backends, more than the {MAX_BACKENDS_PER_SERVICE} one Service port may have",
@@ -591,7 +631,7 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, String> {
 }
 
 /// The Kubernetes name of an address's family (`ipFamilies`, EndpointSlice `addressType`).
-fn family_name(ip: IpAddr) -> &'static str {
+pub(crate) fn family_name(ip: IpAddr) -> &'static str {
     if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
@@ -614,100 +654,6 @@ fn duration_ms(text: &str, max_ms: u32) -> Option<u32> {
 pub fn algorithm_names() -> String {
     let names: Vec<&str> = Algorithm::ALL.iter().map(|a| a.name()).collect();
     names.join(", ")
-}
-
-/// Backends of one Service port (at one ClusterIP) across all its slices of that ClusterIP's
-/// family, with kube-proxy's fallback: ready endpoints, or if there are none,
-/// serving-and-terminating ones.
-fn backends_for_port(
-    key: &FrontendKey,
-    port_name: &str,
-    slices: &[&EndpointSlice],
-    local_to: Option<&str>,
-) -> Result<Vec<SocketAddr>, String> {
-    let protocol = key.protocol;
-    let family = family_name(key.ip);
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
-    for slice in slices {
-        if slice.address_type != family {
-            continue; // the other family's (or FQDN) slices
-        }
-        let slice_name = slice.metadata.name.as_deref().unwrap_or("?");
-        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
-        }) else {
-            if slice.endpoints.is_empty() {
-                continue;
-            }
-            let names: Vec<_> = slice
-                .ports
-                .iter()
-                .flatten()
-                .map(|p| format!("{:?}", p.name.as_deref().unwrap_or("")))
-                .collect();
-            return Err(format!(
-                "port {port_name:?} ({}/{protocol}) does not resolve: EndpointSlice {slice_name} has no port named {port_name:?} (its ports: {})",
-                key.port,
-                if names.is_empty() {
-                    "none".into()
-                } else {
-                    names.join(", ")
-                }
-            ));
-        };
-        let number = slice_port
-            .port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                format!("EndpointSlice {slice_name} port {port_name:?} has no valid port number")
-            })?;
-        for endpoint in &slice.endpoints {
-            if local_to.is_some() && endpoint.node_name.as_deref() != local_to {
-                continue;
-            }
-            // kube-proxy uses the first address of an endpoint.
-            let Some(address) = endpoint.addresses.first() else {
-                continue;
-            };
-            let ip = endpoint_ip(address, family).map_err(|why| {
-                format!("EndpointSlice {slice_name} (addressType {family}): {address:?} {why}")
-            })?;
-            let backend = SocketAddr::new(ip, number);
-            let (is_ready, serving, is_terminating) = conditions(endpoint);
-            if is_ready {
-                ready.insert(backend);
-            } else if serving && is_terminating {
-                terminating.insert(backend);
-            }
-        }
-    }
-    let chosen = if ready.is_empty() { terminating } else { ready };
-    Ok(chosen.into_iter().collect())
-}
-
-/// An endpoint address of a slice of `family`.
-fn endpoint_ip(address: &str, family: &str) -> Result<IpAddr, &'static str> {
-    match (address.parse::<IpAddr>(), family) {
-        (Ok(ip @ IpAddr::V4(_)), "IPv4") => Ok(ip),
-        (Ok(IpAddr::V6(v6)), "IPv6") if v6.to_ipv4_mapped().is_some() => {
-            Err("is a v4-mapped address, not an IPv6 endpoint")
-        }
-        (Ok(ip @ IpAddr::V6(_)), "IPv6") => Ok(ip),
-        (Ok(_), _) => Err("is of the other IP family"),
-        (Err(_), _) => Err("is not an IP address"),
-    }
-}
-
-/// (ready, serving, terminating) with the API's defaults for unset conditions.
-fn conditions(endpoint: &Endpoint) -> (bool, bool, bool) {
-    let c = endpoint.conditions.as_ref();
-    let ready = c.and_then(|c| c.ready).unwrap_or(true);
-    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-    (ready, serving, terminating)
 }
 
 #[cfg(test)]
@@ -809,11 +755,12 @@ mod tests {
             Algorithm::LeastConn,
         );
         // Both ports of web changed; db was not looked at.
-        assert_eq!(changed.map(|c| c.len()), Some(2));
+        let changed = changed.expect("no clash");
+        assert_eq!((changed.changed.len(), changed.released), (2, false));
         assert_eq!(backends(&d, 80), ["10.0.0.2:8080"]);
         assert_eq!(d.frontends.len(), 4, "db (no endpoints: refused) kept");
 
-        // web moving onto db's address, or into error: only a full round can tell.
+        // web moving onto db's address: only a full round can tell.
         let clash = state(&service("web", "10.96.0.11", ""));
         let mut with_db = desired(&web(&[]), Algorithm::LeastConn, &Desired::default()).0;
         let before = with_db.clone();
@@ -821,16 +768,25 @@ mod tests {
             update(&mut with_db, &clash, &only_web, Algorithm::LeastConn),
             None
         );
+        assert_eq!(with_db, before, "left as it was");
+        // web in error keeps what it had, and says so.
         let bad = state(&service(
             "web",
             "10.96.0.10",
             ", annotations: {socklb.io/algorithm: nope}",
         ));
-        assert_eq!(
-            update(&mut with_db, &bad, &only_web, Algorithm::LeastConn),
-            None
+        let updated = update(&mut with_db, &bad, &only_web, Algorithm::LeastConn).unwrap();
+        assert!(updated.changed.is_empty() && !updated.released);
+        assert!(
+            updated.errors[0]
+                .message
+                .contains("unknown algorithm \"nope\"")
         );
         assert_eq!(with_db, before, "left as it was");
+        // web leaving its address frees it for a Service in error that may want it.
+        let moved = state(&service("web", "10.96.0.12", ""));
+        let updated = update(&mut with_db, &moved, &only_web, Algorithm::LeastConn).unwrap();
+        assert!(updated.released && updated.errors.is_empty());
     }
 
     #[test]
@@ -1041,7 +997,10 @@ mod tests {
                 "10.96.0.10",
                 ", annotations: {socklb.io/algorithm: fastest}",
             ),
-            service("web", "10.96.0.10", "").replace("name: http,", "name: web,"),
+            service("web", "10.96.0.10", "").replace(
+                "  clusterIP: 10.96.0.10\n",
+                "  clusterIP: 10.96.0.10\n  trafficDistribution: Nearby\n",
+            ),
             service("web", "not-an-ip", ""),
         ] {
             let bad = state(&format!(
@@ -1056,20 +1015,20 @@ mod tests {
     }
 
     #[test]
-    fn unresolvable_port_is_named() {
+    fn a_slice_without_the_port_adds_nothing_to_it_and_is_no_error() {
+        let other_port = slice("b", "web", &[("10.0.0.2", "")]).replace(
+            "{name: http, port: 8080}, ",
+            "{name: metrics, port: 9090}, ",
+        );
         let s = state(&format!(
-            "{}{}",
-            service("web", "10.96.0.10", "").replace("name: http,", "name: web,"),
+            "{}{}{other_port}",
+            service("web", "10.96.0.10", ""),
             slice("a", "web", &[("10.0.0.1", "")]),
         ));
-        let (_, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
-        assert!(
-            errors[0].message.contains(
-                "port \"web\" (80/TCP) does not resolve: EndpointSlice a has no port named \"web\""
-            ),
-            "{}",
-            errors[0]
-        );
+        let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(backends(&d, 80), ["10.0.0.1:8080"]);
+        assert_eq!(backends(&d, 53), ["10.0.0.1:5353", "10.0.0.2:5353"]);
     }
 
     #[test]

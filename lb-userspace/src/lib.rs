@@ -28,6 +28,7 @@ pub mod close;
 pub mod cluster;
 pub mod ctl;
 pub mod datapath;
+pub mod endpoints;
 pub mod kube_watch;
 pub mod maglev;
 pub mod manifest;

@@ -1,10 +1,12 @@
 //! An in-process Kubernetes API server double, because no kube-apiserver binary can run here.
-//! It speaks the real HTTP list/watch protocol to kube-rs, for the four resources the agent
-//! watches: lists with a resourceVersion, watch streams of ADDED/MODIFIED/DELETED events as
-//! JSON lines, BOOKMARK events, `410 Gone` (an ERROR event with an Expired Status) for a
-//! resourceVersion older than the compacted history, and `fieldSelector=spec.nodeName=` for
-//! pods. Tests change objects, compact the history, drop every watch, or restart the server
-//! on the same port (all connections cut), and the agent's production code follows.
+//! It speaks the real HTTP list/watch protocol to kube-rs, for the resources the agent reads:
+//! lists with a resourceVersion, watch streams of ADDED/MODIFIED/DELETED events as JSON lines,
+//! BOOKMARK events, `410 Gone` (an ERROR event with an Expired Status) for a resourceVersion
+//! older than the compacted history, `fieldSelector=spec.nodeName=` for pods, label selectors
+//! (`key`, `!key`, `key=value`, `key!=value`; an object leaving the selection is a DELETED
+//! event, as the real server sends), and a get of one cluster-scoped object (the Node). Tests
+//! change objects, compact the history, drop every watch, or stop the server and start it
+//! again on the same port (all connections cut), and the agent's production code follows.
 //!
 //! Served on 127.0.0.1 only, over plain HTTP; the agent reaches it through a kubeconfig.
 
@@ -30,8 +32,9 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 /// The resources the double serves: (URL prefix, plural, list kind, kind, apiVersion).
-const RESOURCES: [(&str, &str, &str, &str, &str); 4] = [
+const RESOURCES: [(&str, &str, &str, &str, &str); 5] = [
     ("/api/v1", "services", "ServiceList", "Service", "v1"),
+    ("/api/v1", "nodes", "NodeList", "Node", "v1"),
     ("/api/v1", "namespaces", "NamespaceList", "Namespace", "v1"),
     ("/api/v1", "pods", "PodList", "Pod", "v1"),
     (
@@ -49,6 +52,8 @@ struct Event {
     kind: &'static str,
     what: &'static str,
     object: Value,
+    /// The object before a MODIFIED event, for selectors it may have left or entered.
+    old: Option<Value>,
 }
 
 /// What etcd would hold: survives restarts of the server.
@@ -103,6 +108,7 @@ impl ApiServer {
         self.addr = listener.local_addr()?;
         let app = Router::new()
             .route("/api/v1/{resource}", get(handle))
+            .route("/api/v1/{resource}/{name}", get(get_one))
             .route("/apis/discovery.k8s.io/v1/{resource}", get(handle))
             .with_state(self.shared.clone());
         runtime.spawn(async move {
@@ -114,9 +120,20 @@ impl ApiServer {
 
     /// Stops the server, cutting every connection, and starts it again on the same port.
     pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.resume()
+    }
+
+    /// Stops the server (an outage): every connection is cut and new ones are refused.
+    /// Changes can still be made; the server serves them once it resumes.
+    pub fn stop(&mut self) {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+    }
+
+    /// Starts a stopped server again on the same port.
+    pub fn resume(&mut self) -> Result<()> {
         // The old listening socket may take a moment to go.
         crate::wait_for(
             "the API server's port to be free",
@@ -169,17 +186,14 @@ impl ApiServer {
             },
         };
         object["metadata"]["uid"] = uid;
-        let what = if s.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        s.objects.insert(key, object.clone());
+        let old = s.objects.insert(key, object.clone());
+        let what = if old.is_some() { "MODIFIED" } else { "ADDED" };
         s.history.push(Event {
             rv,
             kind,
             what,
             object,
+            old,
         });
         drop(s);
         let _ = self.shared.tick.send(true);
@@ -205,6 +219,7 @@ impl ApiServer {
             kind: key.0,
             what: "DELETED",
             object,
+            old: None,
         });
         drop(s);
         let _ = self.shared.tick.send(true);
@@ -241,6 +256,51 @@ impl Drop for ApiServer {
     }
 }
 
+/// Whether an object's labels satisfy a label selector (`key`, `!key`, `key=value`,
+/// `key==value`, `key!=value`, comma-separated).
+fn labels_match(selector: &str, labels: &Value) -> bool {
+    selector
+        .split(',')
+        .filter(|t| !t.trim().is_empty())
+        .all(|term| {
+            let term = term.trim();
+            let value = |key: &str| labels.get(key.trim()).and_then(Value::as_str);
+            if let Some(key) = term.strip_prefix('!') {
+                value(key).is_none()
+            } else if let Some((key, v)) = term.split_once("!=") {
+                value(key) != Some(v.trim())
+            } else if let Some((key, v)) = term.split_once('=') {
+                value(key) == Some(v.trim_start_matches('=').trim())
+            } else {
+                value(term).is_some()
+            }
+        })
+}
+
+/// A get of one cluster-scoped object (`/api/v1/nodes/NAME`).
+async fn get_one(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((resource, name)): UrlPath<(String, String)>,
+) -> Response {
+    let Some(&(_, _, _, kind, _)) = RESOURCES.iter().find(|r| r.1 == resource) else {
+        return (StatusCode::NOT_FOUND, "no such resource").into_response();
+    };
+    let s = shared.store.lock().unwrap();
+    match s.objects.get(&(kind, String::new(), name.clone())) {
+        Some(o) => ([("content-type", "application/json")], o.to_string()).into_response(),
+        None => {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("{resource} {name:?} not found"), "reason": "NotFound", "code": 404});
+            (
+                StatusCode::NOT_FOUND,
+                [("content-type", "application/json")],
+                status.to_string(),
+            )
+                .into_response()
+        }
+    }
+}
+
 fn kind_of(object: &Value) -> Result<&'static str> {
     let kind = object["kind"].as_str().unwrap_or_default();
     match RESOURCES.iter().find(|r| r.3 == kind) {
@@ -262,9 +322,11 @@ async fn handle(
         .get("fieldSelector")
         .and_then(|f| f.strip_prefix("spec.nodeName="))
         .map(str::to_owned);
+    let labels = query.get("labelSelector").cloned().unwrap_or_default();
     let selected = move |o: &Value| {
         node.as_deref()
             .is_none_or(|n| o["spec"]["nodeName"].as_str() == Some(n))
+            && labels_match(&labels, &o["metadata"]["labels"])
     };
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if !watch {
@@ -326,11 +388,17 @@ async fn handle(
             };
             for e in events {
                 sent = sent.max(e.rv);
-                if selected(&e.object)
-                    && tx
-                        .send(line(json!({"type": e.what, "object": e.object})))
-                        .await
-                        .is_err()
+                let was = e.old.as_ref().is_some_and(&selected);
+                let what = match (was, selected(&e.object)) {
+                    (false, true) if e.what == "MODIFIED" => "ADDED",
+                    (true, false) => "DELETED",
+                    (_, true) => e.what,
+                    (false, false) => continue,
+                };
+                if tx
+                    .send(line(json!({"type": what, "object": e.object})))
+                    .await
+                    .is_err()
                 {
                     return;
                 }

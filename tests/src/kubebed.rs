@@ -42,6 +42,8 @@ use crate::{
 };
 
 pub const NODE: &str = "node-1";
+/// The node's `topology.kubernetes.io/zone`.
+pub const ZONE: &str = "zone-a";
 /// The node's IPv6 address on every pod's veth: the pods' next hop.
 const NODE_HOP6: &str = "fd00:169::1";
 
@@ -98,6 +100,11 @@ impl KubeBed {
             "net.ipv4.conf.all.rp_filter=0\nnet.ipv4.conf.default.rp_filter=0\n",
         )?;
         let cgroup_root = Cgroup::new(prefix)?;
+        let api = ApiServer::start()?;
+        api.apply(&serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": ZONE}},
+        }))?;
         std::fs::create_dir_all(
             cgroup_root
                 .path()
@@ -107,7 +114,7 @@ impl KubeBed {
             agent: None,
             client_pods: Vec::new(),
             backends: Vec::new(),
-            api: ApiServer::start()?,
+            api,
             files: ManifestDir::new(prefix)?,
             services: BTreeMap::new(),
             chain_installed: false,

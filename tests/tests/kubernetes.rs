@@ -106,6 +106,11 @@ fn only_pods_of_enabled_namespaces_are_balanced_and_the_switch_flips_live() {
 
 /// A one-Service cluster with one switched-on pod `a`, and the agent running.
 fn cluster(prefix: &str, subnet: u8) -> (KubeBed, ServiceSpec) {
+    cluster_with(prefix, subnet, &[])
+}
+
+/// The same, the agent run with `args`.
+fn cluster_with(prefix: &str, subnet: u8, args: &[&str]) -> (KubeBed, ServiceSpec) {
     let mut bed = KubeBed::new(prefix).unwrap();
     let pods = pod_ips(subnet, 3);
     bed.tcp_backends(&pods, 8080).unwrap();
@@ -114,7 +119,7 @@ fn cluster(prefix: &str, subnet: u8) -> (KubeBed, ServiceSpec) {
     spec.vip = Ipv4Addr::new(10, 96, subnet, 10).into();
     bed.service(&spec).unwrap();
     bed.client_pod("shop", "a", false).unwrap();
-    bed.start_agent(&[]).unwrap();
+    bed.start_agent(args).unwrap();
     bed.agent().wait_backends("shop/web", &pods).unwrap();
     (bed, spec)
 }
@@ -184,6 +189,120 @@ fn terminating_endpoints_and_an_api_server_that_restarts_or_drops_watches() {
     bed.service(&spec).unwrap();
     bed.agent().wait_backends("shop/web", &pods).unwrap();
     a.requests(1).expect("no connection was cut by any of this");
+}
+
+#[test]
+fn a_change_made_while_the_api_server_is_down_arrives_when_it_returns() {
+    require_privileges!();
+    // No full resync during the test: only the watches can bring the change.
+    let (mut bed, mut spec) = cluster_with("k8so", 34, &["--resync-interval", "3600"]);
+    let mut a = bed.client("a").unwrap();
+    switched_on(&bed, 1.0);
+    a.open(spec.target(), 3).unwrap();
+
+    bed.api.stop();
+    std::thread::sleep(Duration::from_secs(5));
+    let pods = spec.pods.clone();
+    spec.pods.truncate(2);
+    bed.service(&spec).unwrap();
+    bed.api.compact(); // the watches resume with 410 Gone and list again
+    bed.api.resume().unwrap();
+    bed.agent().wait_backends("shop/web", &spec.pods).unwrap();
+    spec.pods = pods;
+    bed.service(&spec).unwrap();
+    bed.agent().wait_backends("shop/web", &spec.pods).unwrap();
+    a.requests(1).expect("no connection was cut by the outage");
+}
+
+#[test]
+fn kube_proxys_endpoint_rules_topology_and_headless_slices_through_the_watch() {
+    require_privileges!();
+    let (bed, spec) = cluster("k8sz", 35);
+    let mut a = bed.client("a").unwrap();
+    switched_on(&bed, 1.0);
+    let p: Vec<String> = spec.pods.iter().map(ToString::to_string).collect();
+    let web = |distribution: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": spec.vip.to_string(), "trafficDistribution": distribution,
+                     "ports": [{"name": "main", "port": spec.port, "targetPort": 8080}]},
+        })
+    };
+    let slice = |name: &str, labels: serde_json::Value, port: &str, eps: serde_json::Value| {
+        let mut l = serde_json::json!({"kubernetes.io/service-name": "web"});
+        l.as_object_mut()
+            .unwrap()
+            .extend(labels.as_object().unwrap().clone());
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "shop", "labels": l},
+            "addressType": "IPv4", "ports": [{"name": port, "port": 8080}], "endpoints": eps,
+        })
+    };
+    // Conditions left unset (ready and serving), zones set, no hints: what a cluster without
+    // the EndpointSlice controller's hints gives.
+    let eps = |ready: bool| {
+        serde_json::json!([
+            {"addresses": [p[0]], "zone": "zone-a", "conditions": {"ready": ready, "terminating": !ready}},
+            {"addresses": [p[1]], "zone": "zone-a", "conditions": {"ready": ready, "terminating": !ready}},
+            {"addresses": [p[2]], "zone": "zone-b"},
+        ])
+    };
+    bed.api.apply(&web("PreferSameZone")).unwrap();
+    bed.api
+        .apply(&slice("web-1", serde_json::json!({}), "main", eps(true)))
+        .unwrap();
+    // A slice for another port name (a pod without the named port) and a headless-labelled
+    // one: kube-proxy uses neither, and neither is an error.
+    let stray = serde_json::json!([{"addresses": ["10.244.35.9"]}]);
+    bed.api
+        .apply(&slice(
+            "web-2",
+            serde_json::json!({}),
+            "other",
+            stray.clone(),
+        ))
+        .unwrap();
+    bed.api
+        .apply(&slice(
+            "web-3",
+            serde_json::json!({"service.kubernetes.io/headless": ""}),
+            "main",
+            stray,
+        ))
+        .unwrap();
+    bed.agent()
+        .wait_backends("shop/web", &spec.pods[..2])
+        .unwrap();
+    let spread = socklb_tests::client::per_pod(&a.open(spec.target(), 6).unwrap());
+    assert!(!spread.contains_key("pod-3"), "zone-b's pod: {spread:?}");
+
+    // zone-a's pods terminate (serving unset: serving): every ready endpoint elsewhere.
+    bed.api
+        .apply(&slice("web-1", serde_json::json!({}), "main", eps(false)))
+        .unwrap();
+    bed.agent()
+        .wait_backends("shop/web", &spec.pods[2..])
+        .unwrap();
+    let spread = socklb_tests::client::per_pod(&a.open(spec.target(), 3).unwrap());
+    assert_eq!(spread.get("pod-3"), Some(&3), "{spread:?}");
+
+    // No distribution: all ready endpoints; errors were never logged for any of this.
+    bed.api
+        .apply(&slice("web-1", serde_json::json!({}), "main", eps(true)))
+        .unwrap();
+    let mut plain = web("PreferSameZone");
+    plain["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("trafficDistribution");
+    bed.api.apply(&plain).unwrap();
+    bed.agent().wait_backends("shop/web", &spec.pods).unwrap();
+    let log = bed.agent().log();
+    assert!(log.contains("in zone zone-a"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    a.requests(1).expect("every open connection still answers");
 }
 
 #[test]

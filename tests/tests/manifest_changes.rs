@@ -88,10 +88,10 @@ fn bad_manifests_are_reported_by_name_and_leave_the_programmed_state() {
         ),
         (
             good.replace(
-                "ports: [{name: main, port: 8080",
-                "ports: [{name: other, port: 8080",
+                "\n  ports:\n",
+                "\n  trafficDistribution: Nearby\n  ports:\n",
             ),
-            "web.yaml: Service demo/web: port \"main\" (80/TCP) does not resolve",
+            "web.yaml: Service demo/web: spec.trafficDistribution \"Nearby\" is not",
         ),
         (
             too_many_backends(&good),

@@ -52,6 +52,11 @@ struct Cli {
     /// Services without a socklb.io/rebalance-quiet annotation.
     #[arg(long, default_value_t = 500)]
     rebalance_quiet_ms: u64,
+    /// Seconds between full resyncs, which recompute every Service from the watch caches (or
+    /// re-read the manifest directory). Changes are applied as they arrive; this only repairs
+    /// what an event could have missed.
+    #[arg(long, default_value_t = 60.0)]
+    resync_interval: f64,
     /// Where /healthz, /readyz and /metrics are served ("off" for nowhere).
     #[arg(long, default_value = "127.0.0.1:9967")]
     status_address: String,
@@ -118,6 +123,7 @@ fn main() -> Result<()> {
         cgroup,
         pin_path: cli.pin_path,
         default_algorithm: cli.default_algorithm,
+        resync: Duration::from_secs_f64(cli.resync_interval.max(1.0)),
         rebalance: rebalance::Policy {
             interval: Duration::from_secs_f64(cli.rebalance_interval.max(0.1)),
             max_share: cli.rebalance_max_share.clamp(0.0, 1.0),
