@@ -66,9 +66,13 @@ pub struct Config {
 
 /// While backends drain: check this often whether their last connection closed.
 const DRAIN_CHECK: Duration = Duration::from_secs(1);
-/// While pods to switch on have no process (so no network namespace) yet: look this often, so
-/// a starting pod is balanced from about its first tenth of a second.
-const POD_CHECK: Duration = Duration::from_millis(100);
+/// While pods to switch on have no cgroup or process (so no network namespace) yet, look again
+/// after this long, so a starting pod is balanced from about its first tenth of a second...
+const POD_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// ...then, while the same pods stay missing, twice as long each time up to this (a pod in a
+/// layout socklb does not know is not rescanned for every 100 ms forever). A change to a Pod
+/// (kubelet reports its containers started) looks again at once.
+const POD_RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub async fn run(config: Config) -> Result<()> {
     let status = Status::new(config.pin_path.clone());
@@ -159,7 +163,9 @@ pub async fn run(config: Config) -> Result<()> {
         in_error: BTreeSet::new(),
         last_errors: Vec::new(),
         status: status.clone(),
-        pods_pending: false,
+        pods_pending: Vec::new(),
+        pod_retry: POD_RETRY_FIRST,
+        pod_check: None,
         tools,
         published,
         default_quiet: config.rebalance.quiet,
@@ -186,8 +192,8 @@ pub async fn run(config: Config) -> Result<()> {
         if draining {
             wake = wake.min(Instant::now() + DRAIN_CHECK);
         }
-        if agent.pods_pending {
-            wake = wake.min(Instant::now() + POD_CHECK);
+        if let Some(at) = agent.pod_check {
+            wake = wake.min(at);
         }
         let mut work = tokio::select! {
             Some(first) = changes.recv() => {
@@ -202,7 +208,7 @@ pub async fn run(config: Config) -> Result<()> {
                 work
             }
             () = sleep_until(wake) => Work {
-                pods: agent.pods_pending,
+                pods: agent.pod_check.is_some_and(|at| at <= Instant::now()),
                 ..Work::default()
             },
             _ = sigterm.recv() => break,
@@ -314,8 +320,11 @@ struct Agent {
     /// Errors logged since the last full round, so each is logged once.
     last_errors: Vec<String>,
     status: Arc<Status>,
-    /// Pods to switch on whose network namespace is not there yet.
-    pods_pending: bool,
+    /// Pods to switch on whose network namespace was not found at the last look.
+    pods_pending: Vec<String>,
+    /// How long until the next look for them, and when that is.
+    pod_retry: Duration,
+    pod_check: Option<Instant>,
     tools: Tools,
     /// Where the background thread finds what to work on.
     published: Published,
@@ -507,7 +516,14 @@ impl Agent {
                             s.enabled, s.added, s.removed
                         );
                     }
-                    self.pods_pending = !s.pending.is_empty();
+                    self.pod_retry = match s.pending == self.pods_pending {
+                        true => (self.pod_retry * 2).min(POD_RETRY_MAX),
+                        false => POD_RETRY_FIRST,
+                    };
+                    self.pod_check =
+                        (!s.pending.is_empty()).then(|| Instant::now() + self.pod_retry);
+                    self.status.pods_pending.set(s.pending.len() as i64);
+                    self.pods_pending = s.pending;
                 }
                 Err(e) => errors.push(("map", format!("switching pods: {e:#}"))),
             }

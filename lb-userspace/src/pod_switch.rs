@@ -80,9 +80,12 @@ pub fn switched_on(namespaces: &[Arc<Namespace>], pods: &[Arc<Pod>]) -> Vec<PodR
     out
 }
 
-/// The pod cgroups under `root`, by pod UID. kubelet names them `pod<uid>` (cgroupfs driver)
-/// or `kubepods-<qos>-pod<uid with _>.slice` (systemd driver), at most three levels down
-/// (kubepods / QoS class / pod).
+/// The pod cgroups under `root`, by pod UID, in all six of kubelet's layouts: with the
+/// cgroupfs driver `kubepods/pod<uid>` (Guaranteed), `kubepods/burstable/pod<uid>` and
+/// `kubepods/besteffort/pod<uid>`; with the systemd driver `kubepods.slice/
+/// kubepods-pod<uid with _>.slice` and `kubepods.slice/kubepods-<qos>.slice/
+/// kubepods-<qos>-pod<uid with _>.slice`. The containers below (containerd's
+/// `cri-containerd-<id>.scope` or `<id>`, CRI-O's `crio-<id>.scope`) are not pods.
 pub fn pod_cgroups(root: &Path) -> BTreeMap<String, PathBuf> {
     let mut found = BTreeMap::new();
     let mut dirs = vec![(root.to_path_buf(), 0)];
@@ -97,12 +100,17 @@ pub fn pod_cgroups(root: &Path) -> BTreeMap<String, PathBuf> {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(uid) = pod_uid(&name) {
                 found.insert(uid, entry.path());
-            } else if depth < 3 && name.starts_with("kubepods") {
+            } else if depth < 3 && (name.starts_with("kubepods") || is_qos_dir(depth, &name)) {
                 dirs.push((entry.path(), depth + 1));
             }
         }
     }
     found
+}
+
+/// A cgroupfs driver's QoS class directory, right below `kubepods`.
+fn is_qos_dir(depth: usize, name: &str) -> bool {
+    depth == 1 && matches!(name, "besteffort" | "burstable")
 }
 
 /// The pod UID in a kubelet pod cgroup name, if it is one.
@@ -281,5 +289,45 @@ mod tests {
         assert_eq!(pod_uid("kubepods-burstable.slice"), None);
         assert_eq!(pod_uid("cri-containerd-abc.scope"), None);
         assert_eq!(pod_uid("notapod0b3a9c1e-5f2d-4c7a-9e8b-1a2b3c4d5e6f"), None);
+    }
+
+    #[test]
+    fn pods_are_found_in_every_kubelet_layout_and_containers_are_not_pods() {
+        let root = std::env::temp_dir().join(format!("socklb-layouts-{}", std::process::id()));
+        let uid = |n: u8| format!("0b3a9c1e-5f2d-4c7a-9e8b-1a2b3c4d5e{n:02x}");
+        let systemd = |n: u8| uid(n).replace('-', "_");
+        let pods = [
+            format!("kubepods/pod{}", uid(1)),
+            format!("kubepods/burstable/pod{}", uid(2)),
+            format!("kubepods/besteffort/pod{}", uid(3)),
+            format!("kubepods.slice/kubepods-pod{}.slice", systemd(4)),
+            format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                systemd(5)
+            ),
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+                systemd(6)
+            ),
+        ];
+        let containers = [
+            "cri-containerd-4f6e0a.scope",
+            "crio-4f6e0a.scope",
+            "crio-conmon-4f6e0a.scope",
+            "4f6e0a9b8c7d",
+        ];
+        for pod in &pods {
+            for c in containers {
+                fs::create_dir_all(root.join(pod).join(c)).unwrap();
+            }
+        }
+        // Not kubelet's: never looked into.
+        fs::create_dir_all(root.join(format!("system.slice/pod{}", uid(7)))).unwrap();
+        let found = pod_cgroups(&root);
+        let _ = fs::remove_dir_all(&root);
+        let want: BTreeMap<String, PathBuf> = (1..=6)
+            .map(|n| (uid(n), root.join(&pods[usize::from(n) - 1])))
+            .collect();
+        assert_eq!(found, want);
     }
 }

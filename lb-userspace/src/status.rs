@@ -23,7 +23,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric as _, text::encode},
     metrics::{
         MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
-        histogram::Histogram,
+        gauge::Gauge, histogram::Histogram,
     },
     registry::Registry,
 };
@@ -41,6 +41,7 @@ pub struct Status {
     pub reconciles: Counter,
     pub reconcile_seconds: Histogram,
     pub errors: Family<Vec<(String, String)>, Counter>,
+    pub pods_pending: Gauge,
     registry: Registry,
 }
 
@@ -64,6 +65,12 @@ impl Status {
             "Errors by kind (manifest, service, map, watch)",
             errors.clone(),
         );
+        let pods_pending = Gauge::default();
+        registry.register(
+            "pods_pending",
+            "Pods to switch on whose cgroup or network namespace is not found yet",
+            pods_pending.clone(),
+        );
         registry.register_collector(Box::new(MapsCollector { pin_path }));
         let status = Status {
             ready: AtomicBool::new(false),
@@ -71,6 +78,7 @@ impl Status {
             reconciles,
             reconcile_seconds,
             errors,
+            pods_pending,
             registry,
         };
         Arc::new(status)

@@ -44,6 +44,21 @@ use crate::{
 pub const NODE: &str = "node-1";
 /// The node's `topology.kubernetes.io/zone`.
 pub const ZONE: &str = "zone-a";
+/// Where kubelet puts a pod's cgroup under its root, by cgroup driver and QoS class.
+pub const KUBELET_LAYOUTS: [fn(&str) -> String; 6] = [
+    |uid| format!("kubepods/pod{uid}"),
+    |uid| format!("kubepods/burstable/pod{uid}"),
+    |uid| format!("kubepods/besteffort/pod{uid}"),
+    |uid| format!("kubepods.slice/kubepods-pod{}.slice", uid.replace('-', "_")),
+    |uid| {
+        let u = uid.replace('-', "_");
+        format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice")
+    },
+    |uid| {
+        let u = uid.replace('-', "_");
+        format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice")
+    },
+];
 /// The node's IPv6 address on every pod's veth: the pods' next hop.
 const NODE_HOP6: &str = "fd00:169::1";
 
@@ -297,8 +312,21 @@ impl KubeBed {
     }
 
     /// A running pod in `namespace` with its own network namespace and cgroup, and its Pod
-    /// object on this node. `opt_out` annotates it socklb.io/enabled: "false".
+    /// object on this node. `opt_out` annotates it socklb.io/enabled: "false". Its cgroup is
+    /// laid out as kubelet's systemd driver does for a BestEffort pod, under containerd.
     pub fn client_pod(&mut self, namespace: &str, name: &str, opt_out: bool) -> Result<&ClientPod> {
+        self.client_pod_in(namespace, name, opt_out, KUBELET_LAYOUTS.len() - 1)
+    }
+
+    /// The same, with its cgroup in `KUBELET_LAYOUTS[layout]`; odd layouts under CRI-O (its
+    /// `crio-<id>.scope`), even ones under containerd (`cri-containerd-<id>.scope`).
+    pub fn client_pod_in(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        opt_out: bool,
+        layout: usize,
+    ) -> Result<&ClientPod> {
         let n = self.next_pod;
         self.next_pod += 1;
         let ip = Ipv4Addr::new(10, 250, 0, n as u8);
@@ -368,15 +396,13 @@ impl KubeBed {
             netns.ip(&["-6", "route", "add", range, "via", NODE_HOP6, "dev", "eth0"])?;
         }
 
-        let pod_cgroup = self
-            .cgroup_root
-            .path()
-            .join("kubepods.slice/kubepods-besteffort.slice")
-            .join(format!(
-                "kubepods-besteffort-pod{}.slice",
-                uid.replace('-', "_")
-            ));
-        let container = pod_cgroup.join(format!("cri-containerd-{n:064x}.scope"));
+        let pod_cgroup = self.cgroup_root.path().join(KUBELET_LAYOUTS[layout](&uid));
+        let runtime = if layout % 2 == 1 {
+            "crio"
+        } else {
+            "cri-containerd"
+        };
+        let container = pod_cgroup.join(format!("{runtime}-{n:064x}.scope"));
         std::fs::create_dir_all(&container)?;
 
         let mut meta = ObjectMeta {

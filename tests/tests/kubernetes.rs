@@ -8,7 +8,7 @@ use std::{
 
 use socklb_tests::{
     client::least_loaded_each_time,
-    kubebed::{Condition, KubeBed},
+    kubebed::{Condition, KUBELET_LAYOUTS, KubeBed, NODE},
     manifests::{ServiceSpec, pod_ips, pod_ips6, vip6},
     require_privileges, wait_for,
 };
@@ -128,7 +128,10 @@ fn switched_on(bed: &KubeBed, pods: f64) {
     wait_for("pods to be switched on", Duration::from_secs(5), || {
         Ok((bed.agent().metric("socklb_enabled_pods")? == Some(pods)).then_some(()))
     })
-    .unwrap();
+    .unwrap_or_else(|e| {
+        let now = bed.agent().metric("socklb_enabled_pods");
+        panic!("{e}: {now:?} of {pods}\n{}", bed.agent().log())
+    });
 }
 
 #[test]
@@ -303,6 +306,54 @@ fn kube_proxys_endpoint_rules_topology_and_headless_slices_through_the_watch() {
     assert!(log.contains("in zone zone-a"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
     a.requests(1).expect("every open connection still answers");
+}
+
+#[test]
+fn pods_in_every_kubelet_cgroup_layout_are_switched_on_and_a_missing_one_is_reported() {
+    require_privileges!();
+    let mut bed = KubeBed::new("k8sl").unwrap();
+    let pods = pod_ips(36, 2);
+    bed.tcp_backends(&pods, 8080).unwrap();
+    bed.namespace("shop", Some(true)).unwrap();
+    let mut spec = web(&pods);
+    spec.vip = Ipv4Addr::new(10, 96, 36, 10).into();
+    bed.service(&spec).unwrap();
+    for layout in 0..KUBELET_LAYOUTS.len() {
+        bed.client_pod_in("shop", &format!("l{layout}"), false, layout)
+            .unwrap();
+    }
+    // A pod kubelet has not made a cgroup for (yet).
+    bed.api
+        .apply(&serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "starting", "namespace": "shop",
+                         "uid": "5e0c1b2a-ffff-4c00-8000-000000000001"},
+            "spec": {"nodeName": NODE, "containers": [{"name": "c"}]},
+            "status": {"phase": "Pending"},
+        }))
+        .unwrap();
+    bed.start_agent(&[]).unwrap();
+    bed.agent().wait_backends("shop/web", &pods).unwrap();
+    // A process in each pod, so its network namespace can be found.
+    let mut clients: Vec<_> = (0..KUBELET_LAYOUTS.len())
+        .map(|layout| bed.client(&format!("l{layout}")).unwrap())
+        .collect();
+    switched_on(&bed, 6.0);
+    wait_for(
+        "the missing pod in the metric",
+        Duration::from_secs(5),
+        || Ok((bed.agent().metric("socklb_pods_pending")? == Some(1.0)).then_some(())),
+    )
+    .unwrap();
+    for (layout, c) in clients.iter_mut().enumerate() {
+        c.open(spec.target(), 2).unwrap();
+        // Only connections socklb balanced are counted.
+        assert_eq!(
+            bed.counted().unwrap(),
+            2 * (layout as u64 + 1),
+            "layout {layout}"
+        );
+    }
 }
 
 #[test]
