@@ -321,7 +321,7 @@ struct Agent {
     last_errors: Vec<String>,
     status: Arc<Status>,
     /// Pods to switch on whose network namespace was not found at the last look.
-    pods_pending: Vec<String>,
+    pods_pending: Vec<(pod_switch::PodRef, &'static str)>,
     /// How long until the next look for them, and when that is.
     pod_retry: Duration,
     pod_check: Option<Instant>,
@@ -507,7 +507,12 @@ impl Agent {
         if let (Loaded::Kubernetes(cluster, switch), true) =
             (&mut *source, work.everything || work.pods)
         {
-            let pods = pod_switch::switched_on(&cluster.namespaces.state(), &cluster.pods.state());
+            let decided = pod_switch::decide(&cluster.namespaces.state(), &cluster.pods.state());
+            let pods: Vec<_> = decided
+                .iter()
+                .filter(|(_, off)| off.is_none())
+                .map(|(p, _)| p.clone())
+                .collect();
             match switch.sync(maps, &pods) {
                 Ok(s) => {
                     if s.added + s.removed > 0 {
@@ -523,6 +528,7 @@ impl Agent {
                     self.pod_check =
                         (!s.pending.is_empty()).then(|| Instant::now() + self.pod_retry);
                     self.status.pods_pending.set(s.pending.len() as i64);
+                    self.status.set_pods(&decided, &s.pending);
                     self.pods_pending = s.pending;
                 }
                 Err(e) => errors.push(("map", format!("switching pods: {e:#}"))),

@@ -1,10 +1,10 @@
 //! socklbctl: what is programmed, read from the pinned maps (so it works while the agent is
-//! stopped). Each command builds rows of named columns; the same rows print as an aligned
+//! stopped); only `pod list` asks the running agent, which alone knows the node's pods. Each command builds rows of named columns; the same rows print as an aligned
 //! table, as JSON (`-j`) or as pretty JSON (`-p`), like bpftool.
 
 use std::{fmt::Write as _, path::Path};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use lb_common::{ServiceName, SlotKey, backend_state, map_names, service_flags};
 use serde_json::{Map, Value, json};
 
@@ -433,6 +433,27 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
 }
 
 /// `prog show`: the attached programs, their links and run statistics.
+/// The node's pods as the agent at `status_address` sees them (its `/pods`).
+pub fn pod_list(status_address: &str) -> Result<Vec<Row>> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(status_address)
+        .with_context(|| format!("asking the agent at {status_address} (--status-address)"))?;
+    write!(
+        stream,
+        "GET /pods HTTP/1.0\r\nHost: {status_address}\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "the agent at {status_address} answered {:?} (is it in Kubernetes mode?)",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    serde_json::from_str(body).context("reading the agent's /pods")
+}
+
 pub fn prog_show(pin_path: &Path) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for a in datapath::attached_programs(pin_path)? {

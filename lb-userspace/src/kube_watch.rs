@@ -7,12 +7,16 @@
 //! second (client-go's reflector waits up to 30 s, which left the agent on stale state for
 //! 10–20 s after an API server came back); the backoff resets on the first answer.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod, Service},
+        core::v1::{Namespace, Node, Pod, PodSpec, PodStatus, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -31,6 +35,7 @@ use tokio::sync::mpsc;
 use crate::{
     cluster::{ClusterState, ServiceRef},
     manifest::SERVICE_NAME_LABEL,
+    pod_switch::ENABLED_LABEL,
 };
 
 /// What the agent watches: (API group, resource). Its ClusterRole grants get, list and watch
@@ -60,13 +65,16 @@ pub enum Changed {
     Pods,
 }
 
-/// Local copies of the watched objects, kept current by background tasks.
+/// Local copies of the watched objects, kept current by background tasks, holding only the
+/// fields socklb reads (`prune_*`).
 #[derive(Clone)]
 pub struct KubeCluster {
     node: String,
     zone: Option<String>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    /// The slices of each Service, so a change to one costs what that Service has.
+    slice_index: Arc<Mutex<SliceIndex>>,
     pub namespaces: Store<Namespace>,
     pub pods: Store<Pod>,
 }
@@ -82,34 +90,56 @@ impl KubeCluster {
     ) -> KubeCluster {
         let all = watcher::Config::default;
         let pods_here = all().fields(&format!("spec.nodeName={node}"));
+        let slice_index = Arc::new(Mutex::new(SliceIndex::default()));
+        let index = Arc::clone(&slice_index);
         KubeCluster {
             node: node.to_owned(),
             zone,
             services: reflect(
                 Api::all(client.clone()),
                 all().labels(PROXIED),
+                prune_service,
                 changed.clone(),
-                |s| Some(Changed::Service(service_ref(&s.metadata))),
+                |seen| match seen {
+                    Seen::Changed(s) | Seen::Deleted(s) => {
+                        vec![Changed::Service(service_ref(&s.metadata))]
+                    }
+                    Seen::Relisted(_) => Vec::new(),
+                },
             ),
-            // A slice moved to another Service (Kubernetes' controllers never do that) reaches
-            // the one it left at the next full resync.
             slices: reflect(
                 Api::all(client.clone()),
                 all().labels(PROXIED),
+                prune_slice,
                 changed.clone(),
-                |s| {
-                    let labels = s.metadata.labels.as_ref()?;
-                    Some(Changed::Service(ServiceRef {
-                        namespace: s.metadata.namespace.clone()?,
-                        name: labels.get(SERVICE_NAME_LABEL)?.clone(),
-                    }))
+                move |seen| {
+                    let mut index = index.lock().unwrap_or_else(PoisonError::into_inner);
+                    match seen {
+                        Seen::Changed(s) => index.insert(s),
+                        Seen::Deleted(s) => index.remove(s),
+                        Seen::Relisted(slices) => {
+                            *index = SliceIndex::default();
+                            for s in slices {
+                                index.insert(&s);
+                            }
+                            Vec::new()
+                        }
+                    }
+                    .into_iter()
+                    .map(Changed::Service)
+                    .collect()
                 },
             ),
-            namespaces: reflect(Api::all(client.clone()), all(), changed.clone(), |_| {
-                Some(Changed::Pods)
-            }),
-            pods: reflect(Api::all(client), pods_here, changed, |_| {
-                Some(Changed::Pods)
+            slice_index,
+            namespaces: reflect(
+                Api::all(client.clone()),
+                all(),
+                prune_namespace,
+                changed.clone(),
+                |_| vec![Changed::Pods],
+            ),
+            pods: reflect(Api::all(client), pods_here, prune_pod, changed, |_| {
+                vec![Changed::Pods]
             }),
         }
     }
@@ -144,17 +174,21 @@ impl KubeCluster {
 
     /// The part of the state `services` need: those Services and their EndpointSlices.
     pub fn state_of(&self, services: &BTreeSet<ServiceRef>) -> ClusterState {
-        let slices = self.slices.state().into_iter().filter(|s| {
-            let labels = s.metadata.labels.as_ref();
-            labels
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .is_some_and(|name| {
-                    services.iter().any(|r| {
-                        &r.name == name && Some(&r.namespace) == s.metadata.namespace.as_ref()
-                    })
-                })
+        let index = self
+            .slice_index
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let slices = services.iter().flat_map(|r| {
+            let names = index.by_service.get(r).into_iter().flatten();
+            names.filter_map(|name| {
+                let slice = self
+                    .slices
+                    .get(&ObjectRef::new(name).within(&r.namespace))?;
+                Some((service_ref(&slice.metadata), slice))
+            })
         });
         ClusterState {
+            slices: slices.collect(),
             services: services
                 .iter()
                 .filter_map(|r| {
@@ -162,12 +196,104 @@ impl KubeCluster {
                     Some((r.clone(), self.services.get(&object)?))
                 })
                 .collect(),
-            slices: slices.map(|s| (service_ref(&s.metadata), s)).collect(),
             node: Some(self.node.clone()),
             zone: self.zone.clone(),
             ..ClusterState::default()
         }
     }
+}
+
+/// Which EndpointSlices belong to which Service (their `kubernetes.io/service-name` label).
+#[derive(Default)]
+struct SliceIndex {
+    by_service: HashMap<ServiceRef, BTreeSet<String>>,
+    /// Each slice's Service, by the slice's namespace and name.
+    owner: HashMap<ServiceRef, ServiceRef>,
+}
+
+impl SliceIndex {
+    /// Records a slice as it is now; returns the Services it touched (the one it left too).
+    fn insert(&mut self, slice: &EndpointSlice) -> Vec<ServiceRef> {
+        let mut touched = self.remove(slice);
+        let meta = &slice.metadata;
+        let service = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let (Some(service), Some(name)) = (service, &meta.name) {
+            let owner = ServiceRef {
+                namespace: meta.namespace.clone().unwrap_or_default(),
+                name: service.clone(),
+            };
+            let names = self.by_service.entry(owner.clone()).or_default();
+            names.insert(name.clone());
+            self.owner.insert(service_ref(meta), owner.clone());
+            if !touched.contains(&owner) {
+                touched.push(owner);
+            }
+        }
+        touched
+    }
+
+    /// Forgets a slice; returns the Service it belonged to.
+    fn remove(&mut self, slice: &EndpointSlice) -> Vec<ServiceRef> {
+        let Some(owner) = self.owner.remove(&service_ref(&slice.metadata)) else {
+            return Vec::new();
+        };
+        if let Some(names) = self.by_service.get_mut(&owner) {
+            names.remove(slice.metadata.name.as_deref().unwrap_or_default());
+            if names.is_empty() {
+                self.by_service.remove(&owner);
+            }
+        }
+        vec![owner]
+    }
+}
+
+/// Fields no socklb code reads, dropped before an object reaches the cache (`managedFields`
+/// and `kubectl apply`'s copy of the object are often most of its size).
+fn prune_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = &mut meta.annotations {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    meta.owner_references = None;
+    meta.finalizers = None;
+}
+
+fn prune_service(s: &mut Service) {
+    prune_meta(&mut s.metadata);
+    s.status = None;
+}
+
+fn prune_slice(s: &mut EndpointSlice) {
+    prune_meta(&mut s.metadata);
+    for e in &mut s.endpoints {
+        e.target_ref = None;
+        e.deprecated_topology = None;
+        e.hostname = None;
+    }
+}
+
+fn prune_namespace(n: &mut Namespace) {
+    prune_meta(&mut n.metadata);
+    n.metadata.annotations = None;
+    n.spec = None;
+    n.status = None;
+}
+
+/// A Pod keeps its names, uid, socklb's annotation, `hostNetwork` and phase.
+fn prune_pod(p: &mut Pod) {
+    prune_meta(&mut p.metadata);
+    if let Some(a) = &mut p.metadata.annotations {
+        a.retain(|k, _| k == ENABLED_LABEL);
+    }
+    p.metadata.labels = None;
+    p.spec = p.spec.take().map(|s| PodSpec {
+        host_network: s.host_network,
+        ..PodSpec::default()
+    });
+    p.status = p.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        ..PodStatus::default()
+    });
 }
 
 /// This node's zone (None if the Node has no zone label).
@@ -195,40 +321,94 @@ fn service_ref(meta: &ObjectMeta) -> ServiceRef {
     }
 }
 
-/// A reflector for `api` running on its own task; returns its store. `touched` says what a
-/// change to an object touches (None: nothing socklb uses).
+/// What a watch saw, for the callback that says what it touched.
+enum Seen<'a, K> {
+    Changed(&'a K),
+    Deleted(&'a K),
+    /// A (re-)list has replaced the store's contents with these.
+    Relisted(Vec<Arc<K>>),
+}
+
+/// A reflector for `api` running on its own task, caching objects cut down by `prune`;
+/// returns its store. `touched` says what a change touches (nothing: nothing socklb uses); a
+/// re-list touches everything.
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
+    prune: fn(&mut K),
     changed: mpsc::UnboundedSender<Changed>,
-    touched: fn(&K) -> Option<Changed>,
+    mut touched: impl FnMut(Seen<K>) -> Vec<Changed> + Send + 'static,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config)).backoff(retry_soon());
+    let watch = watcher(api, config).modify(prune);
+    let stream = reflector::reflector(writer, watch).backoff(retry_soon());
+    let reader = store.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let touched = match event {
                 // The store takes a re-list in whole at its end.
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-                Ok(watcher::Event::InitDone) => Changed::Everything,
-                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => match touched(&o) {
-                    Some(t) => t,
-                    None => continue,
-                },
+                Ok(watcher::Event::InitDone) => {
+                    touched(Seen::Relisted(reader.state()));
+                    vec![Changed::Everything]
+                }
+                Ok(watcher::Event::Apply(o)) => touched(Seen::Changed(&o)),
+                Ok(watcher::Event::Delete(o)) => touched(Seen::Deleted(&o)),
                 Err(e) => {
                     log::warn!("watch of {}: {e}", K::plural(&Default::default()));
                     continue;
                 }
             };
-            if changed.send(touched).is_err() {
-                return; // the agent is gone
+            for t in touched {
+                if changed.send(t).is_err() {
+                    return; // the agent is gone
+                }
             }
         }
     });
     store
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, service: &str) -> EndpointSlice {
+        let mut s = EndpointSlice::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some("ns".into());
+        s.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), service.to_owned())].into());
+        s
+    }
+
+    fn svc(name: &str) -> ServiceRef {
+        ServiceRef {
+            namespace: "ns".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn the_slice_index_follows_slices_between_services() {
+        let mut index = SliceIndex::default();
+        assert_eq!(index.insert(&slice("web-1", "web")), [svc("web")]);
+        assert_eq!(index.insert(&slice("web-2", "web")), [svc("web")]);
+        assert_eq!(index.insert(&slice("web-1", "web")), [svc("web")]);
+        // Relabelled: both the Service it left and the one it joined are touched.
+        assert_eq!(
+            index.insert(&slice("web-2", "api")),
+            [svc("web"), svc("api")]
+        );
+        let names = |s: &str| index.by_service.get(&svc(s)).cloned().unwrap_or_default();
+        assert_eq!(names("web"), BTreeSet::from(["web-1".to_owned()]));
+        assert_eq!(names("api"), BTreeSet::from(["web-2".to_owned()]));
+        assert_eq!(index.remove(&slice("web-1", "web")), [svc("web")]);
+        assert!(!index.by_service.contains_key(&svc("web")));
+        assert!(index.remove(&slice("gone", "web")).is_empty());
+    }
 }

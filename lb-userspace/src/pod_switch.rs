@@ -35,6 +35,19 @@ pub struct PodRef {
 
 /// Which of the node's pods socklb balances.
 pub fn switched_on(namespaces: &[Arc<Namespace>], pods: &[Arc<Pod>]) -> Vec<PodRef> {
+    let mut on: Vec<PodRef> = decide(namespaces, pods)
+        .into_iter()
+        .filter_map(|(pod, off)| off.is_none().then_some(pod))
+        .collect();
+    on.sort();
+    on
+}
+
+/// Every pod of the node, with why it is not balanced (None: it is to be switched on).
+pub fn decide(
+    namespaces: &[Arc<Namespace>],
+    pods: &[Arc<Pod>],
+) -> Vec<(PodRef, Option<&'static str>)> {
     let enabled: BTreeSet<&str> = namespaces
         .iter()
         .filter(|ns| {
@@ -47,33 +60,34 @@ pub fn switched_on(namespaces: &[Arc<Namespace>], pods: &[Arc<Pod>]) -> Vec<PodR
         })
         .filter_map(|ns| ns.metadata.name.as_deref())
         .collect();
-    let mut out: Vec<PodRef> = pods
+    let mut out: Vec<(PodRef, Option<&'static str>)> = pods
         .iter()
-        .filter(|p| enabled.contains(p.metadata.namespace.as_deref().unwrap_or("")))
-        .filter(|p| {
-            p.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ENABLED_LABEL))
-                .map(String::as_str)
-                != Some("false")
-        })
-        .filter(|p| {
-            !p.spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false)
-        })
-        .filter(|p| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded" | "Failed"))
-        })
         .filter_map(|p| {
-            Some(PodRef {
+            let pod = PodRef {
                 uid: p.metadata.uid.clone()?,
                 namespace: p.metadata.namespace.clone()?,
                 name: p.metadata.name.clone()?,
-            })
+            };
+            let opted_out = p
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ENABLED_LABEL))
+                .is_some_and(|v| v == "false");
+            let host_network = p.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            let off = if !enabled.contains(pod.namespace.as_str()) {
+                Some("namespace not labelled socklb.io/enabled=true")
+            } else if opted_out {
+                Some("annotated socklb.io/enabled: \"false\"")
+            } else if host_network {
+                Some("hostNetwork: the node's network namespace")
+            } else if matches!(phase, Some("Succeeded" | "Failed")) {
+                Some("finished")
+            } else {
+                None
+            };
+            Some((pod, off))
         })
         .collect();
     out.sort();
@@ -142,8 +156,8 @@ pub struct Synced {
     pub enabled: usize,
     pub added: usize,
     pub removed: usize,
-    /// Pods to switch on whose network namespace could not be found yet (no process yet).
-    pub pending: Vec<String>,
+    /// Pods to switch on whose network namespace could not be found yet, with why.
+    pub pending: Vec<(PodRef, &'static str)>,
 }
 
 impl PodSwitch {
@@ -162,15 +176,13 @@ impl PodSwitch {
         let mut want = BTreeSet::new();
         let mut synced = Synced::default();
         for pod in pods {
-            match cgroups
-                .get(&pod.uid)
-                .map(|cg| self.cookie_of(cg))
-                .transpose()?
-            {
-                Some(Some(cookie)) => drop(want.insert(cookie)),
-                _ => synced
-                    .pending
-                    .push(format!("{}/{}", pod.namespace, pod.name)),
+            let found = match cgroups.get(&pod.uid) {
+                Some(cgroup) => self.cookie_of(cgroup)?,
+                None => Err("no cgroup found for it under kubelet's root yet"),
+            };
+            match found {
+                Ok(cookie) => drop(want.insert(cookie)),
+                Err(why) => synced.pending.push((pod.clone(), why)),
             }
         }
         for cookie in want.difference(&self.enabled) {
@@ -186,20 +198,21 @@ impl PodSwitch {
         Ok(synced)
     }
 
-    /// The network namespace cookie of the first process in `cgroup` (or below), if any.
-    fn cookie_of(&mut self, cgroup: &Path) -> Result<Option<u64>> {
+    /// The network namespace cookie of the first process in `cgroup` (or below), or why
+    /// there is none to switch on.
+    fn cookie_of(&mut self, cgroup: &Path) -> Result<Result<u64, &'static str>> {
         let Some(ns) = first_netns(cgroup) else {
-            return Ok(None);
+            return Ok(Err("no process in its cgroup yet"));
         };
         let meta = ns.metadata()?;
         if (meta.dev(), meta.ino()) == self.own_netns {
-            return Ok(None); // the node's own namespace: never
+            return Ok(Err("in the node's network namespace")); // never switched on
         }
         let cookie = self
             .cookies
             .of(&ns)
             .with_context(|| format!("netns cookie of {}", cgroup.display()))?;
-        Ok(Some(cookie))
+        Ok(Ok(cookie))
     }
 }
 

@@ -1,12 +1,13 @@
 //! The agent's HTTP endpoints: `/healthz` (the agent loop is alive), `/readyz` (the first full
-//! sync is programmed) and Prometheus `/metrics`. Connection counts and per-Service counters
+//! sync is programmed), Prometheus `/metrics`, and `/pods` (this node's pods and whether each
+//! is balanced, as JSON rows for `socklbctl pod list`). Connection counts and per-Service counters
 //! are read from the pinned maps at scrape time, so they are exact at that moment.
 
 use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -28,8 +29,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use serde_json::json;
+
 use crate::{
+    ctl::Row,
     datapath::Maps,
+    pod_switch::PodRef,
     reconcile::{backend_addr, frontend_key, name_str},
 };
 
@@ -42,6 +47,8 @@ pub struct Status {
     pub reconcile_seconds: Histogram,
     pub errors: Family<Vec<(String, String)>, Counter>,
     pub pods_pending: Gauge,
+    /// The node's pods and whether each is balanced, for `/pods` (`socklbctl pod list`).
+    pods: Mutex<Vec<Row>>,
     registry: Registry,
 }
 
@@ -79,6 +86,7 @@ impl Status {
             reconcile_seconds,
             errors,
             pods_pending,
+            pods: Mutex::default(),
             registry,
         };
         Arc::new(status)
@@ -90,6 +98,30 @@ impl Status {
 
     pub fn beat(&self) {
         self.heartbeat.store(now(), Ordering::Relaxed);
+    }
+
+    /// Records the node's pods: switched on, waiting (to be switched on, network namespace not
+    /// found yet) or off, with why.
+    pub fn set_pods(&self, decided: &[(PodRef, Option<&str>)], pending: &[(PodRef, &str)]) {
+        let rows = decided
+            .iter()
+            .map(|(pod, off)| {
+                let waiting = pending.iter().find(|(p, _)| p == pod).map(|(_, why)| *why);
+                let (state, why) = match (off, waiting) {
+                    (Some(why), _) => ("off", *why),
+                    (None, Some(why)) => ("waiting", why),
+                    (None, None) => ("on", ""),
+                };
+                let row = json!({"namespace": pod.namespace, "pod": pod.name, "state": state, "why": why});
+                match row {
+                    serde_json::Value::Object(row) => row,
+                    _ => unreachable!("an object"),
+                }
+            })
+            .collect();
+        if let Ok(mut pods) = self.pods.lock() {
+            *pods = rows;
+        }
     }
 
     pub fn error(&self, kind: &str) {
@@ -112,6 +144,7 @@ pub async fn start(addr: SocketAddr, status: Arc<Status>) -> Result<()> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/pods", get(pods))
         .with_state(status);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -126,6 +159,14 @@ pub async fn start(addr: SocketAddr, status: Arc<Status>) -> Result<()> {
         }
     });
     Ok(())
+}
+
+async fn pods(State(status): State<Arc<Status>>) -> impl IntoResponse {
+    let rows = status.pods.lock().map(|p| p.clone()).unwrap_or_default();
+    (
+        [("content-type", "application/json")],
+        serde_json::to_string(&rows).unwrap_or_default(),
+    )
 }
 
 async fn healthz(State(status): State<Arc<Status>>) -> impl IntoResponse {

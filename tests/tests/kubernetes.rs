@@ -345,6 +345,23 @@ fn pods_in_every_kubelet_cgroup_layout_are_switched_on_and_a_missing_one_is_repo
         || Ok((bed.agent().metric("socklb_pods_pending")? == Some(1.0)).then_some(())),
     )
     .unwrap();
+    // socklbctl tells which pods are balanced and why the missing one is not.
+    let addr = bed.agent().status_url().unwrap().replace("http://", "");
+    let rows: Vec<serde_json::Value> = socklb_tests::agent::ctl_json(
+        &bed.agent().pin_path,
+        &["pod", "list", "--status-address", &addr],
+    )
+    .unwrap();
+    let row = |name: &str| {
+        let r = rows.iter().find(|r| r["pod"] == name).unwrap();
+        (r["state"].as_str().unwrap(), r["why"].as_str().unwrap())
+    };
+    assert_eq!(rows.len(), 7, "{rows:?}");
+    assert_eq!(row("l1"), ("on", ""));
+    assert_eq!(
+        row("starting"),
+        ("waiting", "no cgroup found for it under kubelet's root yet")
+    );
     for (layout, c) in clients.iter_mut().enumerate() {
         c.open(spec.target(), 2).unwrap();
         // Only connections socklb balanced are counted.

@@ -19,6 +19,9 @@ struct Cli {
     pretty: bool,
     #[arg(long, global = true, default_value = datapath::DEFAULT_PIN_PATH)]
     pin_path: PathBuf,
+    /// The running agent's status address (its --status-address), for `pod list`.
+    #[arg(long, global = true, default_value = "127.0.0.1:9967")]
+    status_address: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         command: ProgCommand,
     },
+    /// This node's pods and whether socklb balances each (on, waiting, off) and why; asked of
+    /// the running agent (Kubernetes mode).
+    Pod {
+        #[command(subcommand)]
+        command: List,
+    },
 }
 
 #[derive(Subcommand)]
@@ -85,6 +94,9 @@ fn main() -> Result<()> {
         Command::Prog {
             command: ProgCommand::Show,
         } => ctl::prog_show(&cli.pin_path)?,
+        Command::Pod {
+            command: List::List,
+        } => ctl::pod_list(&cli.status_address)?,
         Command::Socket {
             command: List::List,
         } => ctl::socket_list(&Maps::open_pinned(&cli.pin_path)?, &cli.pin_path)?,
@@ -108,7 +120,9 @@ fn main() -> Result<()> {
                 Command::Map {
                     command: MapCommand::Dump { name },
                 } => ctl::map_dump(&maps, &name)?,
-                Command::Prog { .. } | Command::Socket { .. } => unreachable!("handled above"),
+                Command::Prog { .. } | Command::Socket { .. } | Command::Pod { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
     };
