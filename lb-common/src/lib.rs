@@ -59,17 +59,19 @@ pub mod map_names {
 /// with any change to them. The agent writes it next to the maps it pins (`LAYOUT`) and, when
 /// it finds maps of another layout (an upgrade across such a change), replaces them instead
 /// of failing to load on them.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Capacity limits. They size the maps, so changing one needs `socklb-agent cleanup` first
 /// (the loader refuses to reuse a pinned map of another size).
 pub mod limits {
     /// Service frontends (one per ClusterIP, port and protocol).
     pub const MAX_SERVICES: u32 = 65_536;
-    /// Backend entries, including draining ones that still hold connections.
-    pub const MAX_BACKENDS: u32 = 262_144;
+    /// Backend entries, including draining ones that still hold connections: 50,000
+    /// Services of 10 endpoints with room for churn. The hash maps allocate entries on use;
+    /// their bucket arrays and the `CONN_COUNTS` array cost about 28 MiB of kernel memory.
+    pub const MAX_BACKENDS: u32 = 524_288;
     /// Active slots over all services (a backend in service rotation takes one slot).
-    pub const MAX_SLOTS: u32 = 262_144;
+    pub const MAX_SLOTS: u32 = 524_288;
     /// Backends one frontend may have; larger sets are rejected with an error naming the
     /// Service. Bounds how long the userspace slot rewrite of one Service takes, not the
     /// BPF path (least-conn scans a bounded window, see `LEAST_CONN_WINDOW`).

@@ -378,10 +378,11 @@ async fn handle(
         loop {
             let (events, rv) = {
                 let s = shared.store.lock().unwrap();
-                let events: Vec<Event> = s
-                    .history
+                // The history is in resourceVersion order: only what is newer is read.
+                let newer = s.history.partition_point(|e| e.rv <= sent);
+                let events: Vec<Event> = s.history[newer..]
                     .iter()
-                    .filter(|e| e.rv > sent && e.kind == kind)
+                    .filter(|e| e.kind == kind)
                     .cloned()
                     .collect();
                 (events, s.rv)

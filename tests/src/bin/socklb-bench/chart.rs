@@ -1,4 +1,5 @@
-//! Per-pod load over time as an SVG: one panel per balancer, one line per pod.
+//! Charts as SVG: per-pod load over time (one panel per balancer, one line per pod), and
+//! figures against cluster size.
 
 use std::path::Path;
 
@@ -60,6 +61,53 @@ pub fn write(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK.mix(0.3))
             .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Figures against the number of Services: one panel per (title, lines of (x, y) points).
+pub type ScalingPanel<'a> = (&'a str, Vec<(&'a str, Vec<(f64, f64)>)>);
+
+pub fn scaling(path: &Path, title: &str, panels: &[ScalingPanel]) -> Result<()> {
+    let root = SVGBackend::new(path, (1500, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 22))?;
+    let areas = root.split_evenly((1, panels.len()));
+    for (area, (panel, lines)) in areas.iter().zip(panels) {
+        let points = || lines.iter().flat_map(|(_, p)| p.iter().copied());
+        let x_max = points().map(|(x, _)| x).fold(1.0, f64::max) * 1.05;
+        let y_max = points().map(|(_, y)| y).fold(1e-3, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(*panel, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("Services")
+            .light_line_style(WHITE)
+            .draw()?;
+        for (i, (name, points)) in lines.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    color.stroke_width(2),
+                ))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2))
+                });
+            chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .position(SeriesLabelPosition::UpperLeft)
             .draw()?;
     }
     root.present()?;

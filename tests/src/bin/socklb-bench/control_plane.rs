@@ -1,8 +1,9 @@
-//! `cargo xtask bench control-plane`: how fast the agent follows the cluster. Against the API
-//! server double: the first full sync of 10,000 Services x 10 endpoints (time to programmed,
-//! and the agent's peak memory), and the latency from one EndpointSlice change to the BPF map
-//! holding it, over many changes. For comparison in the same run: iptables-restore of
-//! kube-proxy's rules for the same Services, in a test namespace.
+//! `cargo xtask bench control-plane`: how fast the agent follows the cluster, at 1,000, 10,000
+//! and 50,000 Services x 10 endpoints. Against the API server double: the first full sync (time
+//! to programmed, and the agent's memory), the latency from one EndpointSlice change to the BPF
+//! map holding it, memory after many changes, and a change made during an API server outage.
+//! For comparison in the same run: iptables-restore of kube-proxy's rules for the same
+//! Services, in a test namespace. Prints each goal beside its figure; writes a chart.
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::chart;
 use anyhow::{Context as _, Result, bail};
 use k8s_openapi::{
     api::{
@@ -36,9 +38,7 @@ use socklb_tests::{
     netns::Netns,
 };
 
-const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
-const CHANGES: usize = 200;
 
 fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 16)) + i)
@@ -96,21 +96,58 @@ fn objects(i: u32, endpoints: &[Ipv4Addr]) -> (Service, EndpointSlice) {
     (service, slice)
 }
 
+/// Cluster sizes measured, in Services (each with `ENDPOINTS` endpoints).
+const SIZES: [u32; 3] = [1_000, 10_000, 50_000];
+/// Changes whose latency is measured, one at a time.
+const TIMED_CHANGES: usize = 300;
+/// Changes after which the agent's current RSS is compared with after the sync.
+const CHANGES: usize = 10_000;
+/// How long the API server is down in the outage measurement.
+const OUTAGE: Duration = Duration::from_secs(5);
+
+/// What one cluster size gave.
+struct Measured {
+    services: u32,
+    sync: Duration,
+    rss_sync_kib: u64,
+    rss_changes_kib: u64,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    after_outage: Duration,
+    restore: Duration,
+    restore_lines: usize,
+}
+
 pub fn run(results: &Path) -> Result<()> {
     fs::create_dir_all(results)?;
-    let api = ApiServer::start()?;
+    let mut measured = Vec::new();
+    for services in SIZES {
+        println!("\n== {services} Services x {ENDPOINTS} endpoints");
+        measured.push(measure(services)?);
+    }
+    let out = report(&measured);
+    print!("\n{out}");
+    fs::write(results.join("README.md"), out)?;
+    chart(&results.join("control-plane.svg"), &measured)?;
+    println!("\nresults written to {}", results.display());
+    Ok(())
+}
+
+fn measure(services: u32) -> Result<Measured> {
+    let mut api = ApiServer::start()?;
     let mut ns = Namespace::default();
     ns.metadata.name = Some("bench".into());
     api.apply(&ns)?;
     let t = Instant::now();
-    for i in 0..SERVICES {
+    for i in 0..services {
         let eps: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|k| endpoint(i, k)).collect();
         let (s, e) = objects(i, &eps);
         api.apply(&s)?;
         api.apply(&e)?;
     }
     println!(
-        "created {SERVICES} Services x {ENDPOINTS} endpoints in the API server double in {:.1?}",
+        "created the objects in the API server double in {:.1?}",
         t.elapsed()
     );
 
@@ -122,15 +159,15 @@ pub fn run(results: &Path) -> Result<()> {
     let agent = Agent::kubernetes(&kubeconfig, "node-1", root.path(), &[])?;
     let sync = t.elapsed();
     let pid = agent.pid().context("agent pid")?;
-    let rss_after_sync = peak_rss_kib(pid)?;
+    let rss_sync_kib = rss_kib(pid)?;
     println!("first full sync programmed in {sync:.2?}");
 
     // One EndpointSlice change at a time: the 10th endpoint of a Service moves to a new
-    // address; measured until the agent's maps point a slot at it.
+    // address; measured until the agent's maps point a slot at it. Then the rest of the
+    // changes without waiting for each, and the last one waited for.
     let maps = Maps::open_pinned(&agent.pin_path)?;
-    let mut latencies = Vec::with_capacity(CHANGES);
-    for c in 0..CHANGES {
-        let i = (c as u32 * 37) % SERVICES;
+    let change = |c: usize| -> Result<(EndpointSlice, lb_common::ServiceKey, SocketAddrV4)> {
+        let i = (c as u32 * 37) % services;
         let moved = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + c as u32);
         let mut eps: Vec<Ipv4Addr> = (0..ENDPOINTS - 1).map(|k| endpoint(i, k)).collect();
         eps.push(moved);
@@ -140,27 +177,50 @@ pub fn run(results: &Path) -> Result<()> {
             port: 80,
             protocol: Protocol::Tcp,
         });
+        Ok((slice, key, SocketAddrV4::new(moved, 8080)))
+    };
+    let wait = |key: &lb_common::ServiceKey, backend: SocketAddrV4, what: &str| -> Result<()> {
         let t = Instant::now();
-        api.apply(&slice)?;
-        loop {
-            if programmed(&maps, &key, SocketAddrV4::new(moved, 8080)) {
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                bail!("change {c} not programmed after 30 s");
+        while !programmed(&maps, key, backend) {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("{what} not programmed after 60 s");
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        Ok(())
+    };
+    let mut latencies = Vec::with_capacity(TIMED_CHANGES);
+    for c in 0..TIMED_CHANGES {
+        let (slice, key, backend) = change(c)?;
+        let t = Instant::now();
+        api.apply(&slice)?;
+        wait(&key, backend, &format!("change {c}"))?;
         latencies.push(t.elapsed());
     }
+    for c in TIMED_CHANGES..CHANGES {
+        api.apply(&change(c)?.0)?;
+    }
+    let (_, key, backend) = change(CHANGES - 1)?;
+    wait(&key, backend, "the last change")?;
+    let rss_changes_kib = rss_kib(pid)?;
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    let peak = peak_rss_kib(pid)?;
+
+    // An outage: a change made while the API server is down, timed from its return (the
+    // agent resyncs fully only every 60 s, so the watches have to bring it).
+    let (slice, key, backend) = change(CHANGES)?;
+    api.stop();
+    std::thread::sleep(OUTAGE);
+    api.apply(&slice)?;
+    api.resume()?;
+    let t = Instant::now();
+    wait(&key, backend, "the change made during the outage")?;
+    let after_outage = t.elapsed();
     drop(agent);
 
     // kube-proxy's rules for the same Services, restored in a namespace of their own.
     let netns = Netns::new("cpkp")?;
-    let chain: Vec<ChainService> = (0..SERVICES)
+    let chain: Vec<ChainService> = (0..services)
         .map(|i| ChainService {
             port_name: format!("bench/svc-{i}:http"),
             vip: vip(i).into(),
@@ -171,58 +231,23 @@ pub fn run(results: &Path) -> Result<()> {
                 .collect(),
         })
         .collect();
-    let rules = kube_proxy::rules(&chain, false);
+    let restore_lines = kube_proxy::rules(&chain, false).lines().count();
     let t = Instant::now();
     kube_proxy::install(&netns, &chain)?;
     let restore = t.elapsed();
-
-    let mut out = format!(
-        "# Control plane\n\n{SERVICES} Services x {ENDPOINTS} endpoints, agent in Kubernetes mode against the API server double.\n\n"
-    );
-    let _ = writeln!(out, "| measure | value |\n|---|---|");
-    let _ = writeln!(
-        out,
-        "| first full sync, start to programmed (load and attach programs, list, program) | {sync:.2?} |"
-    );
-    let _ = writeln!(
-        out,
-        "| agent peak RSS after the sync | {} MiB |",
-        rss_after_sync / 1024
-    );
-    let _ = writeln!(
-        out,
-        "| agent peak RSS after {CHANGES} changes | {} MiB |",
-        peak / 1024
-    );
-    let _ = writeln!(
-        out,
-        "| EndpointSlice change to map updated, p50 | {:.1?} |",
-        pct(0.50)
-    );
-    let _ = writeln!(
-        out,
-        "| EndpointSlice change to map updated, p99 | {:.1?} |",
-        pct(0.99)
-    );
-    let _ = writeln!(
-        out,
-        "| EndpointSlice change to map updated, max | {:.1?} |",
-        latencies.last().copied().unwrap_or_default()
-    );
-    let _ = writeln!(
-        out,
-        "| kube-proxy: iptables-restore of the same Services ({} lines) | {restore:.2?} |",
-        rules.lines().count()
-    );
-    let _ = writeln!(
-        out,
-        "\nThe change latency is measured from the write in the API server double to the map entry the BPF \
-         program reads (polled every 200 µs): the watch event, the agent's reconcile and its map writes."
-    );
-    print!("\n{out}");
-    fs::write(results.join("README.md"), out)?;
-    println!("\nresults written to {}", results.display());
-    Ok(())
+    println!("kube-proxy's iptables-restore: {restore:.2?}");
+    Ok(Measured {
+        services,
+        sync,
+        rss_sync_kib,
+        rss_changes_kib,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: latencies.last().copied().unwrap_or_default(),
+        after_outage,
+        restore,
+        restore_lines,
+    })
 }
 
 /// Whether a slot of the frontend points at `backend`.
@@ -245,12 +270,147 @@ fn programmed(maps: &Maps, key: &lb_common::ServiceKey, backend: SocketAddrV4) -
     })
 }
 
-/// VmHWM of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Result<u64> {
+/// The current resident memory (VmRSS) of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmHWM")
+        .context("no VmRSS")
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The table, each figure beside its goal.
+fn report(measured: &[Measured]) -> String {
+    let mut out = format!(
+        "# Control plane\n\n`cargo xtask bench control-plane`: the agent in Kubernetes mode against the API server \
+         double, Services of {ENDPOINTS} endpoints each. Change latency: from the write in the double to the map \
+         entry the BPF program reads (polled every 200 µs), one change at a time, {TIMED_CHANGES} changes. RSS is \
+         the current resident memory (VmRSS), after the sync and after {CHANGES} changes. Outage: a change made \
+         during a {}-s outage of the double, timed from its return. kube-proxy: `iptables-restore` of its rules for \
+         the same Services, in a test namespace, in the same run.\n\n",
+        OUTAGE.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "| Services | first sync | kube-proxy restore | RSS after sync | RSS after {CHANGES} changes | change p50 | change p99 | change max | change made in an outage, after the return |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for m in measured {
+        let _ = writeln!(
+            out,
+            "| {} | {:.2?} | {:.1?} ({} lines) | {:.0} MiB | {:.0} MiB | {:.1?} | {:.1?} | {:.1?} | {:.2?} |",
+            m.services,
+            m.sync,
+            m.restore,
+            m.restore_lines,
+            mib(m.rss_sync_kib),
+            mib(m.rss_changes_kib),
+            m.p50,
+            m.p99,
+            m.max,
+            m.after_outage
+        );
+    }
+    let at = |n: u32| measured.iter().find(|m| m.services == n);
+    let _ = writeln!(out, "\n| Goal | Measured | Met? |\n|---|---|---|");
+    let mut goal = |text: &str, value: String, met: bool| {
+        let _ = writeln!(
+            out,
+            "| {text} | {value} | {} |",
+            if met { "yes" } else { "no" }
+        );
+    };
+    for m in [at(10_000), at(50_000)].into_iter().flatten() {
+        goal(
+            &format!("change p99 ≤ 5 ms at {} Services", m.services),
+            format!("{:.1?}", m.p99),
+            m.p99 <= Duration::from_millis(5),
+        );
+    }
+    if let Some(m) = at(10_000) {
+        goal(
+            "RSS after the sync ≤ 64 MiB at 10,000 Services",
+            format!("{:.0} MiB", mib(m.rss_sync_kib)),
+            m.rss_sync_kib <= 64 * 1024,
+        );
+    }
+    if let Some(m) = at(50_000) {
+        goal(
+            "RSS after the sync ≤ 256 MiB at 50,000 Services",
+            format!("{:.0} MiB", mib(m.rss_sync_kib)),
+            m.rss_sync_kib <= 256 * 1024,
+        );
+        goal(
+            "first sync ≤ 5 s at 50,000 Services",
+            format!("{:.2?}", m.sync),
+            m.sync <= Duration::from_secs(5),
+        );
+    }
+    for m in measured {
+        let growth = mib(m.rss_changes_kib) / mib(m.rss_sync_kib).max(1.0);
+        goal(
+            &format!(
+                "RSS after {CHANGES} changes within 10% of after the sync, {} Services",
+                m.services
+            ),
+            format!("{:+.0}%", (growth - 1.0) * 100.0),
+            growth <= 1.10,
+        );
+    }
+    let worst = measured
+        .iter()
+        .map(|m| m.after_outage)
+        .max()
+        .unwrap_or_default();
+    goal(
+        "a change made during an outage programmed ≤ 2 s after the return",
+        format!("{worst:.2?} (worst size)"),
+        worst <= Duration::from_secs(2),
+    );
+    out
+}
+
+/// Sync time, RSS and change p99 against the number of Services, as an SVG.
+fn chart(path: &Path, measured: &[Measured]) -> Result<()> {
+    let points = |f: &dyn Fn(&Measured) -> f64| -> Vec<(f64, f64)> {
+        measured
+            .iter()
+            .map(|m| (f64::from(m.services), f(m)))
+            .collect()
+    };
+    chart::scaling(
+        path,
+        "socklb control plane vs cluster size (Services of 10 endpoints)",
+        &[
+            (
+                "first full sync (s)",
+                vec![
+                    ("socklb", points(&|m| m.sync.as_secs_f64())),
+                    (
+                        "kube-proxy iptables-restore",
+                        points(&|m| m.restore.as_secs_f64()),
+                    ),
+                ],
+            ),
+            (
+                "agent RSS (MiB)",
+                vec![
+                    ("after the sync", points(&|m| mib(m.rss_sync_kib))),
+                    ("after the changes", points(&|m| mib(m.rss_changes_kib))),
+                ],
+            ),
+            (
+                "one EndpointSlice change to the map (ms)",
+                vec![
+                    ("p99", points(&|m| m.p99.as_secs_f64() * 1e3)),
+                    ("p50", points(&|m| m.p50.as_secs_f64() * 1e3)),
+                ],
+            ),
+        ],
+    )
 }
