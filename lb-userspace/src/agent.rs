@@ -160,7 +160,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut agent = Agent {
         default_algorithm: config.default_algorithm,
         desired: reconcile::programmed_frontends(&programmed),
-        in_error: BTreeSet::new(),
+        refused: BTreeSet::new(),
         last_errors: Vec::new(),
         status: status.clone(),
         pods_pending: Vec::new(),
@@ -226,6 +226,11 @@ pub async fn run(config: Config) -> Result<()> {
         config.pin_path.display()
     );
     Ok(())
+}
+
+/// A Service's error as the round reports it.
+fn service_error(e: &cluster::ServiceError) -> (&'static str, Option<ServiceRef>, String) {
+    ("service", Some(e.service.clone()), e.to_string())
 }
 
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
@@ -314,11 +319,11 @@ struct Agent {
     default_algorithm: Algorithm,
     /// Last desired state: what a Service in error keeps.
     desired: Desired,
-    /// Services in error: a change that frees an address is then a full round, as one of
-    /// them may want it.
-    in_error: BTreeSet<ServiceRef>,
-    /// Errors logged since the last full round, so each is logged once.
-    last_errors: Vec<String>,
+    /// Services the last full round refused an address another Service holds: a change that
+    /// lets go of an address is then a full round, as one of them may want it.
+    refused: BTreeSet<ServiceRef>,
+    /// The errors standing (by the Service they are about, if any), so each is logged once.
+    last_errors: Vec<(Option<ServiceRef>, String)>,
     status: Arc<Status>,
     /// Pods to switch on whose network namespace was not found at the last look.
     pods_pending: Vec<(pod_switch::PodRef, &'static str)>,
@@ -416,11 +421,16 @@ impl Agent {
         services: &BTreeSet<ServiceRef>,
     ) -> Option<cluster::Updated> {
         let state = source.load_services(services)?;
-        let updated = cluster::update(&mut self.desired, &state, services, self.default_algorithm)?;
-        self.in_error.retain(|s| !services.contains(s));
-        self.in_error
-            .extend(updated.errors.iter().map(|e| e.service.clone()));
-        (!updated.released || self.in_error.is_empty()).then_some(updated)
+        let updated = cluster::update(
+            &mut self.desired,
+            &state,
+            services,
+            self.default_algorithm,
+            &self.refused,
+        )?;
+        // Resolved without a clash: not refused any more.
+        self.refused.retain(|s| !services.contains(s));
+        Some(updated)
     }
 
     /// One round: re-read what `work` says (nothing: only forget drained backends), plan,
@@ -433,7 +443,8 @@ impl Agent {
         mut work: Work,
     ) {
         let start = std::time::Instant::now();
-        let mut errors: Vec<(&str, String)> = Vec::new();
+        // (kind, the Service it is about, message)
+        let mut errors: Vec<(&str, Option<ServiceRef>, String)> = Vec::new();
         let mut changed = BTreeSet::new();
         // This round's full state, for naming the files of a Service a map error is about.
         let mut full_state = None;
@@ -441,7 +452,7 @@ impl Agent {
             match self.update(source, &work.services) {
                 Some(updated) => {
                     changed = updated.changed;
-                    errors.extend(updated.errors.iter().map(|e| ("service", e.to_string())));
+                    errors.extend(updated.errors.iter().map(service_error));
                 }
                 None => work = Work::everything(),
             }
@@ -451,9 +462,13 @@ impl Agent {
             let (desired, service_errors) =
                 cluster::desired(&state, self.default_algorithm, &self.desired);
             self.desired = desired;
-            self.in_error = service_errors.iter().map(|e| e.service.clone()).collect();
-            errors.extend(source_errors);
-            errors.extend(service_errors.iter().map(|e| ("service", e.to_string())));
+            self.refused = service_errors
+                .iter()
+                .filter(|e| e.refused_address)
+                .map(|e| e.service.clone())
+                .collect();
+            errors.extend(source_errors.into_iter().map(|(k, m)| (k, None, m)));
+            errors.extend(service_errors.iter().map(service_error));
             full_state = Some(state);
         }
         // A drained backend is forgotten (and its id reused) only once its count is zero and
@@ -497,12 +512,13 @@ impl Agent {
                 .as_ref()
                 .map(|s| s.files_of(service))
                 .unwrap_or_default();
-            match files.is_empty() {
-                true => ("map", message.clone()),
-                false => ("map", format!("{}: {message}", files.join(", "))),
-            }
+            let message = match files.is_empty() {
+                true => message.clone(),
+                false => format!("{}: {message}", files.join(", ")),
+            };
+            ("map", Some(service.clone()), message)
         }));
-        errors.extend(applied.errors.iter().map(|e| ("map", e.clone())));
+        errors.extend(applied.errors.iter().map(|e| ("map", None, e.clone())));
 
         if let (Loaded::Kubernetes(cluster, switch), true) =
             (&mut *source, work.everything || work.pods)
@@ -531,7 +547,12 @@ impl Agent {
                     self.status.set_pods(&decided, &s.pending);
                     self.pods_pending = s.pending;
                 }
-                Err(e) => errors.push(("map", format!("switching pods: {e:#}"))),
+                Err(e) => {
+                    // Looked for again later, not at every turn of the loop.
+                    self.pod_retry = (self.pod_retry * 2).min(POD_RETRY_MAX);
+                    self.pod_check = Some(Instant::now() + self.pod_retry);
+                    errors.push(("map", None, format!("switching pods: {e:#}")));
+                }
             }
         }
         self.publish(programmed);
@@ -540,21 +561,29 @@ impl Agent {
             .reconcile_seconds
             .observe(start.elapsed().as_secs_f64());
 
-        // A full round sees every error there is: those it no longer finds are forgotten (and
-        // logged again if they come back); a partial round only adds to them.
-        let mut logged = match work.everything {
+        // An error is logged when it appears, not again while it stands. A full round sees
+        // every error there is; a partial one those of the Services it redid, the others'
+        // standing errors carry over.
+        let standing = std::mem::take(&mut self.last_errors);
+        let mut now: Vec<(Option<ServiceRef>, String)> = match work.everything {
             true => Vec::new(),
-            false => std::mem::take(&mut self.last_errors),
+            false => standing
+                .iter()
+                .filter(|(s, _)| s.as_ref().is_none_or(|s| !work.services.contains(s)))
+                .cloned()
+                .collect(),
         };
-        for (kind, message) in errors {
-            if !self.last_errors.contains(&message) && !logged.contains(&message) {
+        for (kind, service, message) in errors {
+            let seen =
+                |list: &[(Option<ServiceRef>, String)]| list.iter().any(|(_, m)| *m == message);
+            if !seen(&standing) && !seen(&now) {
                 error!("{message}");
                 self.status.error(kind);
             }
-            if !logged.contains(&message) {
-                logged.push(message);
+            if !seen(&now) {
+                now.push((service, message));
             }
         }
-        self.last_errors = logged;
+        self.last_errors = now;
     }
 }

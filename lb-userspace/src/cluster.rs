@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    endpoints::{self, Distribution, Here, Policy},
+    endpoints::{self, Here, Policy},
     manifest::SERVICE_NAME_LABEL,
 };
 
@@ -190,6 +190,8 @@ pub struct ServiceError {
     /// The manifest files of the Service and its EndpointSlices (standalone mode).
     pub files: Vec<String>,
     pub message: String,
+    /// Refused an address another Service holds: it may get it once that one lets go.
+    pub refused_address: bool,
 }
 
 impl fmt::Display for ServiceError {
@@ -237,16 +239,20 @@ pub fn desired(
             }
             Ok(frontends)
         };
-        let wanted = resolution
-            .and_then(held_elsewhere)
-            .and_then(|frontends| claim(&out, frontends));
+        let wanted = match resolution {
+            Ok(frontends) => held_elsewhere(frontends)
+                .and_then(|frontends| claim(&out, frontends))
+                .map_err(|message| (message, true)),
+            Err(message) => Err((message, false)),
+        };
         let frontends = match wanted {
             Ok(frontends) => frontends,
-            Err(message) => {
+            Err((message, refused_address)) => {
                 errors.push(ServiceError {
                     service: service_ref.clone(),
                     files: state.files_of(service_ref),
                     message,
+                    refused_address,
                 });
                 // What it had, address by address: one taken meanwhile (an address it no
                 // longer wanted) does not cost it the others.
@@ -270,23 +276,23 @@ pub fn desired(
 pub struct Updated {
     /// The frontend addresses whose desired state changed.
     pub changed: BTreeSet<FrontendKey>,
-    /// Whether the Services gave up an address: a Service in error may have wanted it, so
-    /// the caller computes everything if any is.
-    pub released: bool,
     /// The Services of the change that are in error; each keeps the frontends it had.
     pub errors: Vec<ServiceError>,
 }
 
 /// Recomputes the frontends of `services` alone (after a change to them or their slices;
-/// `state` needs to hold only those and their slices), keeping every other Service's. None
-/// where the outcome depends on other Services (one of `services` wants an address another
-/// Service holds): the caller then computes everything with `desired`. A Service in error
-/// keeps what it had, as in `desired`, so it never costs the others a full round.
+/// `state` needs to hold only those and their slices), keeping every other Service's. None,
+/// with `desired` untouched, where the outcome depends on other Services: one of `services`
+/// wants an address another Service holds, or lets go of an address while a Service in
+/// `refused` (refused an address by the last full round) may want it. The caller then
+/// computes everything with `desired`. A Service in error for itself keeps what it had, as in
+/// `desired`, and costs the others nothing.
 pub fn update(
     desired: &mut Desired,
     state: &ClusterState,
     services: &BTreeSet<ServiceRef>,
     default_algorithm: Algorithm,
+    refused: &BTreeSet<ServiceRef>,
 ) -> Option<Updated> {
     let resolver = Resolver::new(state, default_algorithm);
     let mut new: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
@@ -302,6 +308,7 @@ pub fn update(
                     service: service_ref.clone(),
                     files: state.files_of(service_ref),
                     message,
+                    refused_address: false,
                 });
                 let had = desired.frontends.values();
                 had.filter(|f| f.service == *service_ref).cloned().collect()
@@ -324,6 +331,15 @@ pub fn update(
         .filter(|f| services.contains(&f.service))
         .map(|f| f.key)
         .collect();
+    // An address let go, or passed between two of `services`: a refused Service may come
+    // first for it.
+    let released = old_keys.iter().any(|k| {
+        let had = desired.frontends.get(k).map(|f| &f.service);
+        new.get(k).map(|f| &f.service) != had
+    });
+    if released && refused.iter().any(|r| !services.contains(r)) {
+        return None;
+    }
     let old: BTreeMap<FrontendKey, Frontend> = old_keys
         .into_iter()
         .filter_map(|k| desired.frontends.remove_entry(&k))
@@ -334,13 +350,8 @@ pub fn update(
         .filter(|k| old.get(k) != new.get(k))
         .copied()
         .collect();
-    let released = old.keys().any(|k| !new.contains_key(k));
     desired.frontends.extend(new);
-    Some(Updated {
-        changed,
-        released,
-        errors,
-    })
+    Some(Updated { changed, errors })
 }
 
 /// Resolves Services of one cluster state, each with its EndpointSlices (found by their
@@ -512,7 +523,6 @@ fn resolve_service(
     let policy = Policy {
         here,
         local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        distribution: Distribution::parse(spec.traffic_distribution.as_deref())?,
     };
 
     let mut frontends = Vec::new();
@@ -748,15 +758,17 @@ mod tests {
             Algorithm::LeastConn,
             &Desired::default(),
         );
+        let none = BTreeSet::new();
         let changed = update(
             &mut d,
             &web(&[("10.0.0.2", "")]),
             &only_web,
             Algorithm::LeastConn,
+            &none,
         );
         // Both ports of web changed; db was not looked at.
         let changed = changed.expect("no clash");
-        assert_eq!((changed.changed.len(), changed.released), (2, false));
+        assert_eq!(changed.changed.len(), 2);
         assert_eq!(backends(&d, 80), ["10.0.0.2:8080"]);
         assert_eq!(d.frontends.len(), 4, "db (no endpoints: refused) kept");
 
@@ -764,10 +776,10 @@ mod tests {
         let clash = state(&service("web", "10.96.0.11", ""));
         let mut with_db = desired(&web(&[]), Algorithm::LeastConn, &Desired::default()).0;
         let before = with_db.clone();
-        assert_eq!(
-            update(&mut with_db, &clash, &only_web, Algorithm::LeastConn),
-            None
-        );
+        let up = |d: &mut Desired, s: &ClusterState, refused: &BTreeSet<ServiceRef>| {
+            update(d, s, &only_web, Algorithm::LeastConn, refused)
+        };
+        assert_eq!(up(&mut with_db, &clash, &none), None);
         assert_eq!(with_db, before, "left as it was");
         // web in error keeps what it had, and says so.
         let bad = state(&service(
@@ -775,18 +787,64 @@ mod tests {
             "10.96.0.10",
             ", annotations: {socklb.io/algorithm: nope}",
         ));
-        let updated = update(&mut with_db, &bad, &only_web, Algorithm::LeastConn).unwrap();
-        assert!(updated.changed.is_empty() && !updated.released);
+        let updated = up(&mut with_db, &bad, &none).unwrap();
+        assert!(updated.changed.is_empty());
         assert!(
             updated.errors[0]
                 .message
                 .contains("unknown algorithm \"nope\"")
         );
+        assert!(!updated.errors[0].refused_address);
         assert_eq!(with_db, before, "left as it was");
-        // web leaving its address frees it for a Service in error that may want it.
+        // web leaving its address: a full round only if a Service was refused an address.
         let moved = state(&service("web", "10.96.0.12", ""));
-        let updated = update(&mut with_db, &moved, &only_web, Algorithm::LeastConn).unwrap();
-        assert!(updated.released && updated.errors.is_empty());
+        let refused = BTreeSet::from([ServiceRef {
+            namespace: "ns".into(),
+            name: "other".into(),
+        }]);
+        assert_eq!(up(&mut with_db.clone(), &moved, &refused), None);
+        let updated = up(&mut with_db, &moved, &none).unwrap();
+        assert!(updated.errors.is_empty() && updated.changed.len() == 4);
+    }
+
+    #[test]
+    fn an_address_passed_between_changed_services_goes_to_a_refused_one_first() {
+        let svc = |name: &str, ip: &str| service(name, ip, "");
+        let x_only = state(&svc("x", "10.96.0.10"));
+        let (held, _) = desired(&x_only, Algorithm::LeastConn, &Desired::default());
+        let both = state(&format!(
+            "{}{}",
+            svc("x", "10.96.0.10"),
+            svc("a", "10.96.0.10")
+        ));
+        let (mut d, errors) = desired(&both, Algorithm::LeastConn, &held);
+        assert!(errors[0].refused_address && errors[0].service.name == "a");
+        let refused = BTreeSet::from([errors[0].service.clone()]);
+        // x lets go of its address and b takes it in the same batch: a comes first for it.
+        let swap = state(&format!(
+            "{}{}{}",
+            svc("x", "10.96.0.12"),
+            svc("a", "10.96.0.10"),
+            svc("b", "10.96.0.10")
+        ));
+        let batch: BTreeSet<ServiceRef> = ["x", "b"]
+            .map(|n| ServiceRef {
+                namespace: "ns".into(),
+                name: n.into(),
+            })
+            .into();
+        let before = d.clone();
+        assert_eq!(
+            update(&mut d, &swap, &batch, Algorithm::LeastConn, &refused),
+            None
+        );
+        assert_eq!(d, before, "left as it was for the full round");
+        let (full, _) = desired(&swap, Algorithm::LeastConn, &d);
+        assert!(
+            full.frontends
+                .values()
+                .any(|f| f.service.name == "a" && f.key.port == 80)
+        );
     }
 
     #[test]
@@ -997,10 +1055,6 @@ mod tests {
                 "10.96.0.10",
                 ", annotations: {socklb.io/algorithm: fastest}",
             ),
-            service("web", "10.96.0.10", "").replace(
-                "  clusterIP: 10.96.0.10\n",
-                "  clusterIP: 10.96.0.10\n  trafficDistribution: Nearby\n",
-            ),
             service("web", "not-an-ip", ""),
         ] {
             let bad = state(&format!(
@@ -1043,6 +1097,7 @@ mod tests {
         assert!(d.frontends.values().all(|f| f.service.name == "a"));
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("Service ns/b: 10.96.0.10:"));
+        assert!(errors[0].refused_address);
     }
 
     /// `slice()` with another address type.

@@ -12,11 +12,10 @@
 //!   the ready endpoints that pass, or if none is ready anywhere, the serving and terminating
 //!   ones that pass. So a zone or node with nothing usable falls back to the whole cluster
 //!   (what Cilium gets wrong: cilium#37930, #40883, #44060, #45214).
-//! - Hints come from the EndpointSlice controller, which writes them from
-//!   `spec.trafficDistribution`. Where no controller wrote them (standalone manifests, a
-//!   controller lagging behind), an endpoint without hints gets the ones the controller would
-//!   give it: `PreferSameZone` (and its alias `PreferClose`) its own zone, `PreferSameNode` its
-//!   own node and zone.
+//! - Hints come from the EndpointSlice controller, which writes them for
+//!   `spec.trafficDistribution` (or leaves them out on purpose: too few endpoints per zone for
+//!   `topology-mode: Auto`, slices it does not manage), so, as for kube-proxy, only hints
+//!   count. In standalone mode the node and zone are unknown: no topology.
 
 use std::{
     collections::BTreeSet,
@@ -34,35 +33,12 @@ pub struct Here<'a> {
     pub zone: Option<&'a str>,
 }
 
-/// `spec.trafficDistribution`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Distribution {
-    PreferSameZone,
-    PreferSameNode,
-}
-
-impl Distribution {
-    /// The field's value; an unknown one is an error (the API server rejects it too).
-    pub fn parse(value: Option<&str>) -> Result<Option<Distribution>, String> {
-        match value {
-            None => Ok(None),
-            Some("PreferSameZone" | "PreferClose") => Ok(Some(Distribution::PreferSameZone)),
-            Some("PreferSameNode") => Ok(Some(Distribution::PreferSameNode)),
-            Some(other) => Err(format!(
-                "spec.trafficDistribution {other:?} is not PreferSameZone, PreferSameNode or \
-                 PreferClose"
-            )),
-        }
-    }
-}
-
 /// How one Service chooses among its endpoints.
 #[derive(Clone, Copy, Debug)]
 pub struct Policy<'a> {
     pub here: Here<'a>,
     /// `internalTrafficPolicy: Local`.
     pub local: bool,
-    pub distribution: Option<Distribution>,
 }
 
 /// One endpoint of the port, as the rules need it.
@@ -82,7 +58,7 @@ pub fn backends_for_port(
     slices: &[&EndpointSlice],
     policy: Policy<'_>,
 ) -> Result<Vec<SocketAddr>, String> {
-    let candidates = candidates(key, port_name, slices, policy.distribution)?;
+    let candidates = candidates(key, port_name, slices)?;
     let here = policy.here;
     let usable: Box<dyn Fn(&Candidate) -> bool> = match (policy.local, here.node) {
         (true, Some(node)) => Box::new(move |c: &Candidate| c.node == Some(node)),
@@ -111,7 +87,6 @@ fn candidates<'a>(
     key: &FrontendKey,
     port_name: &str,
     slices: &[&'a EndpointSlice],
-    distribution: Option<Distribution>,
 ) -> Result<Vec<Candidate<'a>>, String> {
     let protocol = key.protocol.to_string();
     let family = family_name(key.ip);
@@ -144,47 +119,31 @@ fn candidates<'a>(
             let ip = endpoint_ip(address, family).map_err(|why| {
                 format!("EndpointSlice {slice_name} (addressType {family}): {address:?} {why}")
             })?;
-            out.push(candidate(
-                endpoint,
-                SocketAddr::new(ip, number),
-                distribution,
-            ));
+            out.push(candidate(endpoint, SocketAddr::new(ip, number)));
         }
     }
     Ok(out)
 }
 
-fn candidate(
-    endpoint: &Endpoint,
-    backend: SocketAddr,
-    distribution: Option<Distribution>,
-) -> Candidate<'_> {
+fn candidate(endpoint: &Endpoint, backend: SocketAddr) -> Candidate<'_> {
     let c = endpoint.conditions.as_ref();
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
     let serving = c.and_then(|c| c.serving).unwrap_or(true);
     let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
     let node = endpoint.node_name.as_deref();
-    let zone = endpoint.zone.as_deref();
     let hints = endpoint.hints.as_ref();
-    let mut for_nodes: Vec<&str> = hints
+    let for_nodes: Vec<&str> = hints
         .and_then(|h| h.for_nodes.as_ref())
         .into_iter()
         .flatten()
         .map(|n| n.name.as_str())
         .collect();
-    let mut for_zones: Vec<&str> = hints
+    let for_zones: Vec<&str> = hints
         .and_then(|h| h.for_zones.as_ref())
         .into_iter()
         .flatten()
         .map(|z| z.name.as_str())
         .collect();
-    if for_nodes.is_empty() && for_zones.is_empty() {
-        // What the EndpointSlice controller would have written.
-        for_zones.extend(zone.filter(|_| distribution.is_some()));
-        if distribution == Some(Distribution::PreferSameNode) {
-            for_nodes.extend(node);
-        }
-    }
     Candidate {
         backend,
         ready,
@@ -281,11 +240,10 @@ mod tests {
         zone: Some("a"),
     };
 
-    fn cluster(distribution: Option<Distribution>) -> Policy<'static> {
+    fn cluster() -> Policy<'static> {
         Policy {
             here: HERE,
             local: false,
-            distribution,
         }
     }
 
@@ -295,9 +253,9 @@ mod tests {
         let not_serving =
             json!({"conditions": {"ready": false, "serving": false, "terminating": true}});
         let s = [http(vec![ep(1, "a", terminating), ep(2, "a", not_serving)])];
-        assert_eq!(pick(&s, cluster(None)), ["1"], "serving unset is serving");
+        assert_eq!(pick(&s, cluster()), ["1"], "serving unset is serving");
         let s = [http(vec![ep(1, "a", json!({})), ep(2, "a", json!({}))])];
-        assert_eq!(pick(&s, cluster(None)), ["1", "2"], "ready unset is ready");
+        assert_eq!(pick(&s, cluster()), ["1", "2"], "ready unset is ready");
     }
 
     #[test]
@@ -314,7 +272,7 @@ mod tests {
                 vec![ep(4, "a", json!({}))],
             ),
         ];
-        assert_eq!(pick(&s, cluster(None)), ["1"]);
+        assert_eq!(pick(&s, cluster()), ["1"]);
     }
 
     #[test]
@@ -326,7 +284,7 @@ mod tests {
             ep(3, "a", hinted("a")),
         ])];
         assert_eq!(
-            pick(&s, cluster(None)),
+            pick(&s, cluster()),
             ["1", "3"],
             "hints apply without the field"
         );
@@ -335,7 +293,7 @@ mod tests {
                 zone: Some("c"),
                 ..HERE
             },
-            ..cluster(None)
+            ..cluster()
         };
         assert_eq!(
             pick(&s, elsewhere),
@@ -344,19 +302,19 @@ mod tests {
         );
         let unknown = Policy {
             here: Here::default(),
-            ..cluster(None)
+            ..cluster()
         };
         assert_eq!(pick(&s, unknown), ["1", "2", "3"], "zone unknown: all");
         let one_unhinted = [http(vec![ep(1, "a", hinted("a")), ep(2, "b", json!({}))])];
         assert_eq!(
-            pick(&one_unhinted, cluster(None)),
+            pick(&one_unhinted, cluster()),
             ["1", "2"],
             "a ready endpoint lacks hints: all"
         );
         // The zone's only endpoint is not ready: hints are judged on ready endpoints only.
         let down = json!({"hints": {"forZones": [{"name": "a"}]}, "conditions": {"ready": false}});
         let s = [http(vec![ep(1, "a", down), ep(2, "b", hinted("b"))])];
-        assert_eq!(pick(&s, cluster(None)), ["2"]);
+        assert_eq!(pick(&s, cluster()), ["2"]);
     }
 
     #[test]
@@ -367,13 +325,13 @@ mod tests {
             ep(2, "a", hints("n2", "a")),
             ep(3, "b", hints("n3", "b")),
         ])];
-        assert_eq!(pick(&s, cluster(None)), ["1"]);
+        assert_eq!(pick(&s, cluster()), ["1"]);
         let on_n9 = Policy {
             here: Here {
                 node: Some("n9"),
                 ..HERE
             },
-            ..cluster(None)
+            ..cluster()
         };
         assert_eq!(
             pick(&s, on_n9),
@@ -383,59 +341,10 @@ mod tests {
     }
 
     #[test]
-    fn traffic_distribution_stands_in_for_missing_hints() {
-        let s = [http(vec![
-            ep(1, "a", json!({})),
-            ep(2, "a", json!({})),
-            ep(3, "b", json!({})),
-        ])];
-        let zone = Some(Distribution::PreferSameZone);
-        let node = Some(Distribution::PreferSameNode);
-        assert_eq!(pick(&s, cluster(None)), ["1", "2", "3"]);
-        assert_eq!(pick(&s, cluster(zone)), ["1", "2"]);
-        assert_eq!(pick(&s, cluster(node)), ["1"]);
-        // This node's endpoint is terminating and others are ready: the zone's ready one.
-        let s = [http(vec![
-            ep(
-                1,
-                "a",
-                json!({"conditions": {"ready": false, "serving": true, "terminating": true}}),
-            ),
-            ep(2, "a", json!({})),
-            ep(3, "b", json!({})),
-        ])];
-        assert_eq!(pick(&s, cluster(node)), ["2"]);
-        // Nothing ready in zone a: everything ready elsewhere, not nothing.
-        let s = [http(vec![
-            ep(1, "a", json!({"conditions": {"ready": false}})),
-            ep(3, "b", json!({})),
-        ])];
-        assert_eq!(pick(&s, cluster(zone)), ["3"]);
-        assert_eq!(pick(&s, cluster(node)), ["3"]);
-        // Nothing ready anywhere: every serving and terminating one (hints judge ready ones).
-        let t = json!({"conditions": {"ready": false, "serving": true, "terminating": true}});
-        let s = [http(vec![ep(1, "a", t.clone()), ep(3, "b", t)])];
-        assert_eq!(
-            pick(&s, cluster(zone)),
-            ["1", "3"],
-            "no ready endpoint: no topology"
-        );
-        assert_eq!(
-            Distribution::parse(Some("PreferClose")),
-            Ok(Some(Distribution::PreferSameZone))
-        );
-        assert!(
-            Distribution::parse(Some("Nearby"))
-                .unwrap_err()
-                .contains("\"Nearby\"")
-        );
-    }
-
-    #[test]
     fn internal_traffic_policy_local_ignores_topology() {
         let local = Policy {
             local: true,
-            ..cluster(Some(Distribution::PreferSameZone))
+            ..cluster()
         };
         let s = [http(vec![ep(1, "a", json!({})), ep(2, "a", json!({}))])];
         assert_eq!(pick(&s, local), ["1"]);

@@ -1,11 +1,13 @@
 //! Kubernetes mode's source of truth: kube-rs reflectors (list, then watch, re-list after a
 //! `410 Gone` or a dropped connection) over Services, EndpointSlices and Namespaces in the
-//! whole cluster, and the Pods of this node; and this node's zone, read once at start.
+//! whole cluster, and the Pods of this node; and this node's zone, read with a `get` of its
+//! Node at start and every minute after.
 //!
 //! Services and slices are watched with kube-proxy's label selector: other proxies' and
 //! headless Services' slices never reach the cache. After an error a watch retries within a
-//! second (client-go's reflector waits up to 30 s, which left the agent on stale state for
-//! 10–20 s after an API server came back); the backoff resets on the first answer.
+//! second, and the backoff resets on the first answer. (kube-rs's default backoff, client-go's
+//! numbers, doubles from 0.8 s to 30 s and counts the `410 Gone` after a reconnect as one more
+//! error: it left the agent on stale state for 10–20 s after an API server came back.)
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -46,7 +48,7 @@ pub const WATCHED: [(&str, &str); 4] = [
     ("", "namespaces"),
     ("", "pods"),
 ];
-/// What the agent only reads once: its own Node, for its zone.
+/// What the agent only gets (no list, no watch): its own Node, for its zone.
 pub const GOT: [(&str, &str); 1] = [("", "nodes")];
 
 /// kube-proxy's selector for Services and EndpointSlices: not another proxy's, not headless.
@@ -70,7 +72,8 @@ pub enum Changed {
 #[derive(Clone)]
 pub struct KubeCluster {
     node: String,
-    zone: Option<String>,
+    /// This node's zone, followed by `follow_zone`.
+    zone: Arc<Mutex<Option<String>>>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     /// The slices of each Service, so a change to one costs what that Service has.
@@ -92,6 +95,13 @@ impl KubeCluster {
         let pods_here = all().fields(&format!("spec.nodeName={node}"));
         let slice_index = Arc::new(Mutex::new(SliceIndex::default()));
         let index = Arc::clone(&slice_index);
+        let zone = Arc::new(Mutex::new(zone));
+        tokio::spawn(follow_zone(
+            client.clone(),
+            node.to_owned(),
+            Arc::clone(&zone),
+            changed.clone(),
+        ));
         KubeCluster {
             node: node.to_owned(),
             zone,
@@ -167,9 +177,16 @@ impl KubeCluster {
                 .map(|s| (service_ref(&s.metadata), Arc::clone(s)))
                 .collect(),
             node: Some(self.node.clone()),
-            zone: self.zone.clone(),
+            zone: self.zone(),
             ..ClusterState::default()
         }
+    }
+
+    fn zone(&self) -> Option<String> {
+        self.zone
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The part of the state `services` need: those Services and their EndpointSlices.
@@ -197,7 +214,7 @@ impl KubeCluster {
                 })
                 .collect(),
             node: Some(self.node.clone()),
-            zone: self.zone.clone(),
+            zone: self.zone(),
             ..ClusterState::default()
         }
     }
@@ -300,6 +317,44 @@ fn prune_pod(p: &mut Pod) {
 pub async fn node_zone(client: Client, node: &str) -> kube::Result<Option<String>> {
     let node = Api::<Node>::all(client).get(node).await?;
     Ok(node.metadata.labels.and_then(|mut l| l.remove(ZONE_LABEL)))
+}
+
+/// Keeps `zone` equal to the Node's zone label: read again every minute (a cloud controller
+/// may label the node after the agent started), sooner after a failed read; a change makes
+/// the agent recompute everything.
+async fn follow_zone(
+    client: Client,
+    node: String,
+    zone: Arc<Mutex<Option<String>>>,
+    changed: mpsc::UnboundedSender<Changed>,
+) {
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let wait = match node_zone(client.clone(), &node).await {
+            Ok(now) => {
+                retry = Duration::from_secs(1);
+                let mut current = zone.lock().unwrap_or_else(PoisonError::into_inner);
+                if *current != now {
+                    log::info!(
+                        "node {node} is now in zone {}",
+                        now.as_deref().unwrap_or("(none)")
+                    );
+                    *current = now;
+                    drop(current);
+                    if changed.send(Changed::Everything).is_err() {
+                        return; // the agent is gone
+                    }
+                }
+                Duration::from_secs(60)
+            }
+            Err(e) => {
+                log::warn!("reading Node {node} for its zone: {e}");
+                retry = (retry * 2).min(Duration::from_secs(30));
+                retry
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Retry a failed watch after 0.1, 0.2, 0.4, then every 0.5 s, each plus up to as much again

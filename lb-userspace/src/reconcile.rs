@@ -1431,10 +1431,11 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Event {
         /// Service `svc{n}` at 10.96.1.`ip` (another's address sometimes) with `ports` ports
-        /// (80, 81, ...), TCP or UDP; `bad`: an unknown algorithm, so in error.
+        /// (80 + `first`, then up), TCP or UDP; `bad`: an unknown algorithm, so in error.
         Service {
             n: u8,
             ip: u8,
+            first: u8,
             ports: u8,
             udp: bool,
             algorithm: usize,
@@ -1469,6 +1470,7 @@ mod tests {
             Event::Service {
                 n,
                 ip,
+                first,
                 ports,
                 udp,
                 algorithm,
@@ -1493,7 +1495,7 @@ mod tests {
                         (0..*ports)
                             .map(|p| ServicePort {
                                 name: Some(format!("p{p}")),
-                                port: 80 + i32::from(p),
+                                port: 80 + i32::from(*first + p),
                                 protocol: Some(if *udp { "UDP" } else { "TCP" }.into()),
                                 ..ServicePort::default()
                             })
@@ -1575,18 +1577,22 @@ mod tests {
             (
                 1u8..5,
                 prop_oneof![4 => Just(None), 1 => (1u8..5).prop_map(Some)],
+                0u8..2,
                 1u8..3,
                 any::<bool>(),
                 0..Algorithm::ALL.len(),
                 prop::bool::weighted(0.15),
             )
-                .prop_map(|(n, ip, ports, udp, algorithm, bad)| Event::Service {
-                    n,
-                    ip: ip.unwrap_or(n),
-                    ports,
-                    udp,
-                    algorithm,
-                    bad,
+                .prop_map(|(n, ip, first, ports, udp, algorithm, bad)| {
+                    Event::Service {
+                        n,
+                        ip: ip.unwrap_or(n),
+                        first,
+                        ports,
+                        udp,
+                        algorithm,
+                        bad,
+                    }
                 }),
             (1u8..5).prop_map(Event::DeleteService),
             (
@@ -1632,13 +1638,14 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
-        /// The agent's path for a change to one Service (`cluster::update`, then `plan_for`
-        /// over the frontends that changed; a full round where that cannot tell) programs
-        /// exactly what recomputing everything does: the same desired state and the same maps,
-        /// ids included, through Services in error and Services wanting each other's address.
+        /// The agent's path for a batch of changes (`cluster::update` over the Services they
+        /// touched, then `plan_for` over the frontends that changed; a full round where that
+        /// cannot tell) programs exactly what recomputing everything does: the same desired
+        /// state and the same maps, ids included, through Services in error and Services
+        /// wanting each other's addresses.
         #[test]
-        fn one_service_at_a_time_programs_what_a_full_reconcile_does(
-            events in prop::collection::vec(event(), 1..25),
+        fn the_changed_services_alone_program_what_a_full_reconcile_does(
+            batches in prop::collection::vec(prop::collection::vec(event(), 1..4), 1..20),
             busy in prop::collection::btree_set(0u32..40, 0..10),
         ) {
             let conns = |id| u64::from(busy.contains(&id));
@@ -1646,26 +1653,27 @@ mod tests {
             let (mut full, mut fast) = (Programmed::default(), Programmed::default());
             let (mut full_desired, mut fast_desired) = (Desired::default(), Desired::default());
             let mut deferred = BTreeSet::new();
-            let mut in_error = BTreeSet::new();
-            for e in &events {
-                apply_event(&mut state, e);
+            let mut refused = BTreeSet::new();
+            for batch in &batches {
+                for e in batch {
+                    apply_event(&mut state, e);
+                }
                 let (d, _) = crate::cluster::desired(&state, Algorithm::LeastConn, &full_desired);
                 step(&d, &mut full, &conns);
                 full_desired = d;
 
                 // As the agent does.
-                let services = BTreeSet::from([service_of(e)]);
+                let services: BTreeSet<ServiceRef> = batch.iter().map(service_of).collect();
                 let updated = crate::cluster::update(
                     &mut fast_desired,
                     &state,
                     &services,
                     Algorithm::LeastConn,
+                    &refused,
                 );
-                let updated = updated.filter(|u| {
-                    in_error.retain(|s| !services.contains(s));
-                    in_error.extend(u.errors.iter().map(|e| e.service.clone()));
-                    !u.released || in_error.is_empty()
-                });
+                if updated.is_some() {
+                    refused.retain(|s| !services.contains(s));
+                }
                 let plan = match updated {
                     Some(u) => {
                         let mut keys = u.changed;
@@ -1675,7 +1683,11 @@ mod tests {
                     None => {
                         let (d, errors) =
                             crate::cluster::desired(&state, Algorithm::LeastConn, &fast_desired);
-                        in_error = errors.into_iter().map(|e| e.service).collect();
+                        refused = errors
+                            .into_iter()
+                            .filter(|e| e.refused_address)
+                            .map(|e| e.service)
+                            .collect();
                         fast_desired = d;
                         plan(&fast_desired, &fast, &conns, NOW)
                     }

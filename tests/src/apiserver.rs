@@ -390,14 +390,19 @@ async fn handle(
             for e in events {
                 sent = sent.max(e.rv);
                 let was = e.old.as_ref().is_some_and(&selected);
-                let what = match (was, selected(&e.object)) {
-                    (false, true) if e.what == "MODIFIED" => "ADDED",
-                    (true, false) => "DELETED",
-                    (_, true) => e.what,
+                let (what, object) = match (was, selected(&e.object)) {
+                    (false, true) if e.what == "MODIFIED" => ("ADDED", e.object),
+                    // As the real server: the object as it was, at the event's version.
+                    (true, false) => {
+                        let mut old = e.old.expect("was selected");
+                        old["metadata"]["resourceVersion"] = json!(e.rv.to_string());
+                        ("DELETED", old)
+                    }
+                    (_, true) => (e.what, e.object),
                     (false, false) => continue,
                 };
                 if tx
-                    .send(line(json!({"type": what, "object": e.object})))
+                    .send(line(json!({"type": what, "object": object})))
                     .await
                     .is_err()
                 {

@@ -1,12 +1,13 @@
 //! A one-node Kubernetes world for the agent's Kubernetes mode:
 //!
-//! - the API server double (`apiserver`) holding Namespaces, Services, EndpointSlices, Pods;
+//! - the API server double (`apiserver`) holding Namespaces, Services, EndpointSlices, Pods,
+//!   and the node's Node (in zone `ZONE`);
 //! - a "node" network namespace where the backend pods listen (on its loopback) and where
 //!   kube-proxy's chain is installed (PREROUTING, as for pod traffic);
 //! - client pods, each with its own network namespace joined to the node by a veth pair, with
 //!   an IPv4 and an IPv6 (ULA) address (routes only to the pod and Service ranges of each
-//!   family: no default route), and a cgroup laid out as kubelet's systemd driver does under a
-//!   test cgroup root;
+//!   family: no default route), and a cgroup laid out as kubelet does (any of its six layouts,
+//!   `KUBELET_LAYOUTS`) under a test cgroup root;
 //! - the agent in Kubernetes mode, through a kubeconfig pointing at the double.
 //!
 //! A connect from a pod that socklb does not balance reaches the node unchanged and goes
@@ -313,7 +314,7 @@ impl KubeBed {
 
     /// A running pod in `namespace` with its own network namespace and cgroup, and its Pod
     /// object on this node. `opt_out` annotates it socklb.io/enabled: "false". Its cgroup is
-    /// laid out as kubelet's systemd driver does for a BestEffort pod, under containerd.
+    /// laid out as kubelet's systemd driver does for a BestEffort pod, under CRI-O.
     pub fn client_pod(&mut self, namespace: &str, name: &str, opt_out: bool) -> Result<&ClientPod> {
         self.client_pod_in(namespace, name, opt_out, KUBELET_LAYOUTS.len() - 1)
     }

@@ -243,29 +243,42 @@ fn kube_proxys_endpoint_rules_topology_and_headless_slices_through_the_watch() {
             "addressType": "IPv4", "ports": [{"name": port, "port": 8080}], "endpoints": eps,
         })
     };
-    // Conditions left unset (ready and serving), zones set, no hints: what a cluster without
-    // the EndpointSlice controller's hints gives.
-    let eps = |ready: bool| {
+    // Zone hints as the EndpointSlice controller writes them for PreferSameZone; `serving`
+    // left unset. `zone_a`: the state of zone-a's two pods, `b`: of zone-b's pod.
+    let conditions = |state: &str| match state {
+        "ready" => serde_json::json!({}),
+        "terminating" => serde_json::json!({"ready": false, "terminating": true}),
+        _ => serde_json::json!({"ready": false, "serving": false, "terminating": true}),
+    };
+    let eps = |zone_a: &str, b: &str, hints: bool| {
+        let ep = |ip: &str, zone: &str, state: &str| {
+            let mut e = serde_json::json!({"addresses": [ip], "zone": zone, "conditions": conditions(state)});
+            if hints {
+                e["hints"] = serde_json::json!({"forZones": [{"name": zone}]});
+            }
+            e
+        };
         serde_json::json!([
-            {"addresses": [p[0]], "zone": "zone-a", "conditions": {"ready": ready, "terminating": !ready}},
-            {"addresses": [p[1]], "zone": "zone-a", "conditions": {"ready": ready, "terminating": !ready}},
-            {"addresses": [p[2]], "zone": "zone-b"},
+            ep(&p[0], "zone-a", zone_a),
+            ep(&p[1], "zone-a", zone_a),
+            ep(&p[2], "zone-b", b)
         ])
     };
+    let none = serde_json::json!({});
     bed.api.apply(&web("PreferSameZone")).unwrap();
     bed.api
-        .apply(&slice("web-1", serde_json::json!({}), "main", eps(true)))
+        .apply(&slice(
+            "web-1",
+            none.clone(),
+            "main",
+            eps("ready", "ready", true),
+        ))
         .unwrap();
     // A slice for another port name (a pod without the named port) and a headless-labelled
     // one: kube-proxy uses neither, and neither is an error.
     let stray = serde_json::json!([{"addresses": ["10.244.35.9"]}]);
     bed.api
-        .apply(&slice(
-            "web-2",
-            serde_json::json!({}),
-            "other",
-            stray.clone(),
-        ))
+        .apply(&slice("web-2", none.clone(), "other", stray.clone()))
         .unwrap();
     bed.api
         .apply(&slice(
@@ -281,9 +294,14 @@ fn kube_proxys_endpoint_rules_topology_and_headless_slices_through_the_watch() {
     let spread = socklb_tests::client::per_pod(&a.open(spec.target(), 6).unwrap());
     assert!(!spread.contains_key("pod-3"), "zone-b's pod: {spread:?}");
 
-    // zone-a's pods terminate (serving unset: serving): every ready endpoint elsewhere.
+    // zone-a's pods terminate: not one ready endpoint for this zone, so every ready one.
     bed.api
-        .apply(&slice("web-1", serde_json::json!({}), "main", eps(false)))
+        .apply(&slice(
+            "web-1",
+            none.clone(),
+            "main",
+            eps("terminating", "ready", true),
+        ))
         .unwrap();
     bed.agent()
         .wait_backends("shop/web", &spec.pods[2..])
@@ -291,17 +309,43 @@ fn kube_proxys_endpoint_rules_topology_and_headless_slices_through_the_watch() {
     let spread = socklb_tests::client::per_pod(&a.open(spec.target(), 3).unwrap());
     assert_eq!(spread.get("pod-3"), Some(&3), "{spread:?}");
 
-    // No distribution: all ready endpoints; errors were never logged for any of this.
+    // Nothing ready anywhere: the serving and terminating ones, `serving` unset counting as
+    // serving (zone-b's pod says serving: false).
     bed.api
-        .apply(&slice("web-1", serde_json::json!({}), "main", eps(true)))
+        .apply(&slice(
+            "web-1",
+            none.clone(),
+            "main",
+            eps("terminating", "gone", true),
+        ))
         .unwrap();
+    bed.agent()
+        .wait_backends("shop/web", &spec.pods[..2])
+        .unwrap();
+
+    // No hints (a controller that wrote none): every endpoint, as kube-proxy, even with
+    // trafficDistribution set; then without it.
+    bed.api
+        .apply(&slice(
+            "web-1",
+            none.clone(),
+            "main",
+            eps("ready", "ready", false),
+        ))
+        .unwrap();
+    bed.agent().wait_backends("shop/web", &spec.pods).unwrap();
     let mut plain = web("PreferSameZone");
     plain["spec"]
         .as_object_mut()
         .unwrap()
         .remove("trafficDistribution");
     bed.api.apply(&plain).unwrap();
-    bed.agent().wait_backends("shop/web", &spec.pods).unwrap();
+    bed.api
+        .apply(&slice("web-1", none, "main", eps("ready", "ready", true)))
+        .unwrap();
+    bed.agent()
+        .wait_backends("shop/web", &spec.pods[..2])
+        .unwrap();
     let log = bed.agent().log();
     assert!(log.contains("in zone zone-a"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");

@@ -87,13 +87,6 @@ fn bad_manifests_are_reported_by_name_and_leave_the_programmed_state() {
             "web.yaml: Endpointslice demo/web-1: unknown kind",
         ),
         (
-            good.replace(
-                "\n  ports:\n",
-                "\n  trafficDistribution: Nearby\n  ports:\n",
-            ),
-            "web.yaml: Service demo/web: spec.trafficDistribution \"Nearby\" is not",
-        ),
-        (
             too_many_backends(&good),
             "web.yaml: Service demo/web: port \"main\" (10.96.9.10:80/TCP) has 8193 backends, more than the 8192",
         ),
