@@ -30,7 +30,7 @@ use crate::{
     bpf_sys::monotonic_ns,
     cluster::{self, ClusterState, Desired, ServiceRef},
     datapath::{self, LinkAction, Maps, Tools},
-    kube_watch::{self, Changed, KubeCluster},
+    kube_watch::{Changed, KubeCluster},
     manifest_dir::ManifestDir,
     pod_switch::{self, PodSwitch},
     rebalance,
@@ -137,21 +137,12 @@ pub async fn run(config: Config) -> Result<()> {
         }
         Source::Kubernetes { kubeconfig, node } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
-            let zone = match kube_watch::node_zone(client.clone(), node).await {
-                Ok(zone) => zone,
-                Err(e) => {
-                    warn!(
-                        "reading Node {node}: {e}; topology hints and trafficDistribution are ignored"
-                    );
-                    None
-                }
-            };
-            let cluster = KubeCluster::start(client, node, zone.clone(), tx.clone());
+            let cluster = KubeCluster::start(client, node, tx.clone());
+            cluster.wait_synced().await;
             info!(
                 "watching the API server as node {node} in zone {}",
-                zone.as_deref().unwrap_or("(none)")
+                cluster.zone().as_deref().unwrap_or("(none)")
             );
-            cluster.wait_synced().await;
             let switch = PodSwitch::new(&config.cgroup, &maps)?;
             (Loaded::Kubernetes(cluster, switch), None)
         }
@@ -543,7 +534,6 @@ impl Agent {
                     };
                     self.pod_check =
                         (!s.pending.is_empty()).then(|| Instant::now() + self.pod_retry);
-                    self.status.pods_pending.set(s.pending.len() as i64);
                     self.status.set_pods(&decided, &s.pending);
                     self.pods_pending = s.pending;
                 }

@@ -1,6 +1,7 @@
 //! socklbctl: what is programmed, read from the pinned maps (so it works while the agent is
-//! stopped); only `pod list` asks the running agent, which alone knows the node's pods. Each command builds rows of named columns; the same rows print as an aligned
-//! table, as JSON (`-j`) or as pretty JSON (`-p`), like bpftool.
+//! stopped); only `pod list` asks the running agent, which alone knows the node's pods. Each
+//! command builds rows of named columns; the same rows print as an aligned table, as JSON
+//! (`-j`) or as pretty JSON (`-p`), like bpftool.
 
 use std::{fmt::Write as _, path::Path};
 
@@ -432,8 +433,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// `prog show`: the attached programs, their links and run statistics.
-/// The node's pods as the agent at `status_address` sees them (its `/pods`).
+/// `pod list`: the node's pods as the agent at `status_address` sees them (its `/pods`).
 pub fn pod_list(status_address: &str) -> Result<Vec<Row>> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(status_address)
@@ -454,6 +454,7 @@ pub fn pod_list(status_address: &str) -> Result<Vec<Row>> {
     serde_json::from_str(body).context("reading the agent's /pods")
 }
 
+/// `prog show`: the attached programs, their links and run statistics.
 pub fn prog_show(pin_path: &Path) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for a in datapath::attached_programs(pin_path)? {

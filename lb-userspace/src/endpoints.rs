@@ -22,7 +22,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice, ForNode, ForZone};
 
 use crate::cluster::{FrontendKey, family_name};
 
@@ -47,8 +47,9 @@ struct Candidate<'a> {
     ready: bool,
     serving_terminating: bool,
     node: Option<&'a str>,
-    for_nodes: Vec<&'a str>,
-    for_zones: Vec<&'a str>,
+    /// `hints.forNodes` and `hints.forZones` (empty: none).
+    for_nodes: &'a [ForNode],
+    for_zones: &'a [ForZone],
 }
 
 /// The backends of one Service port (at one ClusterIP) across its slices, sorted.
@@ -64,8 +65,8 @@ pub fn backends_for_port(
         (true, Some(node)) => Box::new(move |c: &Candidate| c.node == Some(node)),
         (true, None) | (false, _) => match topology(&candidates, here) {
             Topology::All => Box::new(|_: &Candidate| true),
-            Topology::Node(node) => Box::new(move |c: &Candidate| c.for_nodes.contains(&node)),
-            Topology::Zone(zone) => Box::new(move |c: &Candidate| c.for_zones.contains(&zone)),
+            Topology::Node(node) => Box::new(move |c: &Candidate| c.for_node(node)),
+            Topology::Zone(zone) => Box::new(move |c: &Candidate| c.for_zone(zone)),
         },
     };
     let pick = |wanted: fn(&Candidate) -> bool| -> BTreeSet<SocketAddr> {
@@ -132,25 +133,27 @@ fn candidate(endpoint: &Endpoint, backend: SocketAddr) -> Candidate<'_> {
     let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
     let node = endpoint.node_name.as_deref();
     let hints = endpoint.hints.as_ref();
-    let for_nodes: Vec<&str> = hints
-        .and_then(|h| h.for_nodes.as_ref())
-        .into_iter()
-        .flatten()
-        .map(|n| n.name.as_str())
-        .collect();
-    let for_zones: Vec<&str> = hints
-        .and_then(|h| h.for_zones.as_ref())
-        .into_iter()
-        .flatten()
-        .map(|z| z.name.as_str())
-        .collect();
     Candidate {
         backend,
         ready,
         serving_terminating: serving && terminating,
         node,
-        for_nodes,
-        for_zones,
+        for_nodes: hints
+            .and_then(|h| h.for_nodes.as_deref())
+            .unwrap_or_default(),
+        for_zones: hints
+            .and_then(|h| h.for_zones.as_deref())
+            .unwrap_or_default(),
+    }
+}
+
+impl Candidate<'_> {
+    fn for_node(&self, node: &str) -> bool {
+        self.for_nodes.iter().any(|n| n.name == node)
+    }
+
+    fn for_zone(&self, zone: &str) -> bool {
+        self.for_zones.iter().any(|z| z.name == zone)
     }
 }
 
@@ -167,13 +170,13 @@ fn topology<'a>(candidates: &[Candidate], here: Here<'a>) -> Topology<'a> {
     let all_have = |hints: fn(&Candidate) -> bool| ready().all(hints);
     if let Some(node) = here.node
         && all_have(|c| !c.for_nodes.is_empty())
-        && ready().any(|c| c.for_nodes.contains(&node))
+        && ready().any(|c| c.for_node(node))
     {
         return Topology::Node(node);
     }
     if let Some(zone) = here.zone
         && all_have(|c| !c.for_zones.is_empty())
-        && ready().any(|c| c.for_zones.contains(&zone))
+        && ready().any(|c| c.for_zone(zone))
     {
         return Topology::Zone(zone);
     }

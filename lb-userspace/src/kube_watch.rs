@@ -32,7 +32,7 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::{
     cluster::{ClusterState, ServiceRef},
@@ -74,6 +74,8 @@ pub struct KubeCluster {
     node: String,
     /// This node's zone, followed by `follow_zone`.
     zone: Arc<Mutex<Option<String>>>,
+    /// Notified once `follow_zone` has first tried to read it.
+    zone_read: Arc<Notify>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     /// The slices of each Service, so a change to one costs what that Service has.
@@ -88,18 +90,19 @@ impl KubeCluster {
     pub fn start(
         client: Client,
         node: &str,
-        zone: Option<String>,
         changed: mpsc::UnboundedSender<Changed>,
     ) -> KubeCluster {
         let all = watcher::Config::default;
         let pods_here = all().fields(&format!("spec.nodeName={node}"));
         let slice_index = Arc::new(Mutex::new(SliceIndex::default()));
         let index = Arc::clone(&slice_index);
-        let zone = Arc::new(Mutex::new(zone));
+        let zone = Arc::new(Mutex::new(None));
+        let zone_read = Arc::new(Notify::new());
         tokio::spawn(follow_zone(
             client.clone(),
             node.to_owned(),
             Arc::clone(&zone),
+            Arc::clone(&zone_read),
             changed.clone(),
         ));
         KubeCluster {
@@ -141,6 +144,7 @@ impl KubeCluster {
                 },
             ),
             slice_index,
+            zone_read,
             namespaces: reflect(
                 Api::all(client.clone()),
                 all(),
@@ -154,8 +158,9 @@ impl KubeCluster {
         }
     }
 
-    /// Waits until every watch has finished its first list.
+    /// Waits until every watch has finished its first list and the zone was read once.
     pub async fn wait_synced(&self) {
+        self.zone_read.notified().await;
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
         let _ = self.namespaces.wait_until_ready().await;
@@ -182,7 +187,8 @@ impl KubeCluster {
         }
     }
 
-    fn zone(&self) -> Option<String> {
+    /// This node's zone, as last read.
+    pub fn zone(&self) -> Option<String> {
         self.zone
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -314,21 +320,24 @@ fn prune_pod(p: &mut Pod) {
 }
 
 /// This node's zone (None if the Node has no zone label).
-pub async fn node_zone(client: Client, node: &str) -> kube::Result<Option<String>> {
+async fn node_zone(client: Client, node: &str) -> kube::Result<Option<String>> {
     let node = Api::<Node>::all(client).get(node).await?;
     Ok(node.metadata.labels.and_then(|mut l| l.remove(ZONE_LABEL)))
 }
 
-/// Keeps `zone` equal to the Node's zone label: read again every minute (a cloud controller
-/// may label the node after the agent started), sooner after a failed read; a change makes
-/// the agent recompute everything.
+/// Keeps `zone` equal to the Node's zone label: read at start (`read` is notified after the
+/// first try), then every minute (a cloud controller may label the node after the agent
+/// started), sooner after a failed read. Until a read succeeds the zone is unknown and hints
+/// are not used; a later change makes the agent recompute everything.
 async fn follow_zone(
     client: Client,
     node: String,
     zone: Arc<Mutex<Option<String>>>,
+    read: Arc<Notify>,
     changed: mpsc::UnboundedSender<Changed>,
 ) {
     let mut retry = Duration::from_secs(1);
+    let mut first = true;
     loop {
         let wait = match node_zone(client.clone(), &node).await {
             Ok(now) => {
@@ -336,23 +345,30 @@ async fn follow_zone(
                 let mut current = zone.lock().unwrap_or_else(PoisonError::into_inner);
                 if *current != now {
                     log::info!(
-                        "node {node} is now in zone {}",
+                        "node {node} is in zone {}",
                         now.as_deref().unwrap_or("(none)")
                     );
                     *current = now;
                     drop(current);
-                    if changed.send(Changed::Everything).is_err() {
+                    // The first sync is still to come and reads it.
+                    if !first && changed.send(Changed::Everything).is_err() {
                         return; // the agent is gone
                     }
                 }
                 Duration::from_secs(60)
             }
             Err(e) => {
-                log::warn!("reading Node {node} for its zone: {e}");
+                log::warn!(
+                    "reading Node {node} for its zone (topology hints unused meanwhile): {e}"
+                );
                 retry = (retry * 2).min(Duration::from_secs(30));
                 retry
             }
         };
+        if first {
+            first = false;
+            read.notify_one();
+        }
         tokio::time::sleep(wait).await;
     }
 }

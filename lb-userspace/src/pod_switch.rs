@@ -33,16 +33,6 @@ pub struct PodRef {
     pub name: String,
 }
 
-/// Which of the node's pods socklb balances.
-pub fn switched_on(namespaces: &[Arc<Namespace>], pods: &[Arc<Pod>]) -> Vec<PodRef> {
-    let mut on: Vec<PodRef> = decide(namespaces, pods)
-        .into_iter()
-        .filter_map(|(pod, off)| off.is_none().then_some(pod))
-        .collect();
-    on.sort();
-    on
-}
-
 /// Every pod of the node, with why it is not balanced (None: it is to be switched on).
 pub fn decide(
     namespaces: &[Arc<Namespace>],
@@ -286,9 +276,10 @@ mod tests {
             pod("off", "b", |_| {}),
             pod("plain", "c", |_| {}),
         ];
-        let names: Vec<String> = switched_on(&namespaces, &pods)
+        let names: Vec<String> = decide(&namespaces, &pods)
             .into_iter()
-            .map(|p| p.name)
+            .filter(|(_, off)| off.is_none())
+            .map(|(p, _)| p.name)
             .collect();
         assert_eq!(names, ["a"]);
     }

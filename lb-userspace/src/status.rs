@@ -1,7 +1,7 @@
 //! The agent's HTTP endpoints: `/healthz` (the agent loop is alive), `/readyz` (the first full
 //! sync is programmed), Prometheus `/metrics`, and `/pods` (this node's pods and whether each
-//! is balanced, as JSON rows for `socklbctl pod list`). Connection counts and per-Service counters
-//! are read from the pinned maps at scrape time, so they are exact at that moment.
+//! is balanced, as JSON rows for `socklbctl pod list`). Connection counts and per-Service
+//! counters are read from the pinned maps at scrape time, so they are exact at that moment.
 
 use std::{
     net::SocketAddr,
@@ -46,7 +46,7 @@ pub struct Status {
     pub reconciles: Counter,
     pub reconcile_seconds: Histogram,
     pub errors: Family<Vec<(String, String)>, Counter>,
-    pub pods_pending: Gauge,
+    pods_pending: Gauge,
     /// The node's pods and whether each is balanced, for `/pods` (`socklbctl pod list`).
     pods: Mutex<Vec<Row>>,
     registry: Registry,
@@ -101,8 +101,9 @@ impl Status {
     }
 
     /// Records the node's pods: switched on, waiting (to be switched on, network namespace not
-    /// found yet) or off, with why.
+    /// found yet) or off, with why; and how many wait (`pods_pending`).
     pub fn set_pods(&self, decided: &[(PodRef, Option<&str>)], pending: &[(PodRef, &str)]) {
+        self.pods_pending.set(pending.len() as i64);
         let rows = decided
             .iter()
             .map(|(pod, off)| {
@@ -112,11 +113,12 @@ impl Status {
                     (None, Some(why)) => ("waiting", why),
                     (None, None) => ("on", ""),
                 };
-                let row = json!({"namespace": pod.namespace, "pod": pod.name, "state": state, "why": why});
-                match row {
-                    serde_json::Value::Object(row) => row,
-                    _ => unreachable!("an object"),
-                }
+                Row::from_iter([
+                    ("namespace".to_owned(), json!(pod.namespace)),
+                    ("pod".to_owned(), json!(pod.name)),
+                    ("state".to_owned(), json!(state)),
+                    ("why".to_owned(), json!(why)),
+                ])
             })
             .collect();
         if let Ok(mut pods) = self.pods.lock() {

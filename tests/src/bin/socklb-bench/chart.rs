@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use plotters::prelude::*;
+use plotters::{coord::types::RangedCoordf64, prelude::*};
 
 /// One panel: its title, the pods' series of (seconds, requests per second), and when the
 /// scale-up happened if there was one.
@@ -45,23 +45,9 @@ pub fn write(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
             chart.draw_series(LineSeries::new([(at, 0.0), (at, y_max)], BLACK.mix(0.3)))?;
         }
         for (i, (pod, points)) in panel.series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().copied(),
-                    color.stroke_width(2),
-                ))?
-                .label(pod.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2))
-                });
+            line(&mut chart, i, pod, points)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
     root.present()?;
     Ok(())
@@ -91,25 +77,37 @@ pub fn scaling(path: &Path, title: &str, panels: &[ScalingPanel]) -> Result<()> 
             .light_line_style(WHITE)
             .draw()?;
         for (i, (name, points)) in lines.iter().enumerate() {
+            line(&mut chart, i, name, points)?;
             let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().copied(),
-                    color.stroke_width(2),
-                ))?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2))
-                });
             chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }
     root.present()?;
+    Ok(())
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One named line in the palette's colour `i`, with its legend entry.
+fn line(chart: &mut Chart, i: usize, name: &str, points: &[(f64, f64)]) -> Result<()> {
+    let color = Palette99::pick(i).to_rgba();
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().copied(),
+            color.stroke_width(2),
+        ))?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2)));
+    Ok(())
+}
+
+fn legend<'b>(chart: &mut Chart<'b, 'b>, position: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.3))
+        .position(position)
+        .draw()?;
     Ok(())
 }

@@ -166,7 +166,7 @@ fn measure(services: u32) -> Result<Measured> {
     // address; measured until the agent's maps point a slot at it. Then the rest of the
     // changes without waiting for each, and the last one waited for.
     let maps = Maps::open_pinned(&agent.pin_path)?;
-    let change = |c: usize| -> Result<(EndpointSlice, lb_common::ServiceKey, SocketAddrV4)> {
+    let change = |c: usize| -> (EndpointSlice, lb_common::ServiceKey, SocketAddrV4) {
         let i = (c as u32 * 37) % services;
         let moved = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + c as u32);
         let mut eps: Vec<Ipv4Addr> = (0..ENDPOINTS - 1).map(|k| endpoint(i, k)).collect();
@@ -177,7 +177,7 @@ fn measure(services: u32) -> Result<Measured> {
             port: 80,
             protocol: Protocol::Tcp,
         });
-        Ok((slice, key, SocketAddrV4::new(moved, 8080)))
+        (slice, key, SocketAddrV4::new(moved, 8080))
     };
     let wait = |key: &lb_common::ServiceKey, backend: SocketAddrV4, what: &str| -> Result<()> {
         let t = Instant::now();
@@ -191,16 +191,16 @@ fn measure(services: u32) -> Result<Measured> {
     };
     let mut latencies = Vec::with_capacity(TIMED_CHANGES);
     for c in 0..TIMED_CHANGES {
-        let (slice, key, backend) = change(c)?;
+        let (slice, key, backend) = change(c);
         let t = Instant::now();
         api.apply(&slice)?;
         wait(&key, backend, &format!("change {c}"))?;
         latencies.push(t.elapsed());
     }
     for c in TIMED_CHANGES..CHANGES {
-        api.apply(&change(c)?.0)?;
+        api.apply(&change(c).0)?;
     }
-    let (_, key, backend) = change(CHANGES - 1)?;
+    let (_, key, backend) = change(CHANGES - 1);
     wait(&key, backend, "the last change")?;
     let rss_changes_kib = rss_kib(pid)?;
     latencies.sort();
@@ -208,7 +208,7 @@ fn measure(services: u32) -> Result<Measured> {
 
     // An outage: a change made while the API server is down, timed from its return (the
     // agent resyncs fully only every 60 s, so the watches have to bring it).
-    let (slice, key, backend) = change(CHANGES)?;
+    let (slice, key, backend) = change(CHANGES);
     api.stop();
     std::thread::sleep(OUTAGE);
     api.apply(&slice)?;
