@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lb_common::{Algorithm, IPPROTO_UDP, SlotKey, backend_state, settings};
+use lb_common::{Algorithm, IPPROTO_UDP, SlotKey, settings};
 use log::{error, info, warn};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::{
@@ -30,11 +30,11 @@ use crate::{
     bpf_sys::monotonic_ns,
     cluster::{self, ClusterState, Desired, ServiceRef},
     datapath::{self, LinkAction, Maps, Tools},
-    kube_watch::{Changed, KubeCluster},
+    kube_watch::{Changed, KubeCluster, Notice},
     manifest_dir::ManifestDir,
     pod_switch::{self, PodSwitch},
-    rebalance,
-    reconcile::{self, Programmed, frontend_key, name_str},
+    programmed::{self, Programmed, frontend_key, name_str},
+    rebalance, reconcile,
     status::{self, Status},
     writer,
 };
@@ -62,6 +62,9 @@ pub struct Config {
     pub rebalance: rebalance::Policy,
     /// Where /healthz, /readyz and /metrics are served, if anywhere.
     pub status_address: Option<SocketAddr>,
+    /// A connection-count series for every backend in /metrics, not only for those of the
+    /// Services that rebalance.
+    pub metrics_per_backend: bool,
 }
 
 /// While backends drain: check this often whether their last connection closed.
@@ -75,7 +78,7 @@ const POD_RETRY_FIRST: Duration = Duration::from_millis(100);
 const POD_RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub async fn run(config: Config) -> Result<()> {
-    let status = Status::new(config.pin_path.clone());
+    let status = Status::new(config.pin_path.clone(), config.metrics_per_backend);
     if let Some(addr) = config.status_address {
         status::start(addr, status.clone()).await?;
     }
@@ -96,8 +99,8 @@ pub async fn run(config: Config) -> Result<()> {
         info!(
             "adopted pinned state at {}: {} service ports, {} backends",
             config.pin_path.display(),
-            programmed.services.len(),
-            programmed.backends.len()
+            programmed.services().len(),
+            programmed.backends().len()
         );
     }
     let published: Published = Arc::default();
@@ -118,12 +121,12 @@ pub async fn run(config: Config) -> Result<()> {
             let mut watcher =
                 notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
                     if e.is_ok() {
-                        let _ = tx.send(Changed::Everything);
+                        let _ = tx.send((std::time::Instant::now(), Changed::Everything));
                     }
                 })?;
             watcher.watch(dir, RecursiveMode::NonRecursive)?;
             let mut pinned: BTreeMap<_, BTreeSet<_>> = BTreeMap::new();
-            for f in reconcile::programmed_frontends(&programmed)
+            for f in programmed::programmed_frontends(&programmed)
                 .frontends
                 .values()
             {
@@ -150,7 +153,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut agent = Agent {
         default_algorithm: config.default_algorithm,
-        desired: reconcile::programmed_frontends(&programmed),
+        desired: programmed::programmed_frontends(&programmed),
         refused: BTreeSet::new(),
         last_errors: Vec::new(),
         status: status.clone(),
@@ -166,7 +169,7 @@ pub async fn run(config: Config) -> Result<()> {
     status.set_ready();
     info!(
         "synced: {} service ports programmed",
-        programmed.services.len()
+        programmed.services().len()
     );
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -174,11 +177,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut next_resync = Instant::now() + config.resync;
     loop {
         status.beat();
-        let draining = !agent.deferred.is_empty()
-            || programmed
-                .backends
-                .values()
-                .any(|b| b.state == backend_state::DRAINING);
+        let draining = !agent.deferred.is_empty() || programmed.draining().next().is_some();
         let mut wake = next_resync;
         if draining {
             wake = wake.min(Instant::now() + DRAIN_CHECK);
@@ -207,7 +206,7 @@ pub async fn run(config: Config) -> Result<()> {
         };
         if Instant::now() >= next_resync {
             next_resync = Instant::now() + config.resync;
-            work = Work::everything();
+            work.everything = true;
         }
         agent.reconcile(&mut source, &mut maps, &mut programmed, work);
     }
@@ -287,6 +286,8 @@ struct Work {
     services: BTreeSet<ServiceRef>,
     /// Sync the pod switch.
     pods: bool,
+    /// When the oldest change this round takes in was seen.
+    seen: Option<std::time::Instant>,
 }
 
 impl Work {
@@ -297,7 +298,8 @@ impl Work {
         }
     }
 
-    fn add(&mut self, changed: Changed) {
+    fn add(&mut self, (seen, changed): Notice) {
+        self.seen = Some(self.seen.map_or(seen, |s| s.min(seen)));
         match changed {
             Changed::Everything => self.everything = true,
             Changed::Service(s) => drop(self.services.insert(s)),
@@ -335,11 +337,7 @@ impl Agent {
     /// their active backends, and the draining backends of UDP Service ports.
     fn publish(&self, programmed: &Programmed) {
         let mut snapshot = Snapshot::default();
-        let mut udp_services = BTreeSet::new();
-        for (key, service) in &programmed.services {
-            if key.proto == IPPROTO_UDP {
-                udp_services.insert(service.id);
-            }
+        for (key, service) in programmed.rebalanced() {
             let Some(frontend) = frontend_key(key).and_then(|k| self.desired.frontends.get(&k))
             else {
                 continue;
@@ -349,7 +347,7 @@ impl Agent {
             }
             let backends: Vec<u32> = (0..service.count)
                 .filter_map(|index| {
-                    programmed.slots.get(&SlotKey {
+                    programmed.slots().get(&SlotKey {
                         service_id: service.id,
                         index,
                     })
@@ -361,7 +359,7 @@ impl Agent {
                 ms => Duration::from_millis(ms.into()),
             };
             let name = programmed
-                .names
+                .names()
                 .get(&service.id)
                 .map_or_else(String::new, |n| {
                     format!(
@@ -375,7 +373,7 @@ impl Agent {
                 0 => 0,
                 ms => backends
                     .iter()
-                    .filter_map(|id| programmed.backends.get(id))
+                    .filter_map(|id| programmed.backends().get(id))
                     .map(|b| b.since_ns)
                     .filter(|since| *since != 0)
                     .max()
@@ -390,12 +388,11 @@ impl Agent {
             });
         }
         snapshot.udp_gone = programmed
-            .backends
-            .iter()
+            .draining()
             .filter(|(_, b)| {
-                b.state == backend_state::DRAINING && udp_services.contains(&b.service_id)
+                (programmed.frontends_of(b.service_id)).any(|k| k.proto == IPPROTO_UDP)
             })
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         if let Ok(mut published) = self.published.lock()
             && **published != snapshot
@@ -445,7 +442,7 @@ impl Agent {
                     changed = updated.changed;
                     errors.extend(updated.errors.iter().map(service_error));
                 }
-                None => work = Work::everything(),
+                None => work.everything = true,
             }
         }
         if work.everything {
@@ -466,10 +463,9 @@ impl Agent {
         // no live socket refers to it, which the socket iterator says for those candidates.
         // One socket of each is enough to know it is held.
         let drained: BTreeMap<u32, u64> = programmed
-            .backends
-            .iter()
-            .filter(|(id, b)| b.state == backend_state::DRAINING && maps.connections(**id) == 0)
-            .map(|(id, _)| (*id, 1))
+            .draining()
+            .filter(|(id, _)| maps.connections(*id) == 0)
+            .map(|(id, _)| (id, 1))
             .collect();
         let held: Option<BTreeSet<u32>> = if drained.is_empty() {
             Some(BTreeSet::new())
@@ -494,6 +490,9 @@ impl Agent {
             reconcile::plan_for(&self.desired, &changed, programmed, &connections, now)
         };
         let applied = writer::apply(&plan, maps, programmed);
+        if let Some(seen) = work.seen {
+            (self.status.change_seconds).observe(seen.elapsed().as_secs_f64());
+        }
         self.deferred = plan.deferred.clone();
         for change in &plan.changes {
             info!("{} ({} map writes)", change.what, change.ops.len());
@@ -546,6 +545,7 @@ impl Agent {
             }
         }
         self.publish(programmed);
+        self.status.set_programmed(programmed);
         self.status.reconciles.inc();
         self.status
             .reconcile_seconds

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     datapath::{self, Maps, Tools},
-    reconcile::{algorithm_of, backend_addr, frontend_key, name_str},
+    programmed::{algorithm_of, backend_addr, frontend_key, name_str},
     sockets,
 };
 
@@ -117,11 +117,11 @@ fn service_label(name: Option<&ServiceName>) -> (String, String) {
 pub fn service_list(maps: &Maps) -> Result<Vec<Row>> {
     let p = maps.read_programmed()?;
     let mut rows = Vec::new();
-    for (key, service) in &p.services {
-        let (name, port_name) = service_label(p.names.get(&service.id));
+    for (key, service) in p.services() {
+        let (name, port_name) = service_label(p.names().get(&service.id));
         let frontend = frontend_key(key).map_or_else(|| "?".into(), |k| k.to_string());
         let connections: u64 = p
-            .backends
+            .backends()
             .iter()
             .filter(|(_, b)| b.service_id == service.id)
             .map(|(id, _)| maps.connections(*id))
@@ -154,26 +154,26 @@ pub fn service_list(maps: &Maps) -> Result<Vec<Row>> {
 pub fn backend_list(maps: &Maps) -> Result<Vec<Row>> {
     let p = maps.read_programmed()?;
     let frontends: std::collections::BTreeMap<u32, String> = p
-        .services
+        .services()
         .iter()
         .filter_map(|(k, s)| Some((s.id, frontend_key(k)?.to_string())))
         .collect();
     let windows: std::collections::BTreeMap<u32, u64> = p
-        .services
+        .services()
         .values()
         .map(|s| (s.id, u64::from(s.slow_start_ms) * 1_000_000))
         .collect();
     let now_ns = crate::bpf_sys::monotonic_ns();
     let underflows = maps.underflows();
     let mut rows = Vec::new();
-    for (id, b) in &p.backends {
+    for (id, b) in p.backends() {
         // Time left in its slow start, if it is ramping up.
         let window_ns = windows.get(&b.service_id).copied().unwrap_or(0);
         let ends_ns = b.since_ns + window_ns;
         let slow_start_left_ms =
             (b.since_ns != 0 && b.state == backend_state::ACTIVE && ends_ns > now_ns)
                 .then(|| (ends_ns - now_ns) / 1_000_000);
-        let (name, port_name) = service_label(p.names.get(&b.service_id));
+        let (name, port_name) = service_label(p.names().get(&b.service_id));
         let addr = backend_addr(b);
         let state = if b.state == backend_state::ACTIVE {
             "active"
@@ -219,14 +219,14 @@ pub fn rebalance_list(maps: &Maps) -> Result<Vec<Row>> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let mut rows = Vec::new();
-    for (key, service) in &p.services {
+    for (key, service) in p.services() {
         if service.flags & service_flags::REBALANCE == 0 {
             continue;
         }
-        let (name, port_name) = service_label(p.names.get(&service.id));
+        let (name, port_name) = service_label(p.names().get(&service.id));
         let counts: Vec<u64> = (0..service.count)
             .filter_map(|index| {
-                p.slots.get(&SlotKey {
+                p.slots().get(&SlotKey {
                     service_id: service.id,
                     index,
                 })
@@ -271,7 +271,7 @@ pub fn socket_list(maps: &Maps, pin_path: &Path) -> Result<Vec<Row>> {
         .into_iter()
         .map(|r| {
             let s = &r.state;
-            let (name, port_name) = service_label(p.names.get(&s.service_id));
+            let (name, port_name) = service_label(p.names().get(&s.service_id));
             let (local, peer) = sockets::endpoints(s);
             let proto = match s.protocol {
                 lb_common::IPPROTO_TCP => "TCP",
@@ -315,7 +315,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
     let p = maps.read_programmed()?;
     let rows = match name {
         map_names::SERVICES => p
-            .services
+            .services()
             .iter()
             .map(|(k, s)| {
                 row(vec![
@@ -326,9 +326,9 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
                 ])
             })
             .collect(),
-        map_names::SLOTS => slot_rows(&p.slots),
+        map_names::SLOTS => slot_rows(p.slots()),
         map_names::BACKENDS => p
-            .backends
+            .backends()
             .iter()
             .map(|(id, b)| {
                 row(vec![
@@ -340,7 +340,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
             })
             .collect(),
         map_names::SERVICE_NAMES => p
-            .names
+            .names()
             .iter()
             .map(|(id, n)| {
                 row(vec![
@@ -353,7 +353,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
             .collect(),
         // Arrays: only the entries in use (a backend or service refers to them).
         map_names::CONN_COUNTS => p
-            .backends
+            .backends()
             .keys()
             .map(|id| {
                 row(vec![
@@ -363,7 +363,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
             })
             .collect(),
         map_names::SERVICE_STATS => p
-            .services
+            .services()
             .values()
             .map(|s| {
                 let st = maps.stats(s.id);
@@ -374,7 +374,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
                 ])
             })
             .collect(),
-        map_names::MAGLEV => slot_rows(&p.maglev),
+        map_names::MAGLEV => slot_rows(p.maglev()),
         map_names::AFFINITY => maps
             .affinity
             .iter()
@@ -389,7 +389,7 @@ pub fn map_dump(maps: &Maps, name: &str) -> Result<Vec<Row>> {
             })
             .collect(),
         map_names::REBALANCE_STATS => p
-            .services
+            .services()
             .values()
             .map(|s| {
                 let r = maps.rebalance_stats(s.id);

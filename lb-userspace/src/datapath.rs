@@ -33,7 +33,7 @@ use log::{info, warn};
 
 use crate::{
     bpf_sys,
-    reconcile::{Op, Programmed},
+    programmed::{Op, Programmed},
     sockets::SocketIterator,
     writer::MapWriter,
 };
@@ -479,13 +479,13 @@ impl Maps {
 
     /// Reads everything the agent writes, to adopt it after a restart.
     pub fn read_programmed(&self) -> Result<Programmed> {
-        Ok(Programmed {
-            services: self.services.iter().collect::<Result<_, _>>()?,
-            names: self.names.iter().collect::<Result<_, _>>()?,
-            slots: self.slots.iter().collect::<Result<_, _>>()?,
-            backends: self.backends.iter().collect::<Result<_, _>>()?,
-            maglev: self.maglev.iter().collect::<Result<_, _>>()?,
-        })
+        Ok(Programmed::adopt(
+            self.services.iter().collect::<Result<Vec<_>, _>>()?,
+            self.names.iter().collect::<Result<Vec<_>, _>>()?,
+            self.slots.iter().collect::<Result<Vec<_>, _>>()?,
+            self.backends.iter().collect::<Result<Vec<_>, _>>()?,
+            self.maglev.iter().collect::<Result<Vec<_>, _>>()?,
+        ))
     }
 
     /// Live connections of a backend. The programs never take a count below zero (they

@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -67,6 +67,9 @@ pub enum Changed {
     Pods,
 }
 
+/// A change, and when the watch saw it (the start of `socklb_change_seconds`).
+pub type Notice = (Instant, Changed);
+
 /// Local copies of the watched objects, kept current by background tasks, holding only the
 /// fields socklb reads (`prune_*`).
 #[derive(Clone)]
@@ -90,7 +93,7 @@ impl KubeCluster {
     pub fn start(
         client: Client,
         node: &str,
-        changed: mpsc::UnboundedSender<Changed>,
+        changed: mpsc::UnboundedSender<Notice>,
     ) -> KubeCluster {
         let all = watcher::Config::default;
         let pods_here = all().fields(&format!("spec.nodeName={node}"));
@@ -334,7 +337,7 @@ async fn follow_zone(
     node: String,
     zone: Arc<Mutex<Option<String>>>,
     read: Arc<Notify>,
-    changed: mpsc::UnboundedSender<Changed>,
+    changed: mpsc::UnboundedSender<Notice>,
 ) {
     let mut retry = Duration::from_secs(1);
     let mut first = true;
@@ -351,7 +354,7 @@ async fn follow_zone(
                     *current = now;
                     drop(current);
                     // The first sync is still to come and reads it.
-                    if !first && changed.send(Changed::Everything).is_err() {
+                    if !first && changed.send((Instant::now(), Changed::Everything)).is_err() {
                         return; // the agent is gone
                     }
                 }
@@ -407,7 +410,7 @@ fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     prune: fn(&mut K),
-    changed: mpsc::UnboundedSender<Changed>,
+    changed: mpsc::UnboundedSender<Notice>,
     mut touched: impl FnMut(Seen<K>) -> Vec<Changed> + Send + 'static,
 ) -> Store<K>
 where
@@ -435,8 +438,9 @@ where
                     continue;
                 }
             };
+            let seen = Instant::now();
             for t in touched {
-                if changed.send(t).is_err() {
+                if changed.send((seen, t)).is_err() {
                     return; // the agent is gone
                 }
             }

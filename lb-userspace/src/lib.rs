@@ -7,9 +7,9 @@
 //!        |
 //! cluster                   objects -> desired frontends (Service ports and their pods)
 //!        |
-//! reconcile                 desired + what the maps hold -> ordered map writes (pure)
+//! reconcile                 desired + what the maps hold (programmed) -> ordered map writes (pure)
 //!        |
-//! writer                    applies the writes, keeps the mirror of the maps exact
+//! writer                    applies the writes, keeps the mirror (programmed) exact
 //!        |
 //! datapath                  pinned BPF maps and programs on the cgroup (lb-ebpf)
 //! ```
@@ -35,6 +35,7 @@ pub mod manifest;
 pub mod manifest_dir;
 pub mod netns;
 pub mod pod_switch;
+pub mod programmed;
 pub mod rebalance;
 pub mod reconcile;
 pub mod recount;

@@ -22,47 +22,18 @@ use std::{
 };
 
 use lb_common::{
-    Addr, Algorithm, Backend, Service, ServiceKey, ServiceName, SlotKey, backend_state,
+    Addr, Algorithm, Backend, Service, ServiceKey, SlotKey, backend_state,
     limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS},
     service_flags,
 };
 
 use crate::{
-    cluster::{Desired, Frontend, FrontendKey, Protocol, ServiceRef},
+    cluster::{Desired, Frontend, FrontendKey, ServiceRef},
     maglev,
+    programmed::{
+        FreeIds, Lowest, Op, Programmed, backend_addr, frontend_key, map_key, service_name,
+    },
 };
-
-/// A mirror of the maps socklb writes (SERVICES, SERVICE_NAMES, SLOTS, BACKENDS, MAGLEV).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Programmed {
-    pub services: BTreeMap<ServiceKey, Service>,
-    pub names: BTreeMap<u32, ServiceName>,
-    pub slots: BTreeMap<SlotKey, u32>,
-    pub backends: BTreeMap<u32, Backend>,
-    /// Maglev tables: (service id, table index) -> backend id.
-    pub maglev: BTreeMap<SlotKey, u32>,
-}
-
-/// One map write.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Op {
-    PutName(u32, ServiceName),
-    PutBackend(u32, Backend),
-    PutSlot(SlotKey, u32),
-    PutMaglev(SlotKey, u32),
-    PutService(ServiceKey, Service),
-    /// Zero a reused service id's counters.
-    ResetStats(u32),
-    /// Zero the live count of a backend id about to be handed to a pod. The id is free: no
-    /// slot points at it and no live socket holds it (`gc` only forgets a backend whose count
-    /// is 0 and which no assigned socket refers to), so nothing else writes this count.
-    ResetCount(u32),
-    DeleteService(ServiceKey),
-    DeleteSlot(SlotKey),
-    DeleteMaglev(SlotKey),
-    DeleteBackend(u32),
-    DeleteName(u32),
-}
 
 /// The ops for one frontend (or one clean-up), applied in order; if one fails the rest of
 /// its group is skipped so the old service entry stays in charge.
@@ -80,66 +51,6 @@ pub struct Plan {
     /// Frontends whose count went down: their slots past it are deleted by the next round,
     /// which must take them in.
     pub deferred: BTreeSet<FrontendKey>,
-}
-
-impl Programmed {
-    /// What applying `op` does to the maps.
-    pub fn apply(&mut self, op: &Op) {
-        match op {
-            Op::PutName(id, name) => drop(self.names.insert(*id, *name)),
-            Op::PutBackend(id, b) => drop(self.backends.insert(*id, *b)),
-            Op::PutSlot(k, id) => drop(self.slots.insert(*k, *id)),
-            Op::PutMaglev(k, id) => drop(self.maglev.insert(*k, *id)),
-            Op::PutService(k, s) => drop(self.services.insert(*k, *s)),
-            Op::ResetStats(_) | Op::ResetCount(_) => {}
-            Op::DeleteService(k) => drop(self.services.remove(k)),
-            Op::DeleteSlot(k) => drop(self.slots.remove(k)),
-            Op::DeleteMaglev(k) => drop(self.maglev.remove(k)),
-            Op::DeleteBackend(id) => drop(self.backends.remove(id)),
-            Op::DeleteName(id) => drop(self.names.remove(id)),
-        }
-    }
-}
-
-pub fn map_key(key: &FrontendKey) -> ServiceKey {
-    ServiceKey {
-        addr: Addr::from(key.ip),
-        port: key.port.to_be(),
-        proto: key.protocol.number(),
-        _pad: 0,
-    }
-}
-
-/// The frontend a map key stands for (None for a protocol socklb never writes).
-pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
-    Some(FrontendKey {
-        ip: key.addr.ip(),
-        port: u16::from_be(key.port),
-        protocol: Protocol::from_number(key.proto)?,
-    })
-}
-
-pub fn backend_addr(b: &Backend) -> SocketAddr {
-    SocketAddr::new(b.addr.ip(), u16::from_be(b.port))
-}
-
-pub fn service_name(f: &Frontend) -> ServiceName {
-    let mut n = ServiceName::empty();
-    copy_str(&mut n.namespace, &f.service.namespace);
-    copy_str(&mut n.name, &f.service.name);
-    copy_str(&mut n.port_name, &f.port_name);
-    n
-}
-
-/// NUL-padded copy, truncated to leave a terminating NUL (Kubernetes names always fit).
-fn copy_str(dst: &mut [u8], src: &str) {
-    let n = src.len().min(dst.len() - 1);
-    dst[..n].copy_from_slice(&src.as_bytes()[..n]);
-}
-
-pub fn name_str(field: &[u8]) -> String {
-    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-    String::from_utf8_lossy(&field[..end]).into_owned()
 }
 
 /// Computes the plan. `connections(backend_id)` is the live count, used to tell when a
@@ -179,7 +90,7 @@ fn plan_in(
 ) -> Plan {
     let scope = keys.map(|keys| {
         keys.iter()
-            .filter_map(|k| current.services.get(&map_key(k)))
+            .filter_map(|k| current.services().get(&map_key(k)))
             .map(|s| s.id)
             .collect()
     });
@@ -187,12 +98,12 @@ fn plan_in(
     let mut plan = Plan::default();
 
     let programmed: Vec<(ServiceKey, Service)> = match keys {
-        None => current.services.iter().map(|(k, s)| (*k, *s)).collect(),
+        None => current.services().iter().map(|(k, s)| (*k, *s)).collect(),
         Some(keys) => keys
             .iter()
             .filter_map(|k| {
                 let key = map_key(k);
-                current.services.get(&key).map(|s| (key, *s))
+                current.services().get(&key).map(|s| (key, *s))
             })
             .collect(),
     };
@@ -212,7 +123,7 @@ fn plan_in(
     // Frontends already programmed first, so updates never lose capacity to new Services.
     let (existing, new): (Vec<_>, Vec<_>) = frontends
         .into_iter()
-        .partition(|f| current.services.contains_key(&map_key(&f.key)));
+        .partition(|f| current.services().contains_key(&map_key(&f.key)));
     for frontend in existing.into_iter().chain(new) {
         match planner.upsert(frontend) {
             Ok(Some(change)) => plan.changes.push(change),
@@ -240,15 +151,14 @@ fn plan_in(
 struct Planner<'a> {
     current: &'a Programmed,
     /// The service ids of the programmed frontends the plan covers; None for all.
-    scope: Option<HashSet<u32>>,
+    scope: Option<BTreeSet<u32>>,
     /// Slots per service id in scope, by index (`u32::MAX` where a slot is missing),
     /// including any past the service's count left by an interrupted run.
     slots: HashMap<u32, Vec<u32>>,
     /// (service id, pod) -> backend id, for the service ids in scope.
     backend_ids: HashMap<(u32, SocketAddr), u32>,
-    /// Built when the first new frontend needs an id.
-    service_ids: Option<IdAllocator>,
-    backend_ids_free: IdAllocator,
+    service_ids: IdAllocator<'a>,
+    backend_ids_free: IdAllocator<'a>,
     /// Service ids of removed frontends (their slots are deleted by the removal).
     removed_service_ids: HashSet<u32>,
     /// Frontends whose slots past a lowered count are left for the next round.
@@ -265,7 +175,7 @@ struct Planner<'a> {
 
 /// The Maglev entries of one service id, by table index.
 fn maglev_entries(current: &Programmed, service_id: u32) -> BTreeMap<u32, u32> {
-    service_range(&current.maglev, service_id)
+    service_range(current.maglev(), service_id)
         .map(|(k, id)| (k.index, *id))
         .collect()
 }
@@ -284,8 +194,7 @@ fn service_range(
 }
 
 impl<'a> Planner<'a> {
-    fn new(current: &'a Programmed, scope: Option<HashSet<u32>>, now_ns: u64) -> Self {
-        let in_scope = |id: &u32| scope.as_ref().is_none_or(|s| s.contains(id));
+    fn new(current: &'a Programmed, scope: Option<BTreeSet<u32>>, now_ns: u64) -> Self {
         let mut slots: HashMap<u32, Vec<u32>> = HashMap::new();
         let mut add_slot = |k: &SlotKey, id: u32| {
             let v = slots.entry(k.service_id).or_default();
@@ -296,55 +205,36 @@ impl<'a> Planner<'a> {
             v[i] = id;
         };
         match &scope {
-            None => current.slots.iter().for_each(|(k, id)| add_slot(k, *id)),
+            None => current.slots().iter().for_each(|(k, id)| add_slot(k, *id)),
             Some(ids) => ids
                 .iter()
-                .flat_map(|id| service_range(&current.slots, *id))
+                .flat_map(|id| service_range(current.slots(), *id))
                 .for_each(|(k, id)| add_slot(k, *id)),
         }
-        let backend_ids = current
-            .backends
-            .iter()
-            .filter(|(_, b)| in_scope(&b.service_id))
-            .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
+        let backend_ids = backends_in(current, scope.as_ref())
+            .map(|(id, b)| ((b.service_id, backend_addr(b)), id))
             .collect();
         Planner {
             current,
             slots,
             backend_ids,
-            service_ids: None,
-            backend_ids_free: IdAllocator::new(current.backends.keys().copied(), MAX_BACKENDS),
+            service_ids: IdAllocator::new(current.free_service_ids()),
+            backend_ids_free: IdAllocator::new(current.free_backend_ids()),
             removed_service_ids: HashSet::new(),
             deferred: BTreeSet::new(),
             wanted_service_ids: HashSet::new(),
             wanted_backends: HashSet::new(),
             scope,
-            services: current.services.len(),
-            slot_count: current.slots.len(),
-            maglev_count: current.maglev.len(),
+            services: current.services().len(),
+            slot_count: current.slots().len(),
+            maglev_count: current.maglev().len(),
             now_ns,
         }
     }
 
-    /// Every service id anything in the maps refers to.
-    fn service_ids(&mut self) -> &mut IdAllocator {
-        let current = self.current;
-        self.service_ids.get_or_insert_with(|| {
-            let used = current
-                .services
-                .values()
-                .map(|s| s.id)
-                .chain(current.names.keys().copied())
-                .chain(current.backends.values().map(|b| b.service_id))
-                .chain(current.slots.keys().map(|k| k.service_id))
-                .chain(current.maglev.keys().map(|k| k.service_id));
-            IdAllocator::new(used, MAX_SERVICES)
-        })
-    }
-
     /// A frontend left as it was: its backends stay in use.
     fn keep(&mut self, f: &Frontend) {
-        if let Some(service) = self.current.services.get(&map_key(&f.key)) {
+        if let Some(service) = self.current.services().get(&map_key(&f.key)) {
             self.wanted_service_ids.insert(service.id);
             let slots = self.slots.get(&service.id).into_iter().flatten();
             self.wanted_backends
@@ -374,7 +264,7 @@ impl<'a> Planner<'a> {
 
     fn upsert(&mut self, f: &Frontend) -> Result<Option<Change>, String> {
         let key = map_key(&f.key);
-        let existing = self.current.services.get(&key).copied();
+        let existing = self.current.services().get(&key).copied();
         if existing.is_none() && self.services >= MAX_SERVICES as usize {
             return Err(format!("map SERVICES is full ({MAX_SERVICES} entries)"));
         }
@@ -405,7 +295,7 @@ impl<'a> Planner<'a> {
         if fresh > self.backend_ids_free.free() {
             return Err(format!("map BACKENDS is full ({MAX_BACKENDS} entries)"));
         }
-        if existing.is_none() && self.service_ids().free() == 0 {
+        if existing.is_none() && self.service_ids.free() == 0 {
             return Err(format!("no free service id (all {MAX_SERVICES} in use)"));
         }
         let old_maglev = existing
@@ -433,7 +323,7 @@ impl<'a> Planner<'a> {
         // Nothing can fail from here on.
         let service_id = match existing {
             Some(s) => s.id,
-            None => self.service_ids().take(),
+            None => self.service_ids.take(),
         };
         // A pod that joins a Service already in service starts its slow start now; the pods a
         // Service starts with have nothing to ramp up against.
@@ -447,7 +337,7 @@ impl<'a> Planner<'a> {
         for addr in &f.backends {
             let id = match self.backend_ids.get(&(service_id, *addr)) {
                 Some(&id) => {
-                    let known = self.current.backends.get(&id);
+                    let known = self.current.backends().get(&id);
                     if known.is_none_or(|b| b.state != backend_state::ACTIVE) {
                         let b = backend(*addr, service_id, since_ns);
                         backend_ops.push(Op::PutBackend(id, b));
@@ -466,7 +356,7 @@ impl<'a> Planner<'a> {
         let mut new_slots = assign_slots(&old[..old_count], &ids);
         let mut ops = Vec::new();
         let name = service_name(f);
-        if self.current.names.get(&service_id) != Some(&name) {
+        if self.current.names().get(&service_id) != Some(&name) {
             ops.push(Op::PutName(service_id, name));
         }
         if existing.is_none() {
@@ -550,31 +440,23 @@ impl<'a> Planner<'a> {
                     && !self.removed_service_ids.contains(&k.service_id)
             };
             ops.extend(
-                self.current
-                    .slots
-                    .keys()
+                (self.current.slots().keys())
                     .filter(orphan)
                     .map(|k| Op::DeleteSlot(*k)),
             );
             ops.extend(
-                self.current
-                    .maglev
-                    .keys()
+                (self.current.maglev().keys())
                     .filter(orphan)
                     .map(|k| Op::DeleteMaglev(*k)),
             );
         }
-        let in_scope = |id: &u32| self.scope.as_ref().is_none_or(|s| s.contains(id));
-        for (id, b) in &self.current.backends {
-            if b.state == backend_state::ACTIVE
-                && in_scope(&b.service_id)
-                && !self.wanted_backends.contains(id)
-            {
+        for (id, b) in backends_in(self.current, self.scope.as_ref()) {
+            if b.state == backend_state::ACTIVE && !self.wanted_backends.contains(&id) {
                 let draining = Backend {
                     state: backend_state::DRAINING,
                     ..*b
                 };
-                ops.push(Op::PutBackend(*id, draining));
+                ops.push(Op::PutBackend(id, draining));
             }
         }
         (!ops.is_empty()).then(|| Change {
@@ -584,45 +466,39 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Hands out the lowest free ids below `max`, in increasing order.
-struct IdAllocator {
-    /// Ids in use before this plan, sorted and deduplicated.
-    used: Vec<u32>,
-    /// How many of `used` are below `next`.
-    passed: usize,
-    taken: usize,
-    next: u32,
-    max: u32,
+/// The backends of the service ids in `scope` (all for None).
+fn backends_in<'a>(
+    current: &'a Programmed,
+    scope: Option<&'a BTreeSet<u32>>,
+) -> Box<dyn Iterator<Item = (u32, &'a Backend)> + 'a> {
+    match scope {
+        None => Box::new(current.backends().iter().map(|(id, b)| (*id, b))),
+        Some(ids) => Box::new(ids.iter().flat_map(|id| current.backends_of(*id))),
+    }
 }
 
-impl IdAllocator {
-    fn new(used: impl Iterator<Item = u32>, max: u32) -> Self {
-        let mut used: Vec<u32> = used.filter(|id| *id < max).collect();
-        used.sort_unstable();
-        used.dedup();
+/// Hands out the lowest free ids, in increasing order.
+struct IdAllocator<'a> {
+    ids: Lowest<'a>,
+    free: usize,
+}
+
+impl<'a> IdAllocator<'a> {
+    fn new(free: &'a FreeIds) -> Self {
         IdAllocator {
-            used,
-            passed: 0,
-            taken: 0,
-            next: 0,
-            max,
+            ids: free.lowest(),
+            free: free.count(),
         }
     }
 
     fn free(&self) -> usize {
-        (self.max as usize).saturating_sub(self.used.len() + self.taken)
+        self.free
     }
 
     /// The lowest free id. Callers check `free()` first.
     fn take(&mut self) -> u32 {
-        while self.used.get(self.passed) == Some(&self.next) {
-            self.passed += 1;
-            self.next += 1;
-        }
-        assert!(self.next < self.max, "checked by free()");
-        self.taken += 1;
-        self.next += 1;
-        self.next - 1
+        self.free -= 1;
+        self.ids.next().expect("checked by free()")
     }
 }
 
@@ -638,43 +514,43 @@ fn gc(
     // A backend is only ever in the slots and table of its own service id: the ids the
     // Services with draining backends still refer to, each range read once (a Maglev table
     // has up to 131,071 entries).
-    let draining_services: BTreeSet<u32> = current
-        .backends
-        .values()
-        .filter(|b| b.state == backend_state::DRAINING)
-        .map(|b| b.service_id)
-        .collect();
+    let draining_services: BTreeSet<u32> = current.draining().map(|(_, b)| b.service_id).collect();
     let referenced: HashSet<u32> = draining_services
         .iter()
-        .flat_map(|s| service_range(&current.slots, *s).chain(service_range(&current.maglev, *s)))
+        .flat_map(|s| service_range(current.slots(), *s).chain(service_range(current.maglev(), *s)))
         .map(|(_, id)| *id)
         .collect();
     let mut ops = Vec::new();
-    // A name goes with the last frontend and backend of its service id.
-    let live: HashSet<u32> = current
-        .services
-        .values()
-        .map(|s| s.id)
-        .filter(|id| !planner.removed_service_ids.contains(id))
-        .chain(planner.wanted_service_ids.iter().copied())
-        .collect();
-    let mut unused_names: BTreeSet<u32> = current
-        .names
-        .keys()
-        .filter(|id| !live.contains(id))
-        .copied()
-        .collect();
-    for (id, b) in &current.backends {
-        let unused = b.state == backend_state::DRAINING
-            && !planner.wanted_backends.contains(id)
-            && !referenced.contains(id);
-        if unused && connections(*id) == 0 {
-            ops.push(Op::DeleteBackend(*id));
-        } else {
-            unused_names.remove(&b.service_id);
+    // Backends forgotten, by service id.
+    let mut forgotten: BTreeMap<u32, usize> = BTreeMap::new();
+    for (id, b) in current.draining() {
+        let unused = !planner.wanted_backends.contains(&id) && !referenced.contains(&id);
+        if unused && connections(id) == 0 {
+            ops.push(Op::DeleteBackend(id));
+            *forgotten.entry(b.service_id).or_default() += 1;
         }
     }
-    ops.extend(unused_names.into_iter().map(Op::DeleteName));
+    // A name goes with the last frontend and backend of its service id. A partial plan looks
+    // at the ids it removed or forgot backends of; a full one at every name, so it also
+    // clears names an interrupted run left behind.
+    let live = |id: u32| {
+        planner.wanted_service_ids.contains(&id)
+            || (current.frontends_of(id).next().is_some()
+                && !planner.removed_service_ids.contains(&id))
+    };
+    let candidates: BTreeSet<u32> = match planner.scope {
+        None => current.names().keys().copied().collect(),
+        Some(_) => (planner.removed_service_ids.iter().chain(forgotten.keys()))
+            .copied()
+            .filter(|id| current.names().contains_key(id))
+            .collect(),
+    };
+    ops.extend(
+        (candidates.into_iter())
+            .filter(|id| !live(*id))
+            .filter(|id| current.backend_count_of(*id) == forgotten.get(id).copied().unwrap_or(0))
+            .map(Op::DeleteName),
+    );
     (!ops.is_empty()).then(|| Change {
         what: "forget drained backends".into(),
         ops,
@@ -720,54 +596,6 @@ fn slot(service_id: u32, index: usize) -> SlotKey {
     }
 }
 
-/// The algorithm stored in a service entry (unknown values read as random).
-pub fn algorithm_of(s: &Service) -> Algorithm {
-    Algorithm::from_u8(s.algorithm).unwrap_or(Algorithm::Random)
-}
-
-/// The frontends the maps hold, read back: after a restart this stands in for the desired
-/// state of the previous run, so a Service that is in error at start keeps what it had.
-pub fn programmed_frontends(p: &Programmed) -> Desired {
-    let mut desired = Desired::default();
-    for (key, service) in &p.services {
-        let Some(key) = frontend_key(key) else {
-            continue;
-        };
-        let name = p
-            .names
-            .get(&service.id)
-            .copied()
-            .unwrap_or(ServiceName::empty());
-        let mut backends: Vec<SocketAddr> = (0..service.count)
-            .filter_map(|index| {
-                let id = p.slots.get(&SlotKey {
-                    service_id: service.id,
-                    index,
-                })?;
-                p.backends.get(id).map(backend_addr)
-            })
-            .collect();
-        backends.sort();
-        backends.dedup();
-        let frontend = Frontend {
-            key,
-            service: crate::cluster::ServiceRef {
-                namespace: name_str(&name.namespace),
-                name: name_str(&name.name),
-            },
-            port_name: name_str(&name.port_name),
-            algorithm: algorithm_of(service),
-            rebalance: service.flags & service_flags::REBALANCE != 0,
-            rebalance_quiet_ms: service.rebalance_quiet_ms,
-            affinity_timeout: service.affinity_timeout,
-            slow_start_ms: service.slow_start_ms,
-            backends,
-        };
-        desired.frontends.insert(key, frontend);
-    }
-    desired
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
@@ -776,7 +604,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        cluster::ServiceRef,
+        cluster::{Protocol, ServiceRef},
+        programmed::programmed_frontends,
         writer::{self, MapWriter},
     };
 
@@ -819,15 +648,15 @@ mod tests {
     /// Every slot (and Maglev entry) a connect can see points at a backend of the same
     /// service.
     fn check_visible(p: &Programmed) {
-        for (key, s) in &p.services {
+        for (key, s) in p.services() {
             if s.algorithm == Algorithm::Maglev as u8 && s.count > 0 {
                 assert!(s.maglev_size > 0, "{key:?}: maglev without a table");
                 for index in 0..s.maglev_size {
-                    let id = p.maglev.get(&SlotKey {
+                    let id = p.maglev().get(&SlotKey {
                         service_id: s.id,
                         index,
                     });
-                    let b = id.and_then(|id| p.backends.get(id));
+                    let b = id.and_then(|id| p.backends().get(id));
                     assert!(
                         b.is_some_and(|b| b.service_id == s.id),
                         "{key:?} maglev {index} -> {id:?}"
@@ -835,11 +664,11 @@ mod tests {
                 }
             }
             for index in 0..s.count {
-                let id = p.slots.get(&SlotKey {
+                let id = p.slots().get(&SlotKey {
                     service_id: s.id,
                     index,
                 });
-                let b = id.and_then(|id| p.backends.get(id));
+                let b = id.and_then(|id| p.backends().get(id));
                 assert!(
                     b.is_some_and(|b| b.service_id == s.id),
                     "{key:?} slot {index} -> {id:?} is not a backend of service {}",
@@ -853,7 +682,7 @@ mod tests {
     /// changed, so big Maglev tables stay cheap to check op by op.
     fn check_after(p: &Programmed, op: &Op) {
         let visible = |k: &SlotKey, maglev: bool| {
-            p.services.values().any(|s| {
+            p.services().values().any(|s| {
                 s.id == k.service_id
                     && s.count > 0
                     && if maglev {
@@ -864,7 +693,7 @@ mod tests {
             })
         };
         let backend_of = |k: &SlotKey, id: &u32| {
-            p.backends
+            p.backends()
                 .get(id)
                 .is_some_and(|b| b.service_id == k.service_id)
         };
@@ -874,18 +703,22 @@ mod tests {
                 assert!(backend_of(k, id), "{op:?} points nowhere")
             }
             Op::ResetCount(id) => assert!(
-                !p.backends.contains_key(id)
-                    && !p.slots.values().chain(p.maglev.values()).any(|b| b == id),
+                !p.backends().contains_key(id)
+                    && !p
+                        .slots()
+                        .values()
+                        .chain(p.maglev().values())
+                        .any(|b| b == id),
                 "{op:?} on an id in use"
             ),
             Op::DeleteSlot(k) => assert!(!visible(k, false), "{op:?} while visible"),
             Op::DeleteMaglev(k) => assert!(!visible(k, true), "{op:?} while visible"),
             Op::DeleteBackend(id) => {
                 let used = p
-                    .slots
+                    .slots()
                     .iter()
-                    .chain(&p.maglev)
-                    .any(|(k, v)| v == id && visible(k, p.maglev.contains_key(k)));
+                    .chain(p.maglev())
+                    .any(|(k, v)| v == id && visible(k, p.maglev().contains_key(k)));
                 assert!(!used, "{op:?} still in use");
             }
             _ => {}
@@ -905,7 +738,7 @@ mod tests {
                 Op::DeleteMaglev(k) => (k, 1),
                 _ => return Ok(()),
             };
-            let programmed = self.0.services.values().any(|s| s.id == k.service_id);
+            let programmed = self.0.services().values().any(|s| s.id == k.service_id);
             let before = self.1.get(&k.service_id).map_or(0, |b| [b.0, b.1][which]);
             assert!(
                 !programmed || k.index >= before,
@@ -923,13 +756,14 @@ mod tests {
     fn apply_checked(plan: Plan, p: &mut Programmed) -> Plan {
         let mut mirror = p.clone();
         let counts = p
-            .services
+            .services()
             .values()
             .map(|s| (s.id, (s.count, s.maglev_size)))
             .collect();
         let applied = writer::apply(&plan, &mut Checked(p, counts), &mut mirror);
         assert!(applied.errors.is_empty());
         assert_eq!(&mirror, p);
+        p.check_index();
         plan
     }
 
@@ -946,23 +780,23 @@ mod tests {
     fn assert_programs(d: &Desired, p: &Programmed) {
         assert_eq!(&programmed_frontends(p), d);
         let mut visible = BTreeSet::new();
-        for (key, s) in &p.services {
+        for (key, s) in p.services() {
             for index in 0..s.count {
                 assert!(
-                    p.slots.contains_key(&slot(s.id, index as usize)),
+                    p.slots().contains_key(&slot(s.id, index as usize)),
                     "{key:?} {index}"
                 );
             }
-            for (k, id) in service_range(&p.slots, s.id) {
+            for (k, id) in service_range(p.slots(), s.id) {
                 match k.index < s.count {
                     true => drop(visible.insert(*id)),
-                    false => assert_eq!(p.backends[id].service_id, s.id, "{key:?}: tail {k:?}"),
+                    false => assert_eq!(p.backends()[id].service_id, s.id, "{key:?}: tail {k:?}"),
                 }
             }
         }
         // A table that is no longer used may stay a round (a connect may have read it).
-        let maglev_services: BTreeSet<u32> = p.maglev.keys().map(|k| k.service_id).collect();
-        for s in p.services.values() {
+        let maglev_services: BTreeSet<u32> = p.maglev().keys().map(|k| k.service_id).collect();
+        for s in p.services().values() {
             let wants = s.algorithm == Algorithm::Maglev as u8 && s.count > 0;
             assert!(
                 !wants || maglev_services.contains(&s.id),
@@ -970,7 +804,7 @@ mod tests {
                 s.id
             );
         }
-        for (id, b) in &p.backends {
+        for (id, b) in p.backends() {
             assert_eq!(
                 b.state == backend_state::ACTIVE,
                 visible.contains(id),
@@ -1034,20 +868,20 @@ mod tests {
         step(&d, &mut p, &none);
         assert_programs(&d, &p);
         let keys: Vec<String> = p
-            .services
+            .services()
             .keys()
             .filter_map(|k| frontend_key(k).map(|k| k.to_string()))
             .collect();
         assert_eq!(keys, ["10.96.0.1:80/TCP", "[fd00:96::1]:80/TCP"]);
         // The IPv4 frontend's key and backends are v4-mapped, as connect6 sees `::ffff:VIP`.
         let v4_key = p
-            .services
+            .services()
             .keys()
             .find(|k| k.addr.as_v4().is_some())
             .unwrap();
         assert_eq!(v4_key.addr.ip(), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(
-            p.backends
+            p.backends()
                 .values()
                 .filter(|b| b.addr.as_v4().is_some())
                 .count(),
@@ -1059,7 +893,7 @@ mod tests {
         step(&d, &mut p, &|_| 1);
         assert_programs(&d, &p);
         let draining: Vec<String> = p
-            .backends
+            .backends()
             .values()
             .filter(|b| b.state == backend_state::DRAINING)
             .map(|b| backend_addr(b).to_string())
@@ -1074,7 +908,7 @@ mod tests {
             ..frontend(1, backends)
         };
         let since = |p: &Programmed| -> BTreeMap<String, u64> {
-            p.backends
+            p.backends()
                 .values()
                 .filter(|b| b.state == backend_state::ACTIVE)
                 .map(|b| (backend_addr(b).to_string(), b.since_ns))
@@ -1109,7 +943,7 @@ mod tests {
     fn scale_up_keeps_slots_and_ids_of_the_pods_already_there() {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
-        let before = p.backends.clone();
+        let before = p.backends().clone();
         let d = desired([frontend(1, &[1, 2, 3, 4, 5, 6])]);
         let plan = step(&d, &mut p, &none);
         let slot_writes: Vec<u32> = ops(&plan)
@@ -1121,7 +955,7 @@ mod tests {
             .collect();
         assert_eq!(slot_writes, [3, 4, 5]);
         for (id, b) in &before {
-            assert_eq!(p.backends.get(id), Some(b));
+            assert_eq!(p.backends().get(id), Some(b));
         }
         assert_programs(&d, &p);
     }
@@ -1131,7 +965,7 @@ mod tests {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2, 3])]), &mut p, &none);
         let gone = *p
-            .backends
+            .backends()
             .iter()
             .find(|(_, b)| backend_addr(b).ip() == Ipv4Addr::new(10, 244, 0, 1))
             .unwrap()
@@ -1146,10 +980,10 @@ mod tests {
                 .all(|op| !matches!(op, Op::DeleteSlot(..)))
         );
         assert_eq!(plan.deferred, BTreeSet::from([frontend(1, &[]).key]));
-        assert_eq!(p.backends[&gone].state, backend_state::DRAINING);
+        assert_eq!(p.backends()[&gone].state, backend_state::DRAINING);
         assert_programs(&d, &p);
-        let tail = slot(p.services.values().next().unwrap().id, 2);
-        assert!(p.slots.contains_key(&tail));
+        let tail = slot(p.services().values().next().unwrap().id, 2);
+        assert!(p.slots().contains_key(&tail));
         let held = |id| u64::from(id == gone);
         let plan = apply_checked(plan_for(&d, &plan.deferred, &p, &held, NOW), &mut p);
         assert_eq!(ops(&plan), [&Op::DeleteSlot(tail)]);
@@ -1163,7 +997,7 @@ mod tests {
         );
         let plan = step(&d, &mut p, &none);
         assert_eq!(ops(&plan), [&Op::DeleteBackend(gone)]);
-        assert!(!p.backends.contains_key(&gone));
+        assert!(!p.backends().contains_key(&gone));
     }
 
     #[test]
@@ -1171,7 +1005,7 @@ mod tests {
         let mut p = Programmed::default();
         step(&desired([frontend(1, &[1, 2])]), &mut p, &none);
         let ids: BTreeMap<SocketAddr, u32> = p
-            .backends
+            .backends()
             .iter()
             .map(|(id, b)| (backend_addr(b), *id))
             .collect();
@@ -1179,7 +1013,7 @@ mod tests {
         let d = desired([frontend(1, &[1, 2])]);
         step(&d, &mut p, &|_| 3);
         let again: BTreeMap<SocketAddr, u32> = p
-            .backends
+            .backends()
             .iter()
             .map(|(id, b)| (backend_addr(b), *id))
             .collect();
@@ -1202,8 +1036,8 @@ mod tests {
         // Its backends drain, then go, then its name.
         step(&d, &mut p, &none);
         step(&d, &mut p, &none);
-        assert_eq!(p.names.len(), 1);
-        assert_eq!(p.backends.len(), 1);
+        assert_eq!(p.names().len(), 1);
+        assert_eq!(p.backends().len(), 1);
     }
 
     fn with(mut f: Frontend, algorithm: Algorithm) -> Frontend {
@@ -1226,7 +1060,7 @@ mod tests {
             .position(|op| matches!(op, Op::PutService(..)))
             .unwrap();
         assert!(last_table < service, "table before the entry that uses it");
-        assert_eq!(p.maglev.len(), 4_093);
+        assert_eq!(p.maglev().len(), 4_093);
         assert_programs(&d, &p);
 
         // One more backend rewrites only the entries it takes over: about 1/4 of them.
@@ -1244,25 +1078,29 @@ mod tests {
         let many: Vec<u8> = (1..=41).collect();
         let d = desired([with(frontend(1, &many), Algorithm::Maglev)]);
         step(&d, &mut p, &none);
-        assert_eq!(p.maglev.len(), 16_381);
+        assert_eq!(p.maglev().len(), 16_381);
         assert_programs(&d, &p);
         // Back to 4: the entries past 4,093 stay a round (a connect may have read the size),
         // then go.
         let d = desired([with(frontend(1, &[1, 2, 3, 4]), Algorithm::Maglev)]);
         let plan = step(&d, &mut p, &none);
-        assert_eq!(p.maglev.len(), 16_381);
+        assert_eq!(p.maglev().len(), 16_381);
         assert!(!plan.deferred.is_empty());
         let plan = apply_checked(plan_for(&d, &plan.deferred, &p, &none, NOW), &mut p);
         assert!(plan.deferred.is_empty());
-        assert_eq!(p.maglev.len(), 4_093);
+        assert_eq!(p.maglev().len(), 4_093);
         assert_programs(&d, &p);
 
         // Back to least-conn: the table goes a round after the entry stops using it.
         let d = desired([frontend(1, &[1, 2, 3, 4])]);
         let plan = step(&d, &mut p, &none);
-        assert_eq!(p.maglev.len(), 4_093, "kept for connects that read maglev");
+        assert_eq!(
+            p.maglev().len(),
+            4_093,
+            "kept for connects that read maglev"
+        );
         apply_checked(plan_for(&d, &plan.deferred, &p, &none, NOW), &mut p);
-        assert!(p.maglev.is_empty());
+        assert!(p.maglev().is_empty());
         assert_programs(&d, &p);
     }
 
@@ -1311,7 +1149,7 @@ mod tests {
             .map(big)
             .collect();
         fill(&desired(full.clone()), &mut p);
-        assert_eq!(p.slots.len(), MAX_SLOTS as usize);
+        assert_eq!(p.slots().len(), MAX_SLOTS as usize);
         let mut more = full;
         more.push(frontend(250, &[1]));
         let plan = super::plan(&desired(more), &p, &none, NOW);
@@ -1362,28 +1200,18 @@ mod tests {
         let mut p = Programmed::default();
         let d = desired([frontend(1, &[1, 2])]);
         step(&d, &mut p, &none);
-        p.slots.insert(
-            SlotKey {
-                service_id: 9,
-                index: 0,
-            },
-            0,
-        );
-        p.slots.insert(
-            SlotKey {
-                service_id: 0,
-                index: 7,
-            },
-            0,
-        );
-        p.backends.insert(
-            42,
-            backend(SocketAddr::from((Ipv4Addr::new(10, 244, 0, 9), 80)), 9, 0),
-        );
+        let stray = SocketAddr::from((Ipv4Addr::new(10, 244, 0, 9), 80));
+        for op in [
+            Op::PutSlot(slot(9, 0), 0),
+            Op::PutSlot(slot(0, 7), 0),
+            Op::PutBackend(42, backend(stray, 9, 0)),
+        ] {
+            p.apply(&op);
+        }
         step(&d, &mut p, &none);
         step(&d, &mut p, &none);
         assert_programs(&d, &p);
-        assert!(!p.backends.contains_key(&42));
+        assert!(!p.backends().contains_key(&42));
     }
 
     proptest! {
@@ -1416,10 +1244,10 @@ mod tests {
                 step(&d, &mut p, &none);
                 step(&d, &mut p, &none);
                 assert_programs(&d, &p);
-                prop_assert_eq!(p.backends.len(), p.slots.len());
-                prop_assert_eq!(p.names.len(), p.services.len());
-                let tables: u32 = p.services.values().map(|s| s.maglev_size).sum();
-                prop_assert_eq!(p.maglev.len(), tables as usize, "no table left behind");
+                prop_assert_eq!(p.backends().len(), p.slots().len());
+                prop_assert_eq!(p.names().len(), p.services().len());
+                let tables: u32 = p.services().values().map(|s| s.maglev_size).sum();
+                prop_assert_eq!(p.maglev().len(), tables as usize, "no table left behind");
             }
         }
     }

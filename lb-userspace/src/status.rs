@@ -4,6 +4,7 @@
 //! counters are read from the pinned maps at scrape time, so they are exact at that moment.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -16,8 +17,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use lb_common::{
-    SlotKey, backend_state,
+    Backend, Service, ServiceKey, SlotKey, backend_state,
     limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_SERVICES, MAX_SLOTS},
+    service_flags,
 };
 use prometheus_client::{
     collector::Collector,
@@ -35,7 +37,7 @@ use crate::{
     ctl::Row,
     datapath::Maps,
     pod_switch::PodRef,
-    reconcile::{backend_addr, frontend_key, name_str},
+    programmed::{Programmed, backend_addr, frontend_key, name_str},
 };
 
 /// Shared between the agent loop and the HTTP server.
@@ -45,20 +47,36 @@ pub struct Status {
     heartbeat: AtomicU64,
     pub reconciles: Counter,
     pub reconcile_seconds: Histogram,
+    pub change_seconds: Histogram,
     pub errors: Family<Vec<(String, String)>, Counter>,
     pods_pending: Gauge,
+    map_entries: Family<Vec<(String, String)>, Gauge>,
+    backends: Family<Vec<(String, String)>, Gauge>,
     /// The node's pods and whether each is balanced, for `/pods` (`socklbctl pod list`).
     pods: Mutex<Vec<Row>>,
     registry: Registry,
 }
 
+/// The maps whose fill is reported, and their capacity.
+const MAPS: [(&str, u32); 4] = [
+    ("SERVICES", MAX_SERVICES),
+    ("SLOTS", MAX_SLOTS),
+    ("BACKENDS", MAX_BACKENDS),
+    ("MAGLEV", MAX_MAGLEV_ENTRIES),
+];
+
 /// The agent loop counts as stuck after this long without a turn.
 const STUCK: Duration = Duration::from_secs(60);
 
 impl Status {
-    pub fn new(pin_path: PathBuf) -> Arc<Status> {
+    /// `per_backend`: a connection-count series for every backend, not only for those of
+    /// the Services that rebalance.
+    pub fn new(pin_path: PathBuf, per_backend: bool) -> Arc<Status> {
         let reconciles = Counter::default();
         let reconcile_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        let change_seconds = Histogram::new([
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0,
+        ]);
         let errors = Family::<Vec<(String, String)>, Counter>::default();
         let mut registry = Registry::with_prefix("socklb");
         registry.register("reconciles", "Reconcile rounds", reconciles.clone());
@@ -66,6 +84,12 @@ impl Status {
             "reconcile_duration_seconds",
             "From a change to the maps written: reading the state, planning, writing",
             reconcile_seconds.clone(),
+        );
+        registry.register(
+            "change_seconds",
+            "From a watch event (or a change in the manifest directory) to the last map write \
+             of the round that took it in",
+            change_seconds.clone(),
         );
         registry.register(
             "errors",
@@ -78,14 +102,34 @@ impl Status {
             "Pods to switch on whose cgroup or network namespace is not found yet",
             pods_pending.clone(),
         );
-        registry.register_collector(Box::new(MapsCollector { pin_path }));
+        let map_entries = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register("map_entries", "Entries in use per map", map_entries.clone());
+        let capacity = Family::<Vec<(String, String)>, Gauge>::default();
+        for (map, max) in MAPS {
+            let labels = vec![("map".to_owned(), map.to_owned())];
+            capacity.get_or_create(&labels).set(i64::from(max));
+        }
+        registry.register("map_capacity", "Entries each map can hold", capacity);
+        let backends = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "backends",
+            "Backends programmed, active or draining",
+            backends.clone(),
+        );
+        registry.register_collector(Box::new(MapsCollector {
+            pin_path,
+            per_backend,
+        }));
         let status = Status {
             ready: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now()),
             reconciles,
             reconcile_seconds,
+            change_seconds,
             errors,
             pods_pending,
+            map_entries,
+            backends,
             pods: Mutex::default(),
             registry,
         };
@@ -123,6 +167,28 @@ impl Status {
             .collect();
         if let Ok(mut pods) = self.pods.lock() {
             *pods = rows;
+        }
+    }
+
+    /// Records the fill of the maps and the backends by state, from the agent's mirror.
+    pub fn set_programmed(&self, p: &Programmed) {
+        let entries = [
+            p.services().len(),
+            p.slots().len(),
+            p.backends().len(),
+            p.maglev().len(),
+        ];
+        for ((map, _), n) in MAPS.iter().zip(entries) {
+            let labels = vec![("map".to_owned(), (*map).to_owned())];
+            self.map_entries.get_or_create(&labels).set(n as i64);
+        }
+        let draining = p.draining().count();
+        for (state, n) in [
+            ("active", p.backends().len() - draining),
+            ("draining", draining),
+        ] {
+            let labels = vec![("state".to_owned(), state.to_owned())];
+            self.backends.get_or_create(&labels).set(n as i64);
         }
     }
 
@@ -214,10 +280,14 @@ async fn metrics(State(status): State<Arc<Status>>) -> impl IntoResponse {
 }
 
 /// Per-scrape metrics from the pinned maps (named without the prefix: the registry adds
-/// "socklb_").
+/// "socklb_"). A scrape reads each Service's entry, name and counters, one syscall each, so
+/// its cost and its series follow the Services; per-backend series only for the Services that
+/// rebalance (their backends in rotation), or for every backend with `per_backend`. Map fill
+/// comes from the agent's mirror (`Status::set_programmed`), not from walking the maps.
 #[derive(Debug)]
 struct MapsCollector {
     pin_path: PathBuf,
+    per_backend: bool,
 }
 
 type Labels = Vec<(String, String)>;
@@ -228,11 +298,10 @@ impl Collector for MapsCollector {
         let Ok(maps) = Maps::open_pinned(&self.pin_path) else {
             return Ok(());
         };
-        let Ok(p) = maps.read_programmed() else {
-            return Ok(());
-        };
-        let service_labels = |id: u32| -> Labels {
-            let (ns, name, port) = p.names.get(&id).map_or(Default::default(), |n| {
+        let services: Vec<(ServiceKey, Service)> =
+            maps.services.iter().filter_map(Result::ok).collect();
+        let service_labels = |key: &ServiceKey, id: u32| -> Labels {
+            let (ns, name, port) = maps.names.get(&id, 0).map_or(Default::default(), |n| {
                 (
                     name_str(&n.namespace),
                     name_str(&n.name),
@@ -242,25 +311,69 @@ impl Collector for MapsCollector {
             vec![
                 ("service".into(), format!("{ns}/{name}")),
                 ("port".into(), port),
+                (
+                    "frontend".into(),
+                    frontend_key(key).map(|k| k.to_string()).unwrap_or_default(),
+                ),
             ]
         };
 
+        let (mut connects, mut refused, mut active) = (vec![], vec![], vec![]);
+        let (mut closed, mut close_errors) = (vec![], vec![]);
         let mut connections = Vec::new();
-        for (id, b) in &p.backends {
-            let mut l = service_labels(b.service_id);
+        let mut add_backend = |l: &Labels, id: u32, b: &Backend| {
+            let mut l = l.clone();
             l.push(("backend".into(), backend_addr(b).to_string()));
-            let state = if b.state == backend_state::ACTIVE {
-                "active"
-            } else {
-                "draining"
+            let state = match b.state == backend_state::ACTIVE {
+                true => "active",
+                false => "draining",
             };
             l.push(("state".into(), state.into()));
-            connections.push((l, maps.connections(*id) as i64));
+            connections.push((l, maps.connections(id) as i64));
+        };
+        for (key, s) in &services {
+            let l = service_labels(key, s.id);
+            let stats = maps.stats(s.id);
+            connects.push((l.clone(), stats.connects));
+            refused.push((l.clone(), stats.refused));
+            active.push((l.clone(), i64::from(s.count)));
+            let rebalanced = s.flags & service_flags::REBALANCE != 0;
+            if rebalanced {
+                let r = maps.rebalance_stats(s.id);
+                closed.push((l.clone(), r.closed));
+                close_errors.push((l.clone(), r.errors));
+            }
+            if rebalanced && !self.per_backend {
+                // The backends in rotation: those a connect can pick.
+                for index in 0..s.count {
+                    let slot = SlotKey {
+                        service_id: s.id,
+                        index,
+                    };
+                    let Ok(id) = maps.slots.get(&slot, 0) else {
+                        continue;
+                    };
+                    if let Ok(b) = maps.backends.get(&id, 0) {
+                        add_backend(&l, id, &b);
+                    }
+                }
+            }
+        }
+        if self.per_backend {
+            let keys: HashMap<u32, ServiceKey> = services.iter().map(|(k, s)| (s.id, *k)).collect();
+            for (id, b) in maps.backends.iter().filter_map(Result::ok) {
+                let l = match keys.get(&b.service_id) {
+                    Some(key) => service_labels(key, b.service_id),
+                    None => vec![("service_id".into(), b.service_id.to_string())],
+                };
+                add_backend(&l, id, &b);
+            }
         }
         gauges(
             &mut encoder,
             "backend_connections",
-            "Live connections per backend, counted on this node",
+            "Live connections per backend, counted on this node (backends in rotation of \
+             Services that rebalance; every backend with --metrics-per-backend)",
             &connections,
         )?;
         let underflows: Vec<(Labels, u64)> = maps
@@ -274,31 +387,6 @@ impl Collector for MapsCollector {
             "Decrements refused because a backend's count was already zero (never expected)",
             &underflows,
         )?;
-
-        let (mut connects, mut refused, mut active) = (vec![], vec![], vec![]);
-        let (mut closed, mut close_errors) = (vec![], vec![]);
-        for (key, s) in &p.services {
-            let mut l = service_labels(s.id);
-            l.push((
-                "frontend".into(),
-                frontend_key(key).map(|k| k.to_string()).unwrap_or_default(),
-            ));
-            let stats = maps.stats(s.id);
-            connects.push((l.clone(), stats.connects));
-            refused.push((l.clone(), stats.refused));
-            let rebalanced = maps.rebalance_stats(s.id);
-            closed.push((l.clone(), rebalanced.closed));
-            close_errors.push((l.clone(), rebalanced.errors));
-            let live = (0..s.count)
-                .filter(|i| {
-                    p.slots.contains_key(&SlotKey {
-                        service_id: s.id,
-                        index: *i,
-                    })
-                })
-                .count();
-            active.push((l, live as i64));
-        }
         counters(
             &mut encoder,
             "service_connects",
@@ -314,13 +402,13 @@ impl Collector for MapsCollector {
         counters(
             &mut encoder,
             "rebalance_closed",
-            "Connections closed by rebalancing",
+            "Connections closed by rebalancing (Services that rebalance)",
             &closed,
         )?;
         counters(
             &mut encoder,
             "rebalance_errors",
-            "Rebalancing closures that failed",
+            "Rebalancing closures that failed (Services that rebalance)",
             &close_errors,
         )?;
         gauges(
@@ -329,34 +417,7 @@ impl Collector for MapsCollector {
             "Backends in rotation per Service port",
             &active,
         )?;
-
         let enabled = maps.enabled_netns.keys().count();
-        let fill = [
-            ("SERVICES", p.services.len(), MAX_SERVICES),
-            ("SLOTS", p.slots.len(), MAX_SLOTS),
-            ("BACKENDS", p.backends.len(), MAX_BACKENDS),
-            ("MAGLEV", p.maglev.len(), MAX_MAGLEV_ENTRIES),
-        ];
-        let entries: Vec<(Labels, i64)> = fill
-            .iter()
-            .map(|(m, n, _)| (vec![("map".into(), (*m).into())], *n as i64))
-            .collect();
-        let capacity: Vec<(Labels, i64)> = fill
-            .iter()
-            .map(|(m, _, c)| (vec![("map".into(), (*m).into())], i64::from(*c)))
-            .collect();
-        gauges(
-            &mut encoder,
-            "map_entries",
-            "Entries in use per map",
-            &entries,
-        )?;
-        gauges(
-            &mut encoder,
-            "map_capacity",
-            "Entries each map can hold",
-            &capacity,
-        )?;
         gauges(
             &mut encoder,
             "enabled_pods",

@@ -2,7 +2,10 @@
 
 use anyhow::Result;
 
-use crate::reconcile::{Op, Plan, Programmed};
+use crate::{
+    programmed::{Op, Programmed},
+    reconcile::Plan,
+};
 
 /// Where ops go: the pinned BPF maps in the agent, an in-memory model in tests.
 pub trait MapWriter {

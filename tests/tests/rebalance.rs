@@ -21,6 +21,54 @@ use socklb_tests::{
     wait_for,
 };
 
+/// /metrics has a connection series for each backend of the Service that rebalances (`web`,
+/// counting its `conns` connections) and none for the other Service's; the map fill and the
+/// backends by state, from the agent's mirror; and the change-to-map histogram.
+fn metrics_show_the_rebalanced_backends_only(
+    bed: &Testbed,
+    web: &[Ipv4Addr],
+    conns: usize,
+    backends: usize,
+) {
+    let series = |m: &str, service: &str| -> Vec<(String, f64)> {
+        let prefix = format!("socklb_backend_connections{{service=\"demo/{service}\"");
+        (m.lines().filter(|l| l.starts_with(&prefix)))
+            .map(|l| {
+                let backend = l.split("backend=\"").nth(1).unwrap_or("");
+                let backend = backend.split(':').next().unwrap_or("").to_owned();
+                (backend, l.rsplit(' ').next().unwrap().parse().unwrap())
+            })
+            .collect()
+    };
+    wait_for(
+        "/metrics to count web's connections",
+        Duration::from_secs(10),
+        || {
+            let m = bed.agent().metrics()?;
+            let web_series = series(&m, "web");
+            let total: f64 = web_series.iter().map(|(_, n)| n).sum();
+            Ok((web_series.len() == web.len() && total == conns as f64).then_some(m))
+        },
+    )
+    .map(|m| {
+        let mut seen: Vec<String> = series(&m, "web").into_iter().map(|(b, _)| b).collect();
+        seen.sort();
+        let mut want: Vec<String> = web.iter().map(|ip| ip.to_string()).collect();
+        want.sort();
+        assert_eq!(seen, want, "one series per backend of web");
+        assert!(series(&m, "other").is_empty(), "no series for other:\n{m}");
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", bed.agent().metrics().unwrap_or_default()));
+    let agent = bed.agent();
+    let metric = |name: &str| agent.metric(name).unwrap();
+    assert_eq!(metric("socklb_map_entries{map=\"SERVICES\"}"), Some(2.0));
+    assert_eq!(
+        metric("socklb_backends{state=\"active\"}"),
+        Some(backends as f64)
+    );
+    assert!(metric("socklb_change_seconds_count").is_some_and(|n| n >= 1.0));
+}
+
 fn spread(counts: &[u64]) -> u64 {
     counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0)
 }
@@ -116,6 +164,8 @@ fn pool_scale_up(prefix: &str, subnet: u8, conns: usize, before: u8, after: u8, 
         open,
         || bed.agent().log(),
     );
+
+    metrics_show_the_rebalanced_backends_only(&bed, &all, conns, other_pods.len() + after as usize);
 
     // Within the budget: at most 10% of the Service's connections per round.
     let rebalance: Vec<BTreeMap<String, Value>> =

@@ -60,6 +60,10 @@ struct Cli {
     /// Where /healthz, /readyz and /metrics are served ("off" for nowhere).
     #[arg(long, default_value = "127.0.0.1:9967")]
     status_address: String,
+    /// Export a connection count for every backend in /metrics. By default only the backends
+    /// of Services that rebalance have one, so that a scrape of a large cluster stays cheap.
+    #[arg(long)]
+    metrics_per_backend: bool,
 }
 
 #[derive(Subcommand)]
@@ -132,6 +136,7 @@ fn main() -> Result<()> {
             ..rebalance::Policy::default()
         },
         status_address,
+        metrics_per_backend: cli.metrics_per_backend,
     };
     // Two workers: the agent loop's blocking map writes never hold up the health and metrics
     // endpoints (socket work has a thread of its own, see `background`).

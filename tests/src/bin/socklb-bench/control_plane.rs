@@ -27,7 +27,7 @@ use lb_common::SlotKey;
 use lb_userspace::{
     cluster::{FrontendKey, Protocol},
     datapath::Maps,
-    reconcile::{backend_addr, map_key},
+    programmed::{backend_addr, map_key},
 };
 use socklb_tests::{
     agent::Agent,
