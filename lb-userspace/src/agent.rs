@@ -127,7 +127,7 @@ pub async fn run(config: Config) -> Result<()> {
             watcher.watch(dir, RecursiveMode::NonRecursive)?;
             let mut pinned: BTreeMap<_, BTreeSet<_>> = BTreeMap::new();
             for f in programmed::programmed_frontends(&programmed)
-                .frontends
+                .frontends()
                 .values()
             {
                 pinned
@@ -164,6 +164,7 @@ pub async fn run(config: Config) -> Result<()> {
         published,
         default_quiet: config.rebalance.quiet,
         deferred: BTreeSet::new(),
+        loaded_at: std::time::Instant::now(),
     };
     agent.reconcile(&mut source, &mut maps, &mut programmed, Work::everything());
     status.set_ready();
@@ -191,9 +192,15 @@ pub async fn run(config: Config) -> Result<()> {
                     tokio::time::sleep(settle).await;
                 }
                 let mut work = Work::default();
-                work.add(first);
-                while let Ok(more) = changes.try_recv() {
-                    work.add(more);
+                let queued = std::iter::from_fn(|| changes.try_recv().ok());
+                for notice in std::iter::once(first).chain(queued) {
+                    // Seen before the last full round read the state: that round took it in.
+                    if notice.0 >= agent.loaded_at {
+                        work.add(notice);
+                    }
+                }
+                if work.seen.is_none() {
+                    continue;
                 }
                 work
             }
@@ -330,6 +337,8 @@ struct Agent {
     default_quiet: Duration,
     /// Frontends whose slots past a lowered count the next round deletes.
     deferred: BTreeSet<cluster::FrontendKey>,
+    /// When the last full round read the state: it took in every change seen before.
+    loaded_at: std::time::Instant,
 }
 
 impl Agent {
@@ -338,7 +347,7 @@ impl Agent {
     fn publish(&self, programmed: &Programmed) {
         let mut snapshot = Snapshot::default();
         for (key, service) in programmed.rebalanced() {
-            let Some(frontend) = frontend_key(key).and_then(|k| self.desired.frontends.get(&k))
+            let Some(frontend) = frontend_key(key).and_then(|k| self.desired.frontends().get(&k))
             else {
                 continue;
             };
@@ -446,6 +455,7 @@ impl Agent {
             }
         }
         if work.everything {
+            self.loaded_at = std::time::Instant::now();
             let (state, source_errors) = source.load();
             let (desired, service_errors) =
                 cluster::desired(&state, self.default_algorithm, &self.desired);

@@ -137,10 +137,66 @@ impl fmt::Display for Frontend {
     }
 }
 
-/// Everything socklb should program.
+/// Everything socklb should program: frontends by address, and by Service (so that a
+/// change finds a Service's frontends without walking them all).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
-    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    frontends: BTreeMap<FrontendKey, Frontend>,
+    by_service: HashMap<ServiceRef, BTreeSet<FrontendKey>>,
+}
+
+impl Desired {
+    pub fn frontends(&self) -> &BTreeMap<FrontendKey, Frontend> {
+        &self.frontends
+    }
+
+    /// A Service's frontends.
+    pub fn of_service(&self, service: &ServiceRef) -> impl Iterator<Item = &Frontend> {
+        let keys = self.by_service.get(service).into_iter().flatten();
+        keys.map(|k| &self.frontends[k])
+    }
+
+    pub fn insert(&mut self, f: Frontend) {
+        let key = f.key;
+        self.by_service
+            .entry(f.service.clone())
+            .or_default()
+            .insert(key);
+        if let Some(old) = self.frontends.insert(key, f) {
+            self.unindex(&old);
+        }
+    }
+
+    pub fn remove(&mut self, key: &FrontendKey) -> Option<Frontend> {
+        let old = self.frontends.remove(key)?;
+        self.unindex(&old);
+        Some(old)
+    }
+
+    /// Drops `old` from the Service index unless its key is now another of its Service's.
+    fn unindex(&mut self, old: &Frontend) {
+        if self
+            .frontends
+            .get(&old.key)
+            .is_some_and(|f| f.service == old.service)
+        {
+            return;
+        }
+        if let Some(keys) = self.by_service.get_mut(&old.service) {
+            keys.remove(&old.key);
+            if keys.is_empty() {
+                self.by_service.remove(&old.service);
+            }
+        }
+    }
+}
+
+impl FromIterator<Frontend> for Desired {
+    fn from_iter<I: IntoIterator<Item = Frontend>>(frontends: I) -> Self {
+        let mut d = Desired::default();
+        frontends.into_iter().for_each(|f| d.insert(f));
+        d
+    }
 }
 
 /// The Services and EndpointSlices socklb knows about, from manifests or the API server.
@@ -219,7 +275,7 @@ pub fn desired(
     // An address programmed for a Service stays with it while it still wants it (or is in
     // error, keeping what it had): another Service that wants the address is the one refused.
     let holders: BTreeMap<FrontendKey, &ServiceRef> = previous
-        .frontends
+        .frontends()
         .values()
         .filter(|f| match resolved.get(&f.service) {
             Some(Ok(wanted)) => wanted.iter().any(|w| w.key == f.key),
@@ -257,15 +313,14 @@ pub fn desired(
                 // What it had, address by address: one taken meanwhile (an address it no
                 // longer wanted) does not cost it the others.
                 previous
-                    .frontends
-                    .values()
-                    .filter(|f| f.service == *service_ref && !out.frontends.contains_key(&f.key))
+                    .of_service(service_ref)
+                    .filter(|f| !out.frontends().contains_key(&f.key))
                     .cloned()
                     .collect()
             }
         };
         for frontend in frontends {
-            out.frontends.insert(frontend.key, frontend);
+            out.insert(frontend);
         }
     }
     (out, errors)
@@ -310,13 +365,12 @@ pub fn update(
                     message,
                     refused_address: false,
                 });
-                let had = desired.frontends.values();
-                had.filter(|f| f.service == *service_ref).cloned().collect()
+                desired.of_service(service_ref).cloned().collect()
             }
         };
         for f in frontends {
             let held_by_other = desired
-                .frontends
+                .frontends()
                 .get(&f.key)
                 .is_some_and(|o| !services.contains(&o.service));
             if held_by_other || new.contains_key(&f.key) {
@@ -325,16 +379,15 @@ pub fn update(
             new.insert(f.key, f);
         }
     }
-    let old_keys: Vec<FrontendKey> = desired
-        .frontends
-        .values()
-        .filter(|f| services.contains(&f.service))
+    let old_keys: Vec<FrontendKey> = services
+        .iter()
+        .flat_map(|s| desired.of_service(s))
         .map(|f| f.key)
         .collect();
     // An address let go, or passed between two of `services`: a refused Service may come
     // first for it.
     let released = old_keys.iter().any(|k| {
-        let had = desired.frontends.get(k).map(|f| &f.service);
+        let had = desired.frontends().get(k).map(|f| &f.service);
         new.get(k).map(|f| &f.service) != had
     });
     if released && refused.iter().any(|r| !services.contains(r)) {
@@ -342,7 +395,7 @@ pub fn update(
     }
     let old: BTreeMap<FrontendKey, Frontend> = old_keys
         .into_iter()
-        .filter_map(|k| desired.frontends.remove_entry(&k))
+        .filter_map(|k| desired.remove(&k).map(|f| (k, f)))
         .collect();
     let changed = old
         .keys()
@@ -350,7 +403,7 @@ pub fn update(
         .filter(|k| old.get(k) != new.get(k))
         .copied()
         .collect();
-    desired.frontends.extend(new);
+    new.into_values().for_each(|f| desired.insert(f));
     Some(Updated { changed, errors })
 }
 
@@ -404,7 +457,7 @@ impl<'a> Resolver<'a> {
 /// Checks that no frontend's address is already taken by another Service.
 fn claim(out: &Desired, frontends: Vec<Frontend>) -> Result<Vec<Frontend>, String> {
     for frontend in &frontends {
-        if let Some(owner) = out.frontends.get(&frontend.key) {
+        if let Some(owner) = out.frontends().get(&frontend.key) {
             return Err(format!(
                 "{} is already used by Service {}",
                 frontend.key, owner.service
@@ -706,7 +759,7 @@ mod tests {
     }
 
     fn backends(d: &Desired, port: u16) -> Vec<String> {
-        d.frontends
+        d.frontends()
             .values()
             .filter(|f| f.key.port == port)
             .flat_map(|f| f.backends.iter().map(ToString::to_string))
@@ -731,10 +784,10 @@ mod tests {
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(d.frontends.len(), 2);
+        assert_eq!(d.frontends().len(), 2);
         assert_eq!(backends(&d, 80), ["10.0.0.1:8080", "10.0.0.3:8080"]);
         assert_eq!(backends(&d, 53), ["10.0.0.1:5353", "10.0.0.3:5353"]);
-        let udp = d.frontends.values().find(|f| f.key.port == 53).unwrap();
+        let udp = d.frontends().values().find(|f| f.key.port == 53).unwrap();
         assert_eq!(udp.key.protocol, Protocol::Udp);
         assert_eq!(udp.algorithm, Algorithm::LeastConn);
     }
@@ -770,7 +823,7 @@ mod tests {
         let changed = changed.expect("no clash");
         assert_eq!(changed.changed.len(), 2);
         assert_eq!(backends(&d, 80), ["10.0.0.2:8080"]);
-        assert_eq!(d.frontends.len(), 4, "db (no endpoints: refused) kept");
+        assert_eq!(d.frontends().len(), 4, "db (no endpoints: refused) kept");
 
         // web moving onto db's address: only a full round can tell.
         let clash = state(&service("web", "10.96.0.11", ""));
@@ -841,7 +894,7 @@ mod tests {
         assert_eq!(d, before, "left as it was for the full round");
         let (full, _) = desired(&swap, Algorithm::LeastConn, &d);
         assert!(
-            full.frontends
+            full.frontends()
                 .values()
                 .any(|f| f.service.name == "a" && f.key.port == 80)
         );
@@ -892,9 +945,9 @@ mod tests {
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(errors.is_empty());
-        assert_eq!(d.frontends.len(), 2);
+        assert_eq!(d.frontends().len(), 2);
         assert!(
-            d.frontends
+            d.frontends()
                 .values()
                 .all(|f| f.algorithm == Algorithm::Random)
         );
@@ -910,7 +963,7 @@ mod tests {
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(errors.is_empty(), "{errors:?}");
         assert!(
-            d.frontends
+            d.frontends()
                 .values()
                 .all(|f| f.rebalance && f.affinity_timeout == 0)
         );
@@ -921,7 +974,7 @@ mod tests {
         );
         let (d, _) = desired(&state(&affinity), Algorithm::LeastConn, &Desired::default());
         assert!(
-            d.frontends.values().all(|f| f.affinity_timeout == 10_800),
+            d.frontends().values().all(|f| f.affinity_timeout == 10_800),
             "kube-proxy's default"
         );
         let custom = affinity.replace(
@@ -929,7 +982,7 @@ mod tests {
             "sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
         );
         let (d, _) = desired(&state(&custom), Algorithm::LeastConn, &Desired::default());
-        assert!(d.frontends.values().all(|f| f.affinity_timeout == 60));
+        assert!(d.frontends().values().all(|f| f.affinity_timeout == 60));
     }
 
     #[test]
@@ -968,8 +1021,8 @@ mod tests {
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(errors.is_empty(), "{errors:?}");
-        let http = d.frontends.values().find(|f| f.key.port == 80).unwrap();
-        let dns = d.frontends.values().find(|f| f.key.port == 53).unwrap();
+        let http = d.frontends().values().find(|f| f.key.port == 80).unwrap();
+        let dns = d.frontends().values().find(|f| f.key.port == 53).unwrap();
         assert!(http.rebalance && http.rebalance_quiet_ms == 250);
         assert!(!dns.rebalance, "excluded by name");
         for bad in ["0ms", "2 minutes", "61s", "-1s"] {
@@ -997,10 +1050,10 @@ mod tests {
         };
         let (d, errors) = with(", annotations: {socklb.io/slow-start: 30s}");
         assert!(errors.is_empty(), "{errors:?}");
-        assert!(d.frontends.values().all(|f| f.slow_start_ms == 30_000));
+        assert!(d.frontends().values().all(|f| f.slow_start_ms == 30_000));
         let (d, _) = with("");
         assert!(
-            d.frontends.values().all(|f| f.slow_start_ms == 0),
+            d.frontends().values().all(|f| f.slow_start_ms == 0),
             "off by default"
         );
         assert_eq!(duration_ms("2m", MAX_SLOW_START_MS), Some(120_000));
@@ -1009,7 +1062,7 @@ mod tests {
             let (d, errors) = with(&format!(
                 ", annotations: {{socklb.io/slow-start: \"{bad}\"}}"
             ));
-            assert!(d.frontends.is_empty(), "{bad}");
+            assert!(d.frontends().is_empty(), "{bad}");
             assert!(
                 errors[0].message.contains("slow-start"),
                 "{bad}: {errors:?}"
@@ -1017,7 +1070,7 @@ mod tests {
         }
         let (d, errors) =
             with(", annotations: {socklb.io/slow-start: 30s, socklb.io/algorithm: round-robin}");
-        assert!(d.frontends.is_empty());
+        assert!(d.frontends().is_empty());
         assert!(
             errors[0].message.contains("needs the least-conn algorithm"),
             "{}",
@@ -1033,7 +1086,7 @@ mod tests {
             ", annotations: {socklb.io/rebalance: \"true\", socklb.io/algorithm: random}",
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
-        assert!(d.frontends.is_empty());
+        assert!(d.frontends().is_empty());
         assert!(
             errors[0].message.contains("needs the least-conn algorithm"),
             "{}",
@@ -1093,8 +1146,8 @@ mod tests {
             service("b", "10.96.0.10", "")
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
-        assert_eq!(d.frontends.len(), 2);
-        assert!(d.frontends.values().all(|f| f.service.name == "a"));
+        assert_eq!(d.frontends().len(), 2);
+        assert!(d.frontends().values().all(|f| f.service.name == "a"));
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("Service ns/b: 10.96.0.10:"));
         assert!(errors[0].refused_address);
@@ -1128,7 +1181,7 @@ mod tests {
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
         assert!(errors.is_empty(), "{errors:?}");
-        let keys: Vec<String> = d.frontends.keys().map(ToString::to_string).collect();
+        let keys: Vec<String> = d.frontends().keys().map(ToString::to_string).collect();
         assert_eq!(
             keys,
             [
@@ -1140,7 +1193,7 @@ mod tests {
         );
         let of = |k: &str| {
             let f = d
-                .frontends
+                .frontends()
                 .values()
                 .find(|f| f.key.to_string() == k)
                 .unwrap();
@@ -1170,7 +1223,7 @@ mod tests {
         let with = |from: &str, to: &str| {
             let yaml = dual_stack("PreferDualStack").replace(from, to);
             let (d, errors) = desired(&state(&yaml), Algorithm::LeastConn, &Desired::default());
-            assert!(d.frontends.is_empty(), "{yaml}");
+            assert!(d.frontends().is_empty(), "{yaml}");
             errors[0].message.clone()
         };
         let cases = [
@@ -1252,7 +1305,7 @@ mod tests {
             slice("a", "web", &endpoints)
         ));
         let (d, errors) = desired(&s, Algorithm::LeastConn, &Desired::default());
-        assert!(d.frontends.is_empty());
+        assert!(d.frontends().is_empty());
         assert!(
             errors[0]
                 .message

@@ -525,7 +525,7 @@ impl Maps {
 impl MapWriter for Maps {
     fn write(&mut self, op: &Op) -> Result<()> {
         match op {
-            Op::PutName(id, n) => self.names.insert(id, n, 0)?,
+            Op::PutName(id, n) => self.names.insert(id, &**n, 0)?,
             Op::PutBackend(id, b) => self.backends.insert(id, b, 0)?,
             Op::PutSlot(k, id) => self.slots.insert(k, id, 0)?,
             Op::PutMaglev(k, id) => self.maglev.insert(k, id, 0)?,

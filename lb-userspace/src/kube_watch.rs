@@ -32,7 +32,7 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::{
     cluster::{ClusterState, ServiceRef},
@@ -53,6 +53,8 @@ pub const GOT: [(&str, &str); 1] = [("", "nodes")];
 
 /// kube-proxy's selector for Services and EndpointSlices: not another proxy's, not headless.
 const PROXIED: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// What the first sync waits for: the zone's first read and the four watches' first lists.
+const SYNCED_PARTS: u32 = 5;
 /// The Node label kube-proxy reads the zone from.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
@@ -77,8 +79,9 @@ pub struct KubeCluster {
     node: String,
     /// This node's zone, followed by `follow_zone`.
     zone: Arc<Mutex<Option<String>>>,
-    /// Notified once `follow_zone` has first tried to read it.
-    zone_read: Arc<Notify>,
+    /// A permit from `follow_zone` once it first tried to read the zone, and from each watch
+    /// once its first list is in its store and in what it told the agent (`SYNCED_PARTS`).
+    synced: Arc<Semaphore>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     /// The slices of each Service, so a change to one costs what that Service has.
@@ -100,12 +103,12 @@ impl KubeCluster {
         let slice_index = Arc::new(Mutex::new(SliceIndex::default()));
         let index = Arc::clone(&slice_index);
         let zone = Arc::new(Mutex::new(None));
-        let zone_read = Arc::new(Notify::new());
+        let synced = Arc::new(Semaphore::new(0));
         tokio::spawn(follow_zone(
             client.clone(),
             node.to_owned(),
             Arc::clone(&zone),
-            Arc::clone(&zone_read),
+            Arc::clone(&synced),
             changed.clone(),
         ));
         KubeCluster {
@@ -116,6 +119,7 @@ impl KubeCluster {
                 all().labels(PROXIED),
                 prune_service,
                 changed.clone(),
+                &synced,
                 |seen| match seen {
                     Seen::Changed(s) | Seen::Deleted(s) => {
                         vec![Changed::Service(service_ref(&s.metadata))]
@@ -128,6 +132,7 @@ impl KubeCluster {
                 all().labels(PROXIED),
                 prune_slice,
                 changed.clone(),
+                &synced,
                 move |seen| {
                     let mut index = index.lock().unwrap_or_else(PoisonError::into_inner);
                     match seen {
@@ -147,27 +152,30 @@ impl KubeCluster {
                 },
             ),
             slice_index,
-            zone_read,
+            synced: Arc::clone(&synced),
             namespaces: reflect(
                 Api::all(client.clone()),
                 all(),
                 prune_namespace,
                 changed.clone(),
+                &synced,
                 |_| vec![Changed::Pods],
             ),
-            pods: reflect(Api::all(client), pods_here, prune_pod, changed, |_| {
-                vec![Changed::Pods]
-            }),
+            pods: reflect(
+                Api::all(client),
+                pods_here,
+                prune_pod,
+                changed,
+                &synced,
+                |_| vec![Changed::Pods],
+            ),
         }
     }
 
     /// Waits until every watch has finished its first list and the zone was read once.
     pub async fn wait_synced(&self) {
-        self.zone_read.notified().await;
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.slices.wait_until_ready().await;
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
+        // Never closed; an error would only mean no wait.
+        let _ = self.synced.acquire_many(SYNCED_PARTS).await;
     }
 
     pub fn state(&self) -> ClusterState {
@@ -336,7 +344,7 @@ async fn follow_zone(
     client: Client,
     node: String,
     zone: Arc<Mutex<Option<String>>>,
-    read: Arc<Notify>,
+    read: Arc<Semaphore>,
     changed: mpsc::UnboundedSender<Notice>,
 ) {
     let mut retry = Duration::from_secs(1);
@@ -370,7 +378,7 @@ async fn follow_zone(
         };
         if first {
             first = false;
-            read.notify_one();
+            read.add_permits(1);
         }
         tokio::time::sleep(wait).await;
     }
@@ -411,6 +419,7 @@ fn reflect<K>(
     config: watcher::Config,
     prune: fn(&mut K),
     changed: mpsc::UnboundedSender<Notice>,
+    synced: &Arc<Semaphore>,
     mut touched: impl FnMut(Seen<K>) -> Vec<Changed> + Send + 'static,
 ) -> Store<K>
 where
@@ -421,9 +430,11 @@ where
     let watch = watcher(api, config).modify(prune);
     let stream = reflector::reflector(writer, watch).backoff(retry_soon());
     let reader = store.clone();
+    let mut synced = Some(Arc::clone(synced));
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
+            let listed = matches!(event, Ok(watcher::Event::InitDone));
             let touched = match event {
                 // The store takes a re-list in whole at its end.
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
@@ -443,6 +454,11 @@ where
                 if changed.send((seen, t)).is_err() {
                     return; // the agent is gone
                 }
+            }
+            // After the index and the notice: the agent's first full round, which starts once
+            // every part is synced, reads all of it (and skips the notices seen before it).
+            if let Some(synced) = synced.take_if(|_| listed) {
+                synced.add_permits(1);
             }
         }
     });

@@ -428,7 +428,7 @@ mod tests {
         let (s, _) = m.load();
         let (both, errors) = crate::cluster::desired(&s, algorithm, &held);
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(both.frontends.len(), 2);
+        assert_eq!(both.frontends().len(), 2);
         fs::write(d.join("api.yaml"), &api).unwrap();
         let (s, _) = m.load();
         let (now, errors) = crate::cluster::desired(&s, algorithm, &both);
@@ -459,7 +459,10 @@ mod tests {
         let algorithm = lb_common::Algorithm::LeastConn;
         let (s, _) = m.load();
         let (held, errors) = crate::cluster::desired(&s, algorithm, &Default::default());
-        assert!(errors.is_empty() && held.frontends.len() == 3, "{errors:?}");
+        assert!(
+            errors.is_empty() && held.frontends().len() == 3,
+            "{errors:?}"
+        );
         // web is edited to want api's address (refused), and a new Service that sorts first
         // takes web's port 81, which web no longer wants: web keeps port 80.
         fs::write(d.join("web.yaml"), SVC.replace("10.96.0.10", "10.96.0.20")).unwrap();
@@ -471,7 +474,7 @@ mod tests {
         let (now, errors) = crate::cluster::desired(&s, algorithm, &held);
         assert_eq!(errors.len(), 1, "{errors:?}");
         let owners: Vec<(String, String)> = now
-            .frontends
+            .frontends()
             .values()
             .map(|f| (f.key.to_string(), f.service.name.clone()))
             .collect();

@@ -23,7 +23,8 @@ use crate::cluster::{Desired, Frontend, FrontendKey, Protocol, ServiceRef};
 /// One map write.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    PutName(u32, ServiceName),
+    /// Boxed: a name is 144 bytes and a first sync plans hundreds of thousands of ops.
+    PutName(u32, Box<ServiceName>),
     PutBackend(u32, Backend),
     PutSlot(SlotKey, u32),
     PutMaglev(SlotKey, u32),
@@ -119,7 +120,11 @@ impl Programmed {
     ) -> Programmed {
         let mut p = Programmed::default();
         let ops = (services.into_iter().map(|(k, s)| Op::PutService(k, s)))
-            .chain(names.into_iter().map(|(id, n)| Op::PutName(id, n)))
+            .chain(
+                names
+                    .into_iter()
+                    .map(|(id, n)| Op::PutName(id, Box::new(n))),
+            )
             .chain(slots.into_iter().map(|(k, id)| Op::PutSlot(k, id)))
             .chain(backends.into_iter().map(|(id, b)| Op::PutBackend(id, b)))
             .chain(maglev.into_iter().map(|(k, id)| Op::PutMaglev(k, id)));
@@ -132,7 +137,7 @@ impl Programmed {
         let index = &mut self.index;
         match op {
             Op::PutName(id, name) => {
-                if self.names.insert(*id, *name).is_none() {
+                if self.names.insert(*id, **name).is_none() {
                     index.refer(*id);
                 }
             }
@@ -477,7 +482,7 @@ pub fn programmed_frontends(p: &Programmed) -> Desired {
             slow_start_ms: service.slow_start_ms,
             backends,
         };
-        desired.frontends.insert(key, frontend);
+        desired.insert(frontend);
     }
     desired
 }

@@ -108,16 +108,16 @@ fn plan_in(
             .collect(),
     };
     for (key, service) in programmed {
-        let wanted = frontend_key(&key).is_some_and(|k| desired.frontends.contains_key(&k));
+        let wanted = frontend_key(&key).is_some_and(|k| desired.frontends().contains_key(&k));
         if !wanted {
             plan.changes.push(planner.remove(key, service));
         }
     }
     let frontends: Vec<&Frontend> = match keys {
-        None => desired.frontends.values().collect(),
+        None => desired.frontends().values().collect(),
         Some(keys) => keys
             .iter()
-            .filter_map(|k| desired.frontends.get(k))
+            .filter_map(|k| desired.frontends().get(k))
             .collect(),
     };
     // Frontends already programmed first, so updates never lose capacity to new Services.
@@ -357,7 +357,7 @@ impl<'a> Planner<'a> {
         let mut ops = Vec::new();
         let name = service_name(f);
         if self.current.names().get(&service_id) != Some(&name) {
-            ops.push(Op::PutName(service_id, name));
+            ops.push(Op::PutName(service_id, Box::new(name)));
         }
         if existing.is_none() {
             ops.push(Op::ResetStats(service_id));
@@ -640,9 +640,7 @@ mod tests {
     }
 
     fn desired(frontends: impl IntoIterator<Item = Frontend>) -> Desired {
-        Desired {
-            frontends: frontends.into_iter().map(|f| (f.key, f)).collect(),
-        }
+        frontends.into_iter().collect()
     }
 
     /// Every slot (and Maglev entry) a connect can see points at a backend of the same

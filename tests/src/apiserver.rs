@@ -26,6 +26,7 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
+    serve::ListenerExt as _,
 };
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -106,6 +107,9 @@ impl ApiServer {
             .build()?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind(self.addr))?;
         self.addr = listener.local_addr()?;
+        // As the real API server (Go sets TCP_NODELAY): with Nagle, a watch event written in
+        // two parts waits out the client's 40 ms delayed ACK.
+        let listener = listener.tap_io(|tcp| drop(tcp.set_nodelay(true)));
         let app = Router::new()
             .route("/api/v1/{resource}", get(handle))
             .route("/api/v1/{resource}/{name}", get(get_one))

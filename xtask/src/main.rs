@@ -42,7 +42,7 @@ enum Task {
     Demo,
     /// Benchmarks, each against a baseline measured in the same run: `balance` (real clients
     /// and servers, per-pod load), `connect` (the cost of a connect), `nodes` (several agents),
-    /// `control-plane` (sync and change latency at 10,000 Services), `rebalance-scan` (what a
+    /// `control-plane` (sync, memory and change latency at 1k, 10k and 50k Services), `rebalance-scan` (what a
     /// rebalancing round costs with 10k and 100k sockets).
     Bench {
         #[arg(value_parser = ["balance", "connect", "nodes", "control-plane", "rebalance-scan"])]
