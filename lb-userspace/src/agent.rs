@@ -176,12 +176,15 @@ pub async fn run(config: Config) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut next_resync = Instant::now() + config.resync;
+    // When the next round forgets drained backends (and deletes deferred slots).
+    let mut next_forget: Option<Instant> = None;
     loop {
         status.beat();
         let draining = !agent.deferred.is_empty() || programmed.draining().next().is_some();
         let mut wake = next_resync;
         if draining {
-            wake = wake.min(Instant::now() + DRAIN_CHECK);
+            // Not pushed back by the changes that come meanwhile.
+            wake = wake.min(*next_forget.get_or_insert_with(|| Instant::now() + DRAIN_CHECK));
         }
         if let Some(at) = agent.pod_check {
             wake = wake.min(at);
@@ -206,6 +209,7 @@ pub async fn run(config: Config) -> Result<()> {
             }
             () = sleep_until(wake) => Work {
                 pods: agent.pod_check.is_some_and(|at| at <= Instant::now()),
+                forget: next_forget.is_some_and(|at| at <= Instant::now()),
                 ..Work::default()
             },
             _ = sigterm.recv() => break,
@@ -214,6 +218,9 @@ pub async fn run(config: Config) -> Result<()> {
         if Instant::now() >= next_resync {
             next_resync = Instant::now() + config.resync;
             work.everything = true;
+        }
+        if work.forget || work.everything {
+            next_forget = None;
         }
         agent.reconcile(&mut source, &mut maps, &mut programmed, work);
     }
@@ -293,6 +300,8 @@ struct Work {
     services: BTreeSet<ServiceRef>,
     /// Sync the pod switch.
     pods: bool,
+    /// Forget drained backends whose last connection closed.
+    forget: bool,
     /// When the oldest change this round takes in was seen.
     seen: Option<std::time::Instant>,
 }
@@ -471,26 +480,35 @@ impl Agent {
         }
         // A drained backend is forgotten (and its id reused) only once its count is zero and
         // no live socket refers to it, which the socket iterator says for those candidates.
-        // One socket of each is enough to know it is held.
-        let drained: BTreeMap<u32, u64> = programmed
-            .draining()
-            .filter(|(id, _)| maps.connections(*id) == 0)
-            .map(|(id, _)| (id, 1))
-            .collect();
-        let held: Option<BTreeSet<u32>> = if drained.is_empty() {
-            Some(BTreeSet::new())
-        } else {
-            match self.tools.sockets.of(&drained) {
-                Ok(list) => Some(list.iter().map(|r| r.state.backend_id).collect()),
-                Err(e) => {
-                    warn!("listing assigned sockets: {e:#}; keeping drained backends");
-                    None
+        // One socket of each is enough to know it is held. That look costs a syscall or more
+        // per draining backend, so only full rounds and `forget` rounds take it, not every
+        // change; None keeps every drained backend this round.
+        let held: Option<BTreeSet<u32>> = match work.everything || work.forget {
+            false => None,
+            true => {
+                let drained: BTreeMap<u32, u64> = programmed
+                    .draining()
+                    .filter(|(id, _)| maps.connections(*id) == 0)
+                    .map(|(id, _)| (id, 1))
+                    .collect();
+                match drained.is_empty() {
+                    true => Some(BTreeSet::new()),
+                    false => match self.tools.sockets.of(&drained) {
+                        Ok(list) => Some(list.iter().map(|r| r.state.backend_id).collect()),
+                        Err(e) => {
+                            warn!("listing assigned sockets: {e:#}; keeping drained backends");
+                            None
+                        }
+                    },
                 }
             }
         };
-        let connections = |id| match maps.connections(id) {
-            0 => u64::from(held.as_ref().is_none_or(|h| h.contains(&id))),
-            n => n,
+        let connections = |id| match &held {
+            None => 1,
+            Some(held) => match maps.connections(id) {
+                0 => u64::from(held.contains(&id)),
+                n => n,
+            },
         };
         changed.append(&mut self.deferred);
         let plan = if work.everything {
